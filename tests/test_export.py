@@ -1,0 +1,374 @@
+"""Tests for tftransfer.export: versioned TF Serving layout, signatures, parity and reloading elsewhere."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tftransfer import export
+from tftransfer.data.images import decode_and_resize
+from tftransfer.errors import RunDirError
+from tftransfer.export import (
+    check_parity,
+    export_saved_model,
+    load_exported,
+    next_version,
+    predict_exported_bytes,
+    predict_exported_pixels,
+    signature_summary,
+)
+from tftransfer.layers import Preprocess
+
+IMAGE_SIZE = 32
+# A non-ASCII name checks that labels survive the graph constant and labels.txt as UTF-8.
+CLASS_NAMES = ("ants", "bees", "café")
+
+
+def _tiny_model(num_classes: int = len(CLASS_NAMES)) -> keras.Model:
+    """A model following tftransfer's contract: raw [0, 255] pixels of any size in, float32 logits out."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Resizing(IMAGE_SIZE, IMAGE_SIZE)(inputs)
+    x = Preprocess("unit")(x)
+    x = keras.layers.Conv2D(4, 3, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(num_classes, dtype="float32")(x)
+    return keras.Model(inputs, outputs)
+
+
+def _random_image(height: int, width: int, channels: int = 3, seed: int = 0) -> tf.Tensor:
+    rng = np.random.default_rng(seed)
+    return tf.constant(rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8))
+
+
+def _keras_probabilities(model: keras.Model, encoded: list[bytes]) -> np.ndarray:
+    """What the Keras model says about images decoded and resized like the training pipeline does."""
+    pixels = tf.stack([decode_and_resize(tf.constant(data), IMAGE_SIZE) for data in encoded])
+    return tf.nn.softmax(model(pixels, training=False)).numpy()
+
+
+def _archive_class() -> type:
+    """The class whose write_out actually runs: keras.export.ExportArchive() returns a backend class."""
+    return type(keras.export.ExportArchive())
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def model() -> keras.Model:
+    return _tiny_model()
+
+
+@pytest.fixture(scope="module")
+def version_dir(model: keras.Model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_saved_model(model, tmp_path_factory.mktemp("saved_models") / "tiny", CLASS_NAMES, IMAGE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def loaded(version_dir: Path):
+    return load_exported(version_dir)
+
+
+@pytest.fixture(scope="module")
+def encoded_images() -> list[bytes]:
+    """A PNG, a JPEG and a greyscale PNG of different sizes, all in one batch."""
+    return [
+        tf.io.encode_png(_random_image(40, 48, seed=1)).numpy(),
+        tf.io.encode_jpeg(_random_image(20, 24, seed=2), quality=90).numpy(),
+        tf.io.encode_png(_random_image(17, 33, channels=1, seed=3)).numpy(),
+    ]
+
+
+# --- versions ---------------------------------------------------------------------------------------------
+
+
+def test_versions_count_up_and_never_overwrite(model: keras.Model, tmp_path: Path) -> None:
+    model_dir = tmp_path / "tiny"
+    first = export_saved_model(model, model_dir, CLASS_NAMES, IMAGE_SIZE)
+    first_hash = _sha256(first / "saved_model.pb")
+    second = export_saved_model(model, model_dir, CLASS_NAMES, IMAGE_SIZE)
+
+    assert first == model_dir / "1"
+    assert second == model_dir / "2"
+    assert _sha256(first / "saved_model.pb") == first_hash
+    assert (second / "saved_model.pb").is_file()
+    # No temp dir is left behind after a successful export.
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2"]
+    # Versions get the same permissions as any new directory (not a temp dir's 0700), so a TF Serving running
+    # as another user can read them.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert stat.S_IMODE(first.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+
+
+def test_preexisting_version_is_continued(model: keras.Model, tmp_path: Path) -> None:
+    model_dir = tmp_path / "tiny"
+    (model_dir / "5").mkdir(parents=True)
+    (model_dir / "5" / "keep.txt").write_text("older export")
+
+    assert export_saved_model(model, model_dir, CLASS_NAMES, IMAGE_SIZE) == model_dir / "6"
+    assert (model_dir / "5" / "keep.txt").read_text() == "older export"
+
+
+def test_next_version_ignores_non_versions(tmp_path: Path) -> None:
+    assert next_version(tmp_path / "missing") == 1
+    (tmp_path / "3").mkdir()
+    (tmp_path / "9").write_text("a file, not a version")
+    (tmp_path / "latest").mkdir()
+    (tmp_path / ".tmp-12-999-abc").mkdir()
+    assert next_version(tmp_path) == 4
+
+
+def test_leftover_temp_dir_is_not_a_version(model: keras.Model, tmp_path: Path) -> None:
+    model_dir = tmp_path / "tiny"
+    leftover = model_dir / ".tmp-1-4242-crashed"
+    leftover.mkdir(parents=True)
+    (leftover / "saved_model.pb").write_bytes(b"half written")
+
+    assert next_version(model_dir) == 1
+    version_dir = export_saved_model(model, model_dir, CLASS_NAMES, IMAGE_SIZE)
+
+    assert version_dir == model_dir / "1"
+    assert sorted(p.name for p in model_dir.iterdir()) == [".tmp-1-4242-crashed", "1"]
+    load_exported(version_dir)
+
+
+def test_version_appearing_meanwhile_takes_next_number(
+    model: keras.Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_dir = tmp_path / "tiny"
+    archive_class = _archive_class()
+    write_out = archive_class.write_out
+
+    def racing_write_out(self, filepath, *args, **kwargs):
+        write_out(self, filepath, *args, **kwargs)
+        # Another exporter publishes version 1 while this one is still writing.
+        (model_dir / "1").mkdir()
+        (model_dir / "1" / "other.txt").write_text("theirs")
+
+    monkeypatch.setattr(archive_class, "write_out", racing_write_out)
+    version_dir = export_saved_model(model, model_dir, CLASS_NAMES, IMAGE_SIZE)
+
+    assert version_dir == model_dir / "2"
+    assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["other.txt"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2"]
+
+
+def test_version_appearing_at_rename_takes_next_number(
+    model: keras.Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_dir = tmp_path / "tiny"
+    rename = os.rename
+    raced = []
+
+    def racing_rename(src, dst):
+        if not raced:
+            # Another exporter wins the narrow window between the existence check and the rename.
+            raced.append(dst)
+            Path(dst).mkdir()
+            Path(dst, "other.txt").write_text("theirs")
+        rename(src, dst)
+
+    monkeypatch.setattr(export.os, "rename", racing_rename)
+    version_dir = export_saved_model(model, model_dir, CLASS_NAMES, IMAGE_SIZE)
+
+    assert raced == [model_dir / "1"]
+    assert version_dir == model_dir / "2"
+    assert sorted(p.name for p in (model_dir / "1").iterdir()) == ["other.txt"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2"]
+
+
+def test_failed_export_leaves_nothing(model: keras.Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir = tmp_path / "tiny"
+
+    def failing_write_out(self, filepath, *args, **kwargs):
+        Path(filepath, "partial").write_text("half written")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(_archive_class(), "write_out", failing_write_out)
+    with pytest.raises(OSError, match="disk full"):
+        export_saved_model(model, model_dir, CLASS_NAMES, IMAGE_SIZE)
+    assert list(model_dir.iterdir()) == []
+
+
+# --- signatures -------------------------------------------------------------------------------------------
+
+
+def test_signature_summary(version_dir: Path) -> None:
+    k = len(CLASS_NAMES)  # top_k=5 is capped at the class count
+    outputs = {
+        "class_names": ["string", [None, k]],
+        "classes": ["int32", [None, k]],
+        "probabilities": ["float32", [None, len(CLASS_NAMES)]],
+        "scores": ["float32", [None, k]],
+    }
+    assert signature_summary(version_dir) == {
+        "predict_pixels": {"inputs": {"pixels": ["float32", [None, None, None, 3]]}, "outputs": outputs},
+        "serving_default": {"inputs": {"images": ["string", [None]]}, "outputs": outputs},
+    }
+
+
+def test_top_k_is_configurable(model: keras.Model, tmp_path: Path, encoded_images: list[bytes]) -> None:
+    version_dir = export_saved_model(model, tmp_path / "tiny", CLASS_NAMES, IMAGE_SIZE, top_k=2)
+    result = predict_exported_bytes(load_exported(version_dir), encoded_images)
+
+    assert result["classes"].shape == (len(encoded_images), 2)
+    assert result["scores"].shape == (len(encoded_images), 2)
+    assert result["class_names"].shape == (len(encoded_images), 2)
+    assert result["probabilities"].shape == (len(encoded_images), len(CLASS_NAMES))
+
+
+# --- numbers ----------------------------------------------------------------------------------------------
+
+
+def test_parity_on_pixels_of_another_size(model: keras.Model, version_dir: Path) -> None:
+    pixels = np.random.default_rng(0).uniform(0, 255, size=(5, 40, 48, 3)).astype(np.float32)
+    # batch_size=2 makes the last batch ragged.
+    assert check_parity(model, version_dir, pixels, batch_size=2) <= 1e-5
+
+
+def test_predict_pixels_empty_batch(loaded) -> None:
+    probabilities = predict_exported_pixels(loaded, np.zeros((0, 40, 48, 3), np.float32))
+    assert probabilities.shape == (0, len(CLASS_NAMES))
+
+
+def test_serving_default_on_png_and_jpeg(model: keras.Model, loaded, encoded_images: list[bytes]) -> None:
+    result = predict_exported_bytes(loaded, encoded_images)
+    expected = _keras_probabilities(model, encoded_images)
+    probabilities = result["probabilities"]
+
+    assert probabilities.dtype == np.float32
+    assert result["classes"].dtype == np.int32
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(result["classes"][:, 0], expected.argmax(axis=1))
+    np.testing.assert_allclose(result["scores"], np.take_along_axis(probabilities, result["classes"], 1), atol=1e-7)
+    assert np.all(np.diff(result["scores"], axis=1) <= 0)
+    expected_names = np.array(CLASS_NAMES)[result["classes"]]
+    np.testing.assert_array_equal(result["class_names"], expected_names)
+
+
+def test_rest_b64_round_trip(model: keras.Model, loaded, encoded_images: list[bytes]) -> None:
+    jpeg = encoded_images[1]
+    body = json.dumps({"instances": [{"b64": base64.b64encode(jpeg).decode("ascii")}]})
+
+    # TF Serving's REST front end turns each {"b64": ...} into the raw bytes of a DT_STRING element.
+    request = json.loads(body)
+    images = [base64.b64decode(instance["b64"]) for instance in request["instances"]]
+    assert images == [jpeg]
+    result = predict_exported_bytes(loaded, images)
+
+    np.testing.assert_allclose(result["probabilities"], _keras_probabilities(model, [jpeg]), atol=1e-5)
+    # The response TF Serving would build ({"predictions": [...]}) must be JSON-serializable.
+    predictions = [{key: value[i].tolist() for key, value in result.items()} for i in range(len(images))]
+    response = json.loads(json.dumps({"predictions": predictions}))
+    assert response["predictions"][0]["class_names"][0] == CLASS_NAMES[int(result["classes"][0, 0])]
+
+
+def test_fresh_process_serves_a_jpeg_file(loaded, version_dir: Path, tmp_path: Path, encoded_images) -> None:
+    jpeg_path = tmp_path / "photo.jpg"
+    jpeg_path.write_bytes(encoded_images[1])
+    # Only TensorFlow is imported: the export must not need tftransfer's custom layers to run.
+    script = textwrap.dedent(
+        """
+        import json, sys
+        import tensorflow as tf
+        loaded = tf.saved_model.load(sys.argv[1])
+        with open(sys.argv[2], "rb") as f:
+            images = tf.constant([f.read()])
+        out = loaded.signatures["serving_default"](images=images)
+        print(json.dumps({
+            "probabilities": out["probabilities"].numpy().tolist(),
+            "classes": out["classes"].numpy().tolist(),
+            "class_names": [[n.decode("utf-8") for n in row] for row in out["class_names"].numpy()],
+        }))
+        """
+    )
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    completed = subprocess.run(
+        [sys.executable, "-c", script, str(version_dir), str(jpeg_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    output = json.loads(completed.stdout.strip().splitlines()[-1])
+
+    expected = predict_exported_bytes(loaded, [encoded_images[1]])
+    np.testing.assert_allclose(output["probabilities"], expected["probabilities"], atol=1e-6)
+    assert output["classes"] == expected["classes"].tolist()
+    assert output["class_names"] == expected["class_names"].tolist()
+
+
+# --- labels -----------------------------------------------------------------------------------------------
+
+
+def _string_constants(graph_def) -> list[list[str]]:
+    nodes = list(graph_def.node) + [node for function in graph_def.library.function for node in function.node_def]
+    return [
+        [value.decode("utf-8") for value in tf.make_ndarray(node.attr["value"].tensor).reshape(-1)]
+        for node in nodes
+        if node.op == "Const" and node.attr["dtype"].type == tf.string.as_datatype_enum
+    ]
+
+
+def test_labels_files_and_graph_constant(version_dir: Path, loaded) -> None:
+    expected_text = "".join(f"{name}\n" for name in CLASS_NAMES)
+    assert (version_dir / "labels.txt").read_text(encoding="utf-8") == expected_text
+    assert (version_dir / "assets" / "labels.txt").read_text(encoding="utf-8") == expected_text
+
+    for name in export.SIGNATURES:
+        constants = _string_constants(loaded.signatures[name].graph.as_graph_def())
+        assert list(CLASS_NAMES) in constants, name
+
+
+# --- bad input --------------------------------------------------------------------------------------------
+
+
+def test_class_count_mismatch_is_rejected(model: keras.Model, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="outputs 3 classes but 2 class names"):
+        export_saved_model(model, tmp_path / "tiny", ["ants", "bees"], IMAGE_SIZE)
+    with pytest.raises(ValueError, match="class_names is empty"):
+        export_saved_model(model, tmp_path / "tiny", [], IMAGE_SIZE)
+    with pytest.raises(ValueError, match="duplicates"):
+        export_saved_model(model, tmp_path / "tiny", ["ants", "bees", "ants"], IMAGE_SIZE)
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_missing_version_dir_raises_run_dir_error(tmp_path: Path) -> None:
+    missing = tmp_path / "tiny" / "7"
+    with pytest.raises(RunDirError, match=str(missing)):
+        load_exported(missing)
+    missing.mkdir(parents=True)
+    with pytest.raises(RunDirError, match="saved_model.pb"):
+        load_exported(missing)
+
+
+def test_missing_signature_raises_run_dir_error(tmp_path: Path) -> None:
+    module = tf.Module()
+    module.serve = tf.function(
+        lambda images: {"n": tf.size(images)}, input_signature=[tf.TensorSpec([None], tf.string)]
+    )
+    tf.saved_model.save(module, str(tmp_path / "1"), signatures={"serving_default": module.serve})
+
+    with pytest.raises(RunDirError, match="predict_pixels") as raised:
+        load_exported(tmp_path / "1")
+    assert str(tmp_path / "1") in str(raised.value)

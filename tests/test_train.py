@@ -1,0 +1,104 @@
+"""Two-phase training pieces: schedules, freezing, BatchNorm kept in inference mode, runtime choices."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from tftransfer import backbones
+from tftransfer.config import ModelConfig, load_config
+from tftransfer.data.pipeline import make_datasets
+from tftransfer.data.sources import load_arrays
+from tftransfer.freezing import freeze_backbone, unfreeze_top_blocks
+from tftransfer.model import build_model, get_backbone
+from tftransfer.runtime import resolve_jit, resolve_precision
+from tftransfer.train import PhaseSchedule, SparseCrossentropy, fit_phases
+
+
+def _tiny_model(num_classes: int = 3):
+    spec = backbones.get_backbone_spec("tiny")
+    model = build_model(ModelConfig(backbone="tiny", weights="none", dropout=0.0), spec, num_classes, 32)
+    return model, backbones.blocks_for(spec, get_backbone(model))
+
+
+def test_schedule_warmup_then_cosine_to_zero():
+    s = PhaseSchedule(peak=1.0, total_steps=110, warmup_steps=10, kind="cosine")
+    values = np.array([float(s(i)) for i in range(111)])
+    np.testing.assert_allclose(values[:10], np.arange(1, 11) / 10, atol=1e-6)  # linear warmup
+    assert values[10] == pytest.approx(1.0)
+    assert values[60] == pytest.approx(0.5, abs=1e-6)  # half way through the cosine
+    assert values[110] == pytest.approx(0.0, abs=1e-6)
+    assert np.all(np.diff(values[10:]) <= 1e-7)
+
+
+def test_schedule_step_and_constant():
+    step = PhaseSchedule(peak=1.0, total_steps=100, kind="step", decay_rate=0.1, decay_steps=30)
+    assert [float(step(i)) for i in (0, 29, 30, 60)] == pytest.approx([1.0, 1.0, 0.1, 0.01])
+    const = PhaseSchedule(peak=0.3, total_steps=100)
+    assert float(const(0)) == pytest.approx(0.3) and float(const(99)) == pytest.approx(0.3)
+    assert PhaseSchedule.from_config(step.get_config()).get_config() == step.get_config()
+
+
+def test_label_smoothing_loss_matches_keras():
+    logits = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, 3.0]], dtype="float32")
+    labels = np.array([0, 2])
+    ours = SparseCrossentropy(3, label_smoothing=0.1)(labels, logits)
+    ref = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1)(
+        keras.ops.one_hot(labels, 3), logits)
+    assert float(ours) == pytest.approx(float(ref), rel=1e-6)
+
+
+def test_freezing_whole_blocks_and_batchnorm_stays_frozen():
+    model, blocks = _tiny_model()
+    report = freeze_backbone(model)
+    head_params = 3 * 32 + 3  # tiny backbone ends with 32 channels
+    assert report.trainable_params == head_params
+    report = unfreeze_top_blocks(model, blocks, 1)
+    assert report.unfrozen_blocks == [blocks[-1].name]
+    backbone = get_backbone(model)
+    top = set(blocks[-1].layer_names)
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            assert not layer.trainable
+        elif layer.weights:
+            assert layer.trainable == (layer.name in top), layer.name
+    assert report.trainable_params > head_params
+    assert unfreeze_top_blocks(model, blocks, 0).trainable_params == head_params
+    with pytest.raises(ValueError):
+        unfreeze_top_blocks(model, blocks, -1)
+
+
+def test_fit_phases_keeps_batchnorm_statistics_and_frozen_weights():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (48, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(48) % 3
+    images[labels == 0, :, :, 0] = 255  # something learnable
+    source = load_arrays(images, labels, ["a", "b", "c"], "synthetic", val_split=0.25)
+    cfg = load_config(overrides=["phases.head.epochs=2", "phases.finetune.epochs=2",
+                                 "phases.finetune.unfreeze_blocks=1", "phases.finetune.learning_rate=0.01",
+                                 "data.batch_size=16"])
+    data = make_datasets(cfg.data, source, image_size=32, seed=0)
+    model, blocks = _tiny_model()
+    backbone = get_backbone(model)
+    before = {w.path: w.numpy().copy() for w in backbone.weights}
+    result = fit_phases(model, cfg, data, blocks)
+    assert [p.name for p in result.phases] == ["head", "finetune"]
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]
+    assert [r["phase"] for r in result.history] == ["head", "head", "finetune", "finetune"]
+    top = set(blocks[-1].layer_names)
+    changed = {w.path for w in backbone.weights if not np.array_equal(w.numpy(), before[w.path])}
+    for layer in backbone.layers:
+        for w in layer.weights:
+            should_change = layer.name in top and not isinstance(layer, keras.layers.BatchNormalization)
+            assert (w.path in changed) == should_change, w.path  # moving statistics included
+
+
+def test_runtime_choices():
+    assert resolve_precision("auto", None) == "float32"
+    assert resolve_precision("auto", (8, 0)) == "mixed_float16"
+    assert resolve_precision("auto", (6, 1)) == "float32"
+    assert resolve_precision("mixed_bfloat16", None) == "mixed_bfloat16"
+    assert resolve_jit("auto", has_gpu=False) is False
+    assert resolve_jit("auto", has_gpu=True) is True
+    assert resolve_jit("off", has_gpu=True) is False

@@ -1,0 +1,5 @@
+"""`python -m tftransfer` runs the command line."""
+
+from tftransfer.cli import main
+
+main()

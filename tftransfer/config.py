@@ -1,0 +1,357 @@
+"""The experiment config: frozen dataclasses, loaded from YAML plus `key=value` overrides, strictly validated.
+
+The dataclass defaults are the library's defaults (configs/base.yaml mirrors them, and a test keeps the two equal).
+Every problem is a ConfigError that names the offending key, e.g. `phases.head.learning_rate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from tftransfer.errors import ConfigError
+
+
+def _opt(default: Any, help: str, *, min: float | None = None, max: float | None = None,  # noqa: A002
+         choices: Sequence[Any] | None = None, min_exclusive: bool = False) -> Any:
+    """A dataclass field carrying its documentation and validation range."""
+    meta = {"help": help, "min": min, "max": max, "choices": tuple(choices) if choices else None,
+            "min_exclusive": min_exclusive}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-time augmentation, applied to training batches only."""
+
+    flip: bool = _opt(True, "random horizontal flips")
+    rotation: float = _opt(0.0, "max random rotation as a fraction of a full turn", min=0.0, max=0.5)
+    zoom: float = _opt(0.0, "max random zoom in/out as a fraction of the size", min=0.0, max=0.9)
+    translation: float = _opt(0.0, "max random shift as a fraction of the size", min=0.0, max=0.5)
+    contrast: float = _opt(0.0, "max random contrast change factor", min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images come from and how they are batched."""
+
+    path: str = _opt("", "an image folder (class subfolders, optionally train/ and val/ inside), "
+                         "tfds:<name> or builtin:digits")
+    tfds_data_dir: str = _opt("", "TFDS data_dir holding already-downloaded data sets (default ~/tensorflow_datasets)")
+    val_split: float = _opt(0.2, "fraction held out for validation when the data has no val/ folder",
+                            min=0.0, max=0.9)
+    batch_size: int = _opt(32, "images per batch", min=1)
+    image_size: int = _opt(0, "square input size in pixels; 0 = the backbone's default", min=0)
+    cache: str = _opt("memory", "cache decoded, resized images", choices=("memory", "none"))
+    shuffle_buffer: int = _opt(2048, "shuffle buffer size (examples)", min=1)
+    strict: bool = _opt(False, "treat any unreadable or non-image file as an error instead of skipping it")
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone and the new classification head."""
+
+    backbone: str = _opt("mobilenetv2", "a name from `tftransfer backbones`")
+    weights: str = _opt("imagenet", "imagenet, none, or a path to a local .h5/.weights.h5/.keras file")
+    backbone_kwargs: dict = _opt({}, "extra keras.applications constructor arguments, e.g. {alpha: 0.5}")
+    pooling: str = _opt("avg", "global pooling of the backbone's feature map", choices=("avg", "max"))
+    dropout: float = _opt(0.2, "dropout rate before the Dense head", min=0.0, max=0.95)
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """One training phase: optimizer, schedule and stopping."""
+
+    epochs: int = _opt(5, "epochs in this phase (0 skips it)", min=0)
+    learning_rate: float = _opt(1e-3, "peak learning rate", min=0.0, min_exclusive=True)
+    optimizer: str = _opt("adam", "optimizer", choices=("adam", "adamw", "sgd"))
+    momentum: float = _opt(0.9, "SGD momentum", min=0.0, max=1.0)
+    nesterov: bool = _opt(False, "Nesterov momentum for SGD")
+    weight_decay: float = _opt(0.0, "decoupled weight decay (adamw, sgd)", min=0.0)
+    schedule: str = _opt("constant", "learning-rate schedule after warmup", choices=("constant", "cosine", "step"))
+    warmup_epochs: float = _opt(0.0, "linear warmup length in epochs", min=0.0)
+    decay_rate: float = _opt(0.1, "step schedule: multiply the rate by this every decay_epochs",
+                             min=0.0, max=1.0, min_exclusive=True)
+    decay_epochs: float = _opt(10.0, "step schedule: epochs between decays", min=0.0, min_exclusive=True)
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss", min=0.0, max=0.5)
+    early_stopping_patience: int = _opt(0, "stop after this many epochs without val_loss improvement (0 = off)",
+                                        min=0)
+    restore_best: bool = _opt(True, "end the phase with the weights of its best val_loss epoch")
+
+
+def _finetune_defaults() -> FinetuneConfig:
+    return FinetuneConfig(learning_rate=1e-5, schedule="cosine", warmup_epochs=1.0)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(PhaseConfig):
+    """Phase 2: unfreeze the top blocks of the backbone and train at a low rate."""
+
+    unfreeze_blocks: int = _opt(2, "whole backbone blocks to unfreeze from the top (0 skips phase 2)", min=0)
+
+
+@dataclass(frozen=True)
+class PhasesConfig:
+    """Phase 1 trains the head on a frozen backbone; phase 2 fine-tunes the top blocks."""
+
+    head: PhaseConfig = field(default_factory=PhaseConfig)
+    finetune: FinetuneConfig = field(default_factory=_finetune_defaults)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Process-wide settings, applied once before anything is built."""
+
+    seed: int = _opt(42, "seed for Python, NumPy, TensorFlow and shuffling", min=0)
+    precision: str = _opt("auto", "auto = mixed_float16 on a GPU with compute capability >= 7, float32 on CPU",
+                          choices=("auto", "float32", "mixed_float16", "mixed_bfloat16"))
+    jit: str = _opt("auto", "XLA compilation; auto = on for GPU only (XLA is ~10x slower on CPU here)",
+                    choices=("auto", "on", "off"))
+    deterministic: bool = _opt(False, "deterministic ops and data order (slower; for tests and debugging)")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The TF Serving export written at the end of `fit`."""
+
+    enabled: bool = _opt(True, "export a SavedModel after training")
+    dir: str = _opt("saved_models", "export root; the model goes to <dir>/<name>/<version>/")
+    top_k: int = _opt(5, "classes returned per image by the serving signature", min=1)
+    parity_tolerance: float = _opt(1e-4, "max abs probability difference allowed between export and Keras model",
+                                   min=0.0)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one `tftransfer fit` run needs."""
+
+    name: str = _opt("", "run name; runs/<name>/ and saved_models/<name>/ (default: <backbone>_<data>)")
+    runs_dir: str = _opt("runs", "where run directories are created")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    phases: PhasesConfig = field(default_factory=PhasesConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Converts a YAML/override value to the field type, or raises ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML reads "1e-5" (no dot) as a string; accept what float() accepts.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:
+        raise ConfigError(f"{key}: unsupported config type {tp!r}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _check_range(value: Any, f: dataclasses.Field, key: str) -> None:
+    meta = f.metadata
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None:
+        if meta.get("min_exclusive") and not value > lo:
+            raise ConfigError(f"{key}: must be > {lo}, got {value}")
+        if not meta.get("min_exclusive") and value < lo:
+            raise ConfigError(f"{key}: must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}: must be <= {hi}, got {value}")
+
+
+def _unknown_key_error(key: str, known: Sequence[str]) -> ConfigError:
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, known, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _build(cls: type, data: Mapping[str, Any] | None, prefix: str = "") -> Any:
+    """Builds dataclass `cls` from a mapping, recursing into nested dataclasses; strict about keys and types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise _unknown_key_error(f"{prefix}{key}", list(fields))
+    defaults = cls()
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            base = dataclasses.asdict(getattr(defaults, name))
+            sub = data.get(name, {})
+            if sub is not None and not isinstance(sub, Mapping):
+                raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} keys, got {sub!r}")
+            kwargs[name] = _build(tp, _deep_merge(base, sub or {}), prefix=f"{key}.")
+        elif name in data:
+            value = _coerce(data[name], tp, key)
+            _check_range(value, f, key)
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parses `a.b.c=value` into (["a", "b", "c"], value), the value read as YAML (so 3, true, [1, 2] work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+    return key.split("."), value
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML mapping; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config sections")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                values: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """Loads an ExperimentConfig: defaults <- YAML file <- `values` (dotted keys) <- `key=value` overrides."""
+    tree: dict[str, Any] = read_yaml(path) if path is not None else {}
+    source = f"{path}: " if path is not None else ""
+    for dotted, value in (values or {}).items():
+        _set_path(tree, dotted.split("."), value)
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_path(tree, keys, value)
+    try:
+        return _build(ExperimentConfig, tree)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}{exc}") from None
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config dataclass (for YAML, JSON and TensorBoard hparams)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:
+    """Writes the resolved config as YAML that load_config reads back to an equal config."""
+    path = Path(path)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; dict-valued leaves that are not sections stay whole."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value and all(isinstance(k, str) for k in value) and key != "backbone_kwargs":
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def describe_fields(cls: type = ExperimentConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every leaf field, used to document and check configs/base.yaml."""
+    rows: list[tuple[str, Any, str]] = []
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe_fields(tp, f"{prefix}{f.name}."))
+            continue
+        rows.append((f"{prefix}{f.name}", getattr(defaults, f.name), f.metadata.get("help", "")))
+    return rows

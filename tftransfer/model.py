@@ -1,0 +1,49 @@
+"""build_model(): raw pixels -> resize -> preprocess -> backbone (inference mode) -> pooling -> dropout -> logits."""
+
+from __future__ import annotations
+
+import logging
+
+import keras
+
+from tftransfer.backbones import BackboneSpec, build_backbone
+from tftransfer.config import ModelConfig
+from tftransfer.layers import InferenceBackbone, Preprocess
+
+logger = logging.getLogger(__name__)
+
+BACKBONE_LAYER = "backbone"
+HEAD_LAYER = "logits"
+
+
+def build_model(cfg: ModelConfig, spec: BackboneSpec, num_classes: int, image_size: int,
+                backbone: keras.Model | None = None) -> keras.Model:
+    """The classifier: takes float32 [N, H, W, 3] pixels in [0, 255] of any size, returns float32 logits.
+
+    Preprocessing and resizing are inside, so the exported model needs nothing but pixels; the Dense head is
+    float32 even under a mixed policy, so logits, softmax and the loss stay numerically safe.
+    """
+    weights = None if cfg.weights.lower() == "none" else cfg.weights
+    if backbone is None:
+        backbone = build_backbone(spec, image_size, weights, **cfg.backbone_kwargs)
+    inputs = keras.Input(shape=(None, None, 3), dtype="float32", name="pixels")
+    x = keras.layers.Resizing(image_size, image_size, interpolation="bilinear", antialias=True,
+                              name="resize")(inputs)
+    x = Preprocess(spec.preprocess_mode, name="preprocess")(x)
+    x = InferenceBackbone(backbone, name=BACKBONE_LAYER)(x)
+    pool = keras.layers.GlobalAveragePooling2D if cfg.pooling == "avg" else keras.layers.GlobalMaxPooling2D
+    x = pool(name="pool")(x)
+    if cfg.dropout > 0:
+        x = keras.layers.Dropout(cfg.dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(num_classes, dtype="float32", name=HEAD_LAYER)(x)
+    return keras.Model(inputs, outputs, name=f"tftransfer_{spec.name}")
+
+
+def get_backbone(model: keras.Model) -> keras.Model:
+    """The keras.applications model inside a model made by build_model."""
+    return model.get_layer(BACKBONE_LAYER).backbone
+
+
+def count_params(weights: list) -> int:
+    """Number of scalars in a list of variables."""
+    return int(sum(int(keras.ops.size(w)) for w in weights))

@@ -1,0 +1,432 @@
+"""Two-phase training and the whole `fit` job.
+
+fit_phases(): phase 1 "head" trains the new head on a frozen backbone; phase 2 "finetune" unfreezes the top N
+whole blocks (BatchNorm stays frozen and in inference mode) and trains at a low rate. Both phases share one
+continuous epoch axis in history.json and TensorBoard. run_fit() wraps it with data, model, evaluation and export.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tftransfer
+from tftransfer import backbones
+from tftransfer.config import ExperimentConfig, FinetuneConfig, PhaseConfig, config_to_dict, flatten, save_config
+from tftransfer.data.pipeline import Datasets, make_datasets, take_pixels
+from tftransfer.data.sources import DataSource, load_source
+from tftransfer.errors import TfTransferError
+from tftransfer.freezing import FreezeReport, freeze_backbone, unfreeze_top_blocks
+from tftransfer.model import build_model
+from tftransfer.runtime import RuntimeInfo, configure_runtime
+from tftransfer.workdir import RunDir, create_run_dir, write_json
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(TfTransferError):
+    """Training could not go on (e.g. the loss became NaN); the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learning rate, optimizer, loss
+
+
+@keras.saving.register_keras_serializable(package="tftransfer")
+class PhaseSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup to `peak`, then constant, cosine decay to zero, or step decay, over one phase's steps."""
+
+    def __init__(self, peak: float, total_steps: int, warmup_steps: int = 0, kind: str = "constant",
+                 decay_rate: float = 0.1, decay_steps: int = 1) -> None:
+        self.peak = float(peak)
+        self.total_steps = max(int(total_steps), 1)
+        self.warmup_steps = max(int(warmup_steps), 0)
+        self.kind = kind
+        self.decay_rate = float(decay_rate)
+        self.decay_steps = max(int(decay_steps), 1)
+
+    def __call__(self, step):  # noqa: D102
+        step = keras.ops.cast(step, "float32")
+        warm = float(max(self.warmup_steps, 1))
+        warmup = self.peak * keras.ops.minimum((step + 1.0) / warm, 1.0)
+        after = keras.ops.maximum(step - self.warmup_steps, 0.0)
+        if self.kind == "cosine":
+            span = float(max(self.total_steps - self.warmup_steps, 1))
+            progress = keras.ops.minimum(after / span, 1.0)
+            value = 0.5 * self.peak * (1.0 + keras.ops.cos(math.pi * progress))
+        elif self.kind == "step":
+            value = self.peak * keras.ops.power(self.decay_rate, keras.ops.floor(after / self.decay_steps))
+        else:
+            value = keras.ops.convert_to_tensor(self.peak, "float32")
+        if self.warmup_steps == 0:
+            return value
+        return keras.ops.where(step < self.warmup_steps, warmup, value)
+
+    def get_config(self) -> dict[str, Any]:  # noqa: D102
+        return {"peak": self.peak, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "kind": self.kind, "decay_rate": self.decay_rate, "decay_steps": self.decay_steps}
+
+
+def build_schedule(phase: PhaseConfig, steps_per_epoch: int) -> PhaseSchedule:
+    """The phase's learning-rate schedule, with epochs converted to optimizer steps."""
+    return PhaseSchedule(peak=phase.learning_rate, total_steps=phase.epochs * steps_per_epoch,
+                         warmup_steps=round(phase.warmup_epochs * steps_per_epoch), kind=phase.schedule,
+                         decay_rate=phase.decay_rate, decay_steps=round(phase.decay_epochs * steps_per_epoch))
+
+
+OPTIMIZERS: dict[str, Callable[[PhaseConfig, Any], keras.optimizers.Optimizer]] = {
+    "adam": lambda p, lr: keras.optimizers.Adam(learning_rate=lr),
+    "adamw": lambda p, lr: keras.optimizers.AdamW(learning_rate=lr, weight_decay=p.weight_decay),
+    "sgd": lambda p, lr: keras.optimizers.SGD(learning_rate=lr, momentum=p.momentum, nesterov=p.nesterov,
+                                              weight_decay=p.weight_decay or None),
+}
+
+
+def build_optimizer(phase: PhaseConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """A fresh optimizer for one phase (fresh state: phase 2 must not inherit phase 1's moments)."""
+    return OPTIMIZERS[phase.optimizer](phase, build_schedule(phase, steps_per_epoch))
+
+
+@keras.saving.register_keras_serializable(package="tftransfer")
+class SparseCrossentropy(keras.losses.Loss):
+    """Cross-entropy on integer labels and logits, with optional label smoothing (Keras' sparse loss has none)."""
+
+    def __init__(self, num_classes: int, label_smoothing: float = 0.0, name: str = "sparse_crossentropy",
+                 **kwargs: Any) -> None:
+        super().__init__(name=name, **kwargs)
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):  # noqa: D102
+        labels = keras.ops.one_hot(keras.ops.reshape(keras.ops.cast(y_true, "int32"), (-1,)), self.num_classes)
+        return keras.losses.categorical_crossentropy(labels, y_pred, from_logits=True,
+                                                     label_smoothing=self.label_smoothing)
+
+    def get_config(self) -> dict[str, Any]:  # noqa: D102
+        return {**super().get_config(), "num_classes": self.num_classes, "label_smoothing": self.label_smoothing}
+
+
+def compile_for_phase(model: keras.Model, phase: PhaseConfig, steps_per_epoch: int, num_classes: int,
+                      jit_compile: bool) -> None:
+    """(Re)compiles the model; needed after every change of trainable flags."""
+    model.compile(optimizer=build_optimizer(phase, steps_per_epoch),
+                  loss=SparseCrossentropy(num_classes, phase.label_smoothing),
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                  jit_compile=jit_compile)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Callbacks
+
+
+class HistoryRecorder(keras.callbacks.Callback):
+    """Collects per-epoch logs of every phase, with the phase name and learning rate, in one list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[dict[str, Any]] = []
+        self.phase = ""
+        self._epoch_start = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:  # noqa: D102
+        row = {"epoch": epoch + 1, "phase": self.phase}
+        row.update({k: float(v) for k, v in (logs or {}).items()})
+        optimizer = self.model.optimizer
+        row.setdefault("learning_rate", float(keras.ops.convert_to_numpy(optimizer.learning_rate)))
+        row["seconds"] = time.perf_counter() - self._epoch_start
+        self.rows.append(row)
+        shown = "  ".join(f"{k} {row[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy") if k in row)
+        logger.info("epoch %d [%s] %s  lr %.2e  (%.1f s)", epoch + 1, self.phase, shown, row["learning_rate"],
+                    row["seconds"])
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:  # noqa: D102
+        self._epoch_start = time.perf_counter()
+
+
+class BestWeights(keras.callbacks.Callback):
+    """Keeps the weights of the epoch with the lowest monitored value; restores them when the phase ends."""
+
+    def __init__(self, monitor: str = "val_loss") -> None:
+        super().__init__()
+        self.monitor = monitor
+        self.best = math.inf
+        self.best_epoch: int | None = None
+        self._weights: list[np.ndarray] | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:  # noqa: D102
+        value = (logs or {}).get(self.monitor)
+        if value is not None and math.isfinite(value) and value < self.best:
+            self.best, self.best_epoch = float(value), epoch + 1
+            self._weights = self.model.get_weights()
+
+    def on_train_end(self, logs: dict | None = None) -> None:  # noqa: D102
+        if self._weights is not None:
+            self.model.set_weights(self._weights)
+            logger.info("restored weights of epoch %d (%s %.4f)", self.best_epoch, self.monitor, self.best)
+
+
+class NaNGuard(keras.callbacks.Callback):
+    """Stops at the first non-finite loss; the epoch checkpoint of the last good epoch stays on disk."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bad_batch: int | None = None
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:  # noqa: D102
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.bad_batch = batch
+            self.model.stop_training = True
+
+
+def _tensorboard_hparams(log_dir: Path, cfg: ExperimentConfig) -> None:
+    """Writes the run's hyperparameters for TensorBoard's HParams dashboard."""
+    try:
+        from tensorboard.plugins.hparams import api as hp
+    except ImportError:  # tensorboard ships with tensorflow; be quiet if someone removed it
+        return
+    values = {}
+    for key, value in flatten(config_to_dict(cfg)).items():
+        values[key] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    with tf.summary.create_file_writer(str(log_dir / "hparams")).as_default():
+        hp.hparams(values)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Phases
+
+
+@dataclass
+class PhaseResult:
+    """What one phase did."""
+
+    name: str
+    epochs_run: int
+    best_epoch: int | None
+    freeze: FreezeReport
+    learning_rate: float
+    seconds: float
+    train_images_per_second: float
+    first_epoch: int
+    val: dict[str, Any] | None = None
+
+
+@dataclass
+class FitPhasesResult:
+    """Phases run and the continuous per-epoch history."""
+
+    phases: list[PhaseResult] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks: list[backbones.Block],
+               run: RunDir | None = None, jit_compile: bool = False, verbose: int = 0,
+               evaluate_phase: Callable[[keras.Model], dict[str, Any]] | None = None) -> FitPhasesResult:
+    """Runs phase 1 (head on a frozen backbone) and phase 2 (top blocks unfrozen), each skipped at 0 epochs.
+
+    `evaluate_phase(model)`, when given, measures the model at the end of each phase (after best-weights restore).
+    """
+    head: PhaseConfig = cfg.phases.head
+    finetune: FinetuneConfig = cfg.phases.finetune
+    recorder = HistoryRecorder()
+    shared: list[keras.callbacks.Callback] = [recorder]
+    if run is not None:
+        shared.append(keras.callbacks.TensorBoard(log_dir=str(run.logs), histogram_freq=0, write_graph=False))
+        shared.append(keras.callbacks.ModelCheckpoint(str(run.checkpoints / "last.weights.h5"),
+                                                      save_weights_only=True))
+    result = FitPhasesResult()
+    epoch = 0
+    plan: list[tuple[str, PhaseConfig, Callable[[], FreezeReport]]] = [
+        ("head", head, lambda: freeze_backbone(model)),
+    ]
+    if finetune.unfreeze_blocks > 0:
+        plan.append(("finetune", finetune, lambda: unfreeze_top_blocks(model, blocks, finetune.unfreeze_blocks)))
+    else:
+        logger.info("phase finetune skipped: phases.finetune.unfreeze_blocks is 0")
+    for name, phase, set_trainable in plan:
+        if phase.epochs == 0:
+            logger.info("phase %s skipped: 0 epochs", name)
+            continue
+        report = set_trainable()
+        logger.info("phase %s: %d epochs at lr %g (%s); trainable params %s, frozen %s%s", name, phase.epochs,
+                    phase.learning_rate, phase.schedule, f"{report.trainable_params:,}",
+                    f"{report.non_trainable_params:,}",
+                    f"; unfrozen blocks {report.unfrozen_blocks}" if report.unfrozen_blocks else "")
+        compile_for_phase(model, phase, data.steps_per_epoch, len(data.class_names), jit_compile)
+        recorder.phase = name
+        best = BestWeights() if phase.restore_best and data.val is not None else None
+        guard = NaNGuard()
+        callbacks = shared + [guard] + ([best] if best else [])
+        if phase.early_stopping_patience and data.val is not None:
+            callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss",
+                                                           patience=phase.early_stopping_patience))
+        start_rows = len(recorder.rows)
+        started = time.perf_counter()
+        with warnings.catch_warnings():
+            # The file pipeline drops undecodable files, so its length is unknown until the first pass ends;
+            # Keras then warns that the input "ran out of data" although every epoch saw all of it.
+            warnings.filterwarnings("ignore", message="Your input ran out of data")
+            model.fit(data.train, validation_data=data.val, initial_epoch=epoch, epochs=epoch + phase.epochs,
+                      shuffle=False, callbacks=callbacks, verbose=verbose)
+        seconds = time.perf_counter() - started
+        if guard.bad_batch is not None:
+            raise TrainingError(f"phase {name}: the loss became NaN/inf at batch {guard.bad_batch} of epoch "
+                                f"{epoch + len(recorder.rows) - start_rows}; lower phases.{name}.learning_rate. "
+                                + (f"The last good epoch's weights are in {run.checkpoints}." if run else ""))
+        epochs_run = len(recorder.rows) - start_rows
+        result.phases.append(PhaseResult(
+            name=name, epochs_run=epochs_run, best_epoch=best.best_epoch if best else None, freeze=report,
+            learning_rate=phase.learning_rate, seconds=seconds,
+            train_images_per_second=epochs_run * data.train_examples / seconds if seconds > 0 else 0.0,
+            first_epoch=epoch + 1, val=evaluate_phase(model) if evaluate_phase else None))
+        epoch += epochs_run
+    result.history = recorder.rows
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole job
+
+
+@dataclass
+class FitResult:
+    """Where a fit wrote its outputs, and its metrics."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    export_dir: Path | None
+    model: keras.Model
+
+
+def default_run_name(cfg: ExperimentConfig) -> str:
+    """<backbone>_<data name>, e.g. mobilenetv2_hymenoptera."""
+    data = cfg.data.path.rstrip("/").split(":")[-1]
+    return f"{cfg.model.backbone}_{Path(data).name or 'data'}".replace(" ", "_")
+
+
+def resolve_image_size(cfg: ExperimentConfig, spec: backbones.BackboneSpec) -> int:
+    """data.image_size, or the backbone's default when 0; checked against the backbone's minimum."""
+    size = cfg.data.image_size or spec.default_size
+    backbones.validate_image_size(spec, size)
+    return size
+
+
+def _phase_entry(phase: PhaseResult, val_metrics: dict | None) -> dict[str, Any]:
+    return {"name": phase.name, "epochs_run": phase.epochs_run, "best_epoch": phase.best_epoch,
+            "first_epoch": phase.first_epoch, "trainable_params": phase.freeze.trainable_params,
+            "non_trainable_params": phase.freeze.non_trainable_params,
+            "unfrozen_blocks": phase.freeze.unfrozen_blocks, "learning_rate": phase.learning_rate,
+            "seconds": phase.seconds, "train_images_per_second": phase.train_images_per_second,
+            "val": val_metrics}
+
+
+def run_fit(cfg: ExperimentConfig, overwrite: bool = False, verbose: int = 0) -> FitResult:
+    """The `tftransfer fit` job: data -> model -> two phases -> evaluation -> export -> run directory."""
+    from tftransfer import evaluate, export, report  # heavy plotting/export imports only when fitting
+
+    started = time.perf_counter()
+    spec = backbones.get_backbone_spec(cfg.model.backbone)
+    image_size = resolve_image_size(cfg, spec)
+    if not cfg.name:
+        cfg = replace(cfg, name=default_run_name(cfg))
+    cfg = replace(cfg, data=replace(cfg.data, image_size=image_size))
+    # Everything that can fail on bad input fails before the run directory exists.
+    source: DataSource = load_source(cfg.data.path, cfg.data.val_split, cfg.data.strict,
+                                     cfg.data.tfds_data_dir)
+    info: RuntimeInfo = configure_runtime(cfg.runtime)
+    weights = None if cfg.model.weights.lower() == "none" else cfg.model.weights
+    backbone = backbones.build_backbone(spec, image_size, weights, **cfg.model.backbone_kwargs)
+    blocks = backbones.blocks_for(spec, backbone)
+
+    run = create_run_dir(cfg.runs_dir, cfg.name, overwrite=overwrite)
+    save_config(cfg, run.config)
+    write_json(run.path / "runtime.json", info.to_dict())
+    write_json(run.split, source.split_record())
+    run.labels.write_text("\n".join(source.class_names) + "\n")
+    if source.skipped:
+        run.skipped.write_text("".join(f"{path}\t{why}\n" for path, why in source.skipped))
+        logger.warning("skipped %d bad files; listed in %s", len(source.skipped), run.skipped)
+    _tensorboard_hparams(run.logs, cfg)
+    logger.info("data: %d train / %d val examples, %d classes (%s)", len(source.train),
+                len(source.val) if source.val is not None else 0, len(source.class_names), source.split_method)
+
+    data = make_datasets(cfg.data, source, image_size, seed=cfg.runtime.seed,
+                         deterministic=cfg.runtime.deterministic)
+    model = build_model(cfg.model, spec, len(source.class_names), image_size, backbone=backbone)
+    evaluate_val = None
+    if data.val is not None:
+        def evaluate_val(m: keras.Model) -> dict[str, Any]:
+            return evaluate.evaluate_model(m, data.val, source.class_names)
+    fitted = fit_phases(model, cfg, data, blocks, run=run, jit_compile=info.jit_compile, verbose=verbose,
+                        evaluate_phase=evaluate_val)
+    write_json(run.history, fitted.history)
+    model.save(run.model)
+
+    phase_entries = [_phase_entry(phase, phase.val) for phase in fitted.phases]
+    final_val = fitted.phases[-1].val if fitted.phases else None
+    if final_val is None and evaluate_val is not None:
+        final_val = evaluate_val(model)
+
+    export_entry = None
+    export_dir = None
+    if cfg.export.enabled:
+        export_dir = export.export_saved_model(model, Path(cfg.export.dir) / cfg.name, source.class_names,
+                                               image_size, top_k=cfg.export.top_k)
+        parity_data = data.val if data.val is not None else data.train
+        diff = export.check_parity(model, export_dir, take_pixels(parity_data, 256))
+        export_entry = {"path": str(export_dir), "version": int(export_dir.name), "parity_max_abs_diff": diff,
+                        "parity_tolerance": cfg.export.parity_tolerance,
+                        "parity_ok": bool(diff <= cfg.export.parity_tolerance)}
+        if not export_entry["parity_ok"]:
+            logger.error("exported model disagrees with the Keras model: max abs diff %.2e > %.0e", diff,
+                         cfg.export.parity_tolerance)
+
+    metrics = {
+        "schema_version": 1,
+        "run": {"name": cfg.name, "backbone": spec.name, "weights": cfg.model.weights, "image_size": image_size,
+                "num_classes": len(source.class_names), "class_names": source.class_names,
+                "train_examples": len(source.train), "val_examples": data.val_examples,
+                "skipped_files": len(source.skipped), "split": source.split_method,
+                "run_dir": str(run.path), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "tftransfer_version": tftransfer.__version__, "tensorflow_version": tf.__version__,
+                "keras_version": keras.__version__, "python_version": platform.python_version(),
+                "runtime": info.to_dict()},
+        "phases": phase_entries,
+        "final": {"val": final_val,
+                  "eval_images_per_second": final_val.get("images_per_second") if final_val else None},
+        "export": export_entry,
+        "timings": {"total_seconds": time.perf_counter() - started},
+    }
+    _write_plots(report, run, fitted, final_val)
+    write_json(run.metrics, metrics)
+    report.write_summary(metrics, run.path)
+    return FitResult(run_dir=run.path, metrics=metrics, export_dir=export_dir, model=model)
+
+
+def _write_plots(report: Any, run: RunDir, fitted: FitPhasesResult, final_val: dict | None) -> None:
+    """History, confusion and reliability plots; a plotting failure must not cost the run its metrics."""
+    try:
+        series: dict[str, list[float]] = {}
+        for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+            if fitted.history and key in fitted.history[0]:
+                series[key] = [row.get(key, float("nan")) for row in fitted.history]
+        boundaries = [p.first_epoch - 1 for p in fitted.phases[1:]]
+        report.plot_history(series, run.path / "history.png", phase_boundaries=boundaries)
+        if final_val:
+            report.plot_confusion_matrix(final_val["confusion_matrix"], final_val["class_names"],
+                                         run.path / "confusion_matrix.png")
+            if "reliability" in final_val:
+                report.plot_reliability_diagram(final_val["reliability"], run.path / "reliability.png")
+    except Exception:  # noqa: BLE001
+        logger.exception("could not draw the plots of %s", run.path)
