@@ -102,3 +102,39 @@ def test_runtime_choices():
     assert resolve_jit("auto", has_gpu=False) is False
     assert resolve_jit("auto", has_gpu=True) is True
     assert resolve_jit("off", has_gpu=True) is False
+
+
+def _synthetic_source():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (40, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(40) % 3
+    images[labels == 0, :, :, 0] = 255
+    return load_arrays(images, labels, ["a", "b", "c"], "synthetic", val_split=0.25)
+
+
+def _head_only_fit(tmp_path, feature_cache: bool):
+    from tftransfer.runtime import configure_runtime
+    from tftransfer.train import FeatureCacheSpec
+
+    cfg = load_config(overrides=["phases.head.epochs=3", "phases.finetune.unfreeze_blocks=0", "data.batch_size=8",
+                                 "data.augment.flip=false", "model.dropout=0", "phases.head.restore_best=false",
+                                 f"phases.head.feature_cache={str(feature_cache).lower()}"])
+    configure_runtime(cfg.runtime)
+    data = make_datasets(cfg.data, _synthetic_source(), image_size=32, seed=cfg.runtime.seed)
+    model, blocks = _tiny_model()
+    spec = FeatureCacheSpec({"test": 1}, tmp_path / "cache")
+    result = fit_phases(model, cfg, data, blocks, feature_cache=spec)
+    return model.get_layer("logits").get_weights(), result
+
+
+def test_cached_and_uncached_head_training_agree(tmp_path):
+    cached, result = _head_only_fit(tmp_path, feature_cache=True)
+    plain, _ = _head_only_fit(tmp_path, feature_cache=False)
+    assert len(result.history) == 3
+    for a, b in zip(cached, plain):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    files = sorted(p.name for p in (tmp_path / "cache" / "features").iterdir())
+    assert len(files) == 2 and files[0].startswith("train-") and files[1].startswith("val-")
+    again, _ = _head_only_fit(tmp_path, feature_cache=True)  # a second run reads the cache
+    for a, b in zip(cached, again):
+        np.testing.assert_allclose(a, b, atol=1e-6)

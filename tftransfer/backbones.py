@@ -461,9 +461,12 @@ def build_tiny_backbone(include_top: bool = False, weights: str | os.PathLike | 
     for i, multiplier in enumerate((1, 2, 4), start=1):
         filters, stride = width * multiplier, 1 if i == 1 else 2
         shortcut = x
+        if stride != 1:
+            # Pool, then a stride-1 1x1 conv: the gradient of a strided 1x1 conv crashes TF 2.21's oneDNN CPU
+            # kernels (double free) for some batch sizes, e.g. a last partial batch of 5.
+            shortcut = keras.layers.AveragePooling2D(stride, padding="same", name=f"block{i}_pool")(shortcut)
         if stride != 1 or x.shape[-1] != filters:
-            shortcut = keras.layers.Conv2D(filters, 1, strides=stride, use_bias=False,
-                                           name=f"block{i}_shortcut")(x)
+            shortcut = keras.layers.Conv2D(filters, 1, use_bias=False, name=f"block{i}_shortcut")(shortcut)
         y = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
                                 name=f"block{i}_conv")(x)
         y = keras.layers.BatchNormalization(name=f"block{i}_bn")(y)

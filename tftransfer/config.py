@@ -90,6 +90,16 @@ class PhaseConfig:
     restore_best: bool = _opt(True, "end the phase with the weights of its best val_loss epoch")
 
 
+@dataclass(frozen=True)
+class HeadConfig(PhaseConfig):
+    """Phase 1: train the new head on the frozen backbone."""
+
+    feature_cache: bool = _opt(True, "compute pooled backbone features once and train the head on them "
+                                     "(cached on disk; reused by later runs on the same data)")
+    feature_cache_views: int = _opt(1, "views per training image in the feature cache: the clean image plus "
+                                       "views-1 augmented ones (1 = phase 1 trains without augmentation)", min=1)
+
+
 def _finetune_defaults() -> FinetuneConfig:
     return FinetuneConfig(learning_rate=1e-5, schedule="cosine", warmup_epochs=1.0)
 
@@ -105,7 +115,7 @@ class FinetuneConfig(PhaseConfig):
 class PhasesConfig:
     """Phase 1 trains the head on a frozen backbone; phase 2 fine-tunes the top blocks."""
 
-    head: PhaseConfig = field(default_factory=PhaseConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
     finetune: FinetuneConfig = field(default_factory=_finetune_defaults)
 
 
@@ -119,6 +129,7 @@ class RuntimeConfig:
     jit: str = _opt("auto", "XLA compilation; auto = on for GPU only (XLA is ~10x slower on CPU here)",
                     choices=("auto", "on", "off"))
     deterministic: bool = _opt(False, "deterministic ops and data order (slower; for tests and debugging)")
+    cache_dir: str = _opt("", "feature cache folder (default $TFTRANSFER_CACHE or ~/.cache/tftransfer)")
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,26 @@ import tensorflow as tf
 
 import tftransfer
 from tftransfer import backbones
-from tftransfer.config import ExperimentConfig, FinetuneConfig, PhaseConfig, config_to_dict, flatten, save_config
+from tftransfer.config import (
+    ExperimentConfig,
+    FinetuneConfig,
+    HeadConfig,
+    PhaseConfig,
+    config_to_dict,
+    flatten,
+    save_config,
+)
 from tftransfer.data.pipeline import Datasets, make_datasets, take_pixels
 from tftransfer.data.sources import DataSource, load_source
 from tftransfer.errors import TfTransferError
+from tftransfer.features import (
+    build_feature_extractor,
+    build_head_model,
+    cached_features,
+    default_cache_dir,
+    features_dataset,
+    file_hash,
+)
 from tftransfer.freezing import FreezeReport, freeze_backbone, unfreeze_top_blocks
 from tftransfer.model import build_model
 from tftransfer.runtime import RuntimeInfo, configure_runtime
@@ -230,21 +246,80 @@ class FitPhasesResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass
+class PhaseInputs:
+    """What one phase's `fit` runs on: the model to fit (the full model, or the head alone on cached features)."""
+
+    model: keras.Model
+    train: tf.data.Dataset
+    val: tf.data.Dataset | None
+    steps_per_epoch: int
+    note: str = "images"
+
+
+@dataclass(frozen=True)
+class FeatureCacheSpec:
+    """Everything the cached features depend on besides the data, and where the cache lives."""
+
+    key_parts: dict[str, Any]
+    cache_dir: Path | None
+
+
+def _head_on_features(model: keras.Model, head: HeadConfig, data: Datasets, cache: FeatureCacheSpec,
+                      seed: int) -> PhaseInputs:
+    """Phase 1 on cached pooled features: the frozen backbone runs once per image view, not once per epoch."""
+    extractor = build_feature_extractor(model)
+    views = head.feature_cache_views if data.augmenter is not None else 1
+    if data.augmenter is not None and views == 1:
+        logger.info("phase head trains on cached features of un-augmented images "
+                    "(set phases.head.feature_cache_views > 1 for augmented views, or feature_cache=false)")
+    parts = {**cache.key_parts, "augment": str(data.augmenter.get_config()) if views > 1 else None,
+             "seed": seed if views > 1 else None}
+    # View 1 is always the clean image; further views go through the training augmenter.
+    train_views = [data.ordered_train(augment=False)] + [data.ordered_train(augment=True)] * (views - 1)
+    train_set = cached_features(extractor, train_views, data.source.train, parts, cache.cache_dir, what="train")
+    val_ds = None
+    if data.val is not None and data.source.val is not None:
+        val_set = cached_features(extractor, [data.val], data.source.val, parts, cache.cache_dir, what="val")
+        val_ds = features_dataset(val_set.features, val_set.labels, data.batch_size, training=False,
+                                  shuffle_buffer=1, seed=seed)
+    buffer = max(len(train_set.labels), 1)
+    train_ds = features_dataset(train_set.features, train_set.labels, data.batch_size, training=True,
+                                shuffle_buffer=min(buffer, data.shuffle_buffer), seed=seed)
+    steps = max(1, math.ceil(len(train_set.labels) / data.batch_size))
+    return PhaseInputs(build_head_model(model), train_ds, val_ds, steps,
+                       note=f"cached features ({views} view{'s' if views > 1 else ''} per image"
+                            f"{', from cache' if train_set.from_cache else ''})")
+
+
+class FullModelCheckpoint(keras.callbacks.Callback):
+    """Saves the full model's weights every epoch, also when phase 1 fits only the head on features."""
+
+    def __init__(self, model: keras.Model, path: Path) -> None:
+        super().__init__()
+        self.full_model = model
+        self.path = path
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:  # noqa: D102
+        self.full_model.save_weights(str(self.path))
+
+
 def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks: list[backbones.Block],
                run: RunDir | None = None, jit_compile: bool = False, verbose: int = 0,
-               evaluate_phase: Callable[[keras.Model], dict[str, Any]] | None = None) -> FitPhasesResult:
+               evaluate_phase: Callable[[keras.Model], dict[str, Any]] | None = None,
+               feature_cache: FeatureCacheSpec | None = None) -> FitPhasesResult:
     """Runs phase 1 (head on a frozen backbone) and phase 2 (top blocks unfrozen), each skipped at 0 epochs.
 
-    `evaluate_phase(model)`, when given, measures the model at the end of each phase (after best-weights restore).
+    With `feature_cache` (and phases.head.feature_cache on), phase 1 trains the head on cached pooled features.
+    `evaluate_phase(model)`, when given, measures the full model at the end of each phase.
     """
-    head: PhaseConfig = cfg.phases.head
+    head: HeadConfig = cfg.phases.head
     finetune: FinetuneConfig = cfg.phases.finetune
     recorder = HistoryRecorder()
     shared: list[keras.callbacks.Callback] = [recorder]
     if run is not None:
         shared.append(keras.callbacks.TensorBoard(log_dir=str(run.logs), histogram_freq=0, write_graph=False))
-        shared.append(keras.callbacks.ModelCheckpoint(str(run.checkpoints / "last.weights.h5"),
-                                                      save_weights_only=True))
+        shared.append(FullModelCheckpoint(model, run.checkpoints / "last.weights.h5"))
     result = FitPhasesResult()
     epoch = 0
     plan: list[tuple[str, PhaseConfig, Callable[[], FreezeReport]]] = [
@@ -259,26 +334,31 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
             logger.info("phase %s skipped: 0 epochs", name)
             continue
         report = set_trainable()
-        logger.info("phase %s: %d epochs at lr %g (%s); trainable params %s, frozen %s%s", name, phase.epochs,
-                    phase.learning_rate, phase.schedule, f"{report.trainable_params:,}",
-                    f"{report.non_trainable_params:,}",
+        started = time.perf_counter()
+        if name == "head" and head.feature_cache and feature_cache is not None:
+            inputs = _head_on_features(model, head, data, feature_cache, cfg.runtime.seed)
+        else:
+            inputs = PhaseInputs(model, data.train, data.val, data.steps_per_epoch)
+        logger.info("phase %s: %d epochs at lr %g (%s) on %s; trainable params %s, frozen %s%s", name,
+                    phase.epochs, phase.learning_rate, phase.schedule, inputs.note,
+                    f"{report.trainable_params:,}", f"{report.non_trainable_params:,}",
                     f"; unfrozen blocks {report.unfrozen_blocks}" if report.unfrozen_blocks else "")
-        compile_for_phase(model, phase, data.steps_per_epoch, len(data.class_names), jit_compile)
+        compile_for_phase(inputs.model, phase, inputs.steps_per_epoch, len(data.class_names), jit_compile)
         recorder.phase = name
-        best = BestWeights() if phase.restore_best and data.val is not None else None
+        has_val = inputs.val is not None
+        best = BestWeights() if phase.restore_best and has_val else None
         guard = NaNGuard()
         callbacks = shared + [guard] + ([best] if best else [])
-        if phase.early_stopping_patience and data.val is not None:
+        if phase.early_stopping_patience and has_val:
             callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss",
                                                            patience=phase.early_stopping_patience))
         start_rows = len(recorder.rows)
-        started = time.perf_counter()
         with warnings.catch_warnings():
             # The file pipeline drops undecodable files, so its length is unknown until the first pass ends;
             # Keras then warns that the input "ran out of data" although every epoch saw all of it.
             warnings.filterwarnings("ignore", message="Your input ran out of data")
-            model.fit(data.train, validation_data=data.val, initial_epoch=epoch, epochs=epoch + phase.epochs,
-                      shuffle=False, callbacks=callbacks, verbose=verbose)
+            inputs.model.fit(inputs.train, validation_data=inputs.val, initial_epoch=epoch,
+                             epochs=epoch + phase.epochs, shuffle=False, callbacks=callbacks, verbose=verbose)
         seconds = time.perf_counter() - started
         if guard.bad_batch is not None:
             raise TrainingError(f"phase {name}: the loss became NaN/inf at batch {guard.bad_batch} of epoch "
@@ -331,6 +411,20 @@ def _phase_entry(phase: PhaseResult, val_metrics: dict | None) -> dict[str, Any]
             "val": val_metrics}
 
 
+def feature_cache_spec(cfg: ExperimentConfig, spec: backbones.BackboneSpec, image_size: int) -> FeatureCacheSpec:
+    """What the pooled features depend on: backbone, its weights' bytes, input size, preprocessing, pooling."""
+    weights = cfg.model.weights
+    weights_id: str = weights.lower()
+    if weights_id not in ("imagenet", "none"):
+        weights_id = file_hash(weights)
+    parts = {"backbone": spec.name, "weights": weights_id, "kwargs": cfg.model.backbone_kwargs,
+             "image_size": image_size, "preprocess": spec.preprocess_mode, "pooling": cfg.model.pooling,
+             "keras": keras.__version__}
+    if weights_id == "none":  # random weights depend on the seed
+        parts["seed"] = cfg.runtime.seed
+    return FeatureCacheSpec(parts, Path(cfg.runtime.cache_dir) if cfg.runtime.cache_dir else default_cache_dir())
+
+
 def run_fit(cfg: ExperimentConfig, overwrite: bool = False, verbose: int = 0) -> FitResult:
     """The `tftransfer fit` job: data -> model -> two phases -> evaluation -> export -> run directory."""
     from tftransfer import evaluate, export, report  # heavy plotting/export imports only when fitting
@@ -361,15 +455,14 @@ def run_fit(cfg: ExperimentConfig, overwrite: bool = False, verbose: int = 0) ->
     logger.info("data: %d train / %d val examples, %d classes (%s)", len(source.train),
                 len(source.val) if source.val is not None else 0, len(source.class_names), source.split_method)
 
-    data = make_datasets(cfg.data, source, image_size, seed=cfg.runtime.seed,
-                         deterministic=cfg.runtime.deterministic)
+    data = make_datasets(cfg.data, source, image_size, seed=cfg.runtime.seed)
     model = build_model(cfg.model, spec, len(source.class_names), image_size, backbone=backbone)
     evaluate_val = None
     if data.val is not None:
         def evaluate_val(m: keras.Model) -> dict[str, Any]:
             return evaluate.evaluate_model(m, data.val, source.class_names)
     fitted = fit_phases(model, cfg, data, blocks, run=run, jit_compile=info.jit_compile, verbose=verbose,
-                        evaluate_phase=evaluate_val)
+                        evaluate_phase=evaluate_val, feature_cache=feature_cache_spec(cfg, spec, image_size))
     write_json(run.history, fitted.history)
     model.save(run.model)
 
