@@ -196,7 +196,9 @@ def run_tftransfer(data: Path, weights: Path, workdir: Path, head_epochs: int | 
 
     started = time.perf_counter()
     overrides = [f"model.weights={weights}", f"data.path={data}", f"runs_dir={workdir / 'runs'}",
-                 f"export.dir={workdir / 'saved_models'}", "name=bench", f"runtime.seed={seed}"]
+                 f"export.dir={workdir / 'saved_models'}", "name=bench", f"runtime.seed={seed}",
+                 # a cold feature cache: the timing must include computing the features
+                 f"runtime.cache_dir={workdir / 'cache'}"]
     if head_epochs is not None:
         overrides.append(f"phases.head.epochs={head_epochs}")
     if finetune_epochs is not None:
