@@ -97,17 +97,34 @@ def backbones_command(details: bool, names: tuple[str, ...]) -> None:
 @click.option("--image-size", type=click.IntRange(min=1), help="Input size in pixels.  [data.image_size]")
 @click.option("--name", help="Run name: runs/<name>/ and saved_models/<name>/.  [name]")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run of this name (the old one is kept aside).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Continue an interrupted run (runs/<name>) from its last finished epoch, with its own config.")
+@click.option("--precision", type=click.Choice(["auto", "float32", "mixed_float16", "mixed_bfloat16"]),
+              help="Compute precision.  [runtime.precision]")
+@click.option("--jit", type=click.Choice(["auto", "on", "off"]), help="XLA compilation.  [runtime.jit]")
 @click.option("--progress", is_flag=True, help="Show Keras progress bars.")
 @_user_errors
 def fit_command(config_path: Path | None, overrides: tuple[str, ...], backbone: str | None, data: str | None,
                 weights: str | None, epochs: int | None, batch_size: int | None, image_size: int | None,
-                name: str | None, overwrite: bool, progress: bool) -> None:
+                name: str | None, overwrite: bool, resume_dir: Path | None, precision: str | None,
+                jit: str | None, progress: bool) -> None:
     """Fine-tune a backbone in two phases, evaluate it and export a SavedModel for TF Serving."""
     from tftransfer.config import load_config
 
+    if resume_dir is not None:
+        given = [n for n, v in (("--config", config_path), ("--set", overrides), ("--backbone", backbone),
+                                ("--data", data), ("--weights", weights), ("--epochs", epochs),
+                                ("--batch-size", batch_size), ("--image-size", image_size), ("--name", name),
+                                ("--overwrite", overwrite), ("--precision", precision), ("--jit", jit)) if v]
+        if given:
+            raise click.UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
+        from tftransfer.train import run_fit
+
+        _echo_fit_result(run_fit(None, resume=resume_dir, verbose=1 if progress else 0).metrics)
+        return
     flags = {"model.backbone": backbone, "data.path": data, "model.weights": weights,
              "phases.head.epochs": epochs, "phases.finetune.epochs": epochs, "data.batch_size": batch_size,
-             "data.image_size": image_size, "name": name}
+             "data.image_size": image_size, "name": name, "runtime.precision": precision, "runtime.jit": jit}
     cfg = load_config(config_path, overrides=overrides,
                       values={k: v for k, v in flags.items() if v is not None})
     from tftransfer.train import run_fit

@@ -13,7 +13,7 @@ import platform
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import tensorflow as tf
 
 import tftransfer
 from tftransfer import backbones
+from tftransfer.checkpoint import Checkpoint, TrainState, load_latest, save_checkpoint
 from tftransfer.config import (
     ExperimentConfig,
     FinetuneConfig,
@@ -34,7 +35,7 @@ from tftransfer.config import (
 )
 from tftransfer.data.pipeline import Datasets, make_datasets, take_pixels
 from tftransfer.data.sources import DataSource, load_source
-from tftransfer.errors import TfTransferError
+from tftransfer.errors import RunDirError, TfTransferError
 from tftransfer.features import (
     build_feature_extractor,
     build_head_model,
@@ -178,17 +179,17 @@ class BestWeights(keras.callbacks.Callback):
         self.monitor = monitor
         self.best = math.inf
         self.best_epoch: int | None = None
-        self._weights: list[np.ndarray] | None = None
+        self.best_weights: list[np.ndarray] | None = None
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:  # noqa: D102
         value = (logs or {}).get(self.monitor)
         if value is not None and math.isfinite(value) and value < self.best:
             self.best, self.best_epoch = float(value), epoch + 1
-            self._weights = self.model.get_weights()
+            self.best_weights = self.model.get_weights()
 
     def on_train_end(self, logs: dict | None = None) -> None:  # noqa: D102
-        if self._weights is not None:
-            self.model.set_weights(self._weights)
+        if self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
             logger.info("restored weights of epoch %d (%s %.4f)", self.best_epoch, self.monitor, self.best)
 
 
@@ -292,34 +293,74 @@ def _head_on_features(model: keras.Model, head: HeadConfig, data: Datasets, cach
                             f"{', from cache' if train_set.from_cache else ''})")
 
 
-class FullModelCheckpoint(keras.callbacks.Callback):
-    """Saves the full model's weights every epoch, also when phase 1 fits only the head on features."""
+@dataclass
+class _Progress:
+    """Mutable facts the per-epoch checkpoint needs about the phase in progress."""
 
-    def __init__(self, model: keras.Model, path: Path) -> None:
+    recorder: HistoryRecorder
+    phase: str = ""
+    phase_start: int = 0
+    started: float = 0.0
+    seconds_before: float = 0.0
+    completed: list[dict[str, Any]] = field(default_factory=list)
+    best: BestWeights | None = None
+
+    def state(self, epoch: int, phase_done: bool = False) -> TrainState:
+        best = self.best
+        return TrainState(epoch=epoch, phase=self.phase, phase_start=self.phase_start, phase_done=phase_done,
+                          phase_seconds=self.seconds_before + time.perf_counter() - self.started,
+                          completed=list(self.completed), history=list(self.recorder.rows),
+                          best_value=best.best if best and best.best_epoch else None,
+                          best_epoch=best.best_epoch if best else None)
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Checkpoints the full model, the optimizer and the training state after every epoch (last callback)."""
+
+    def __init__(self, full_model: keras.Model, checkpoints: Path, progress: _Progress) -> None:
         super().__init__()
-        self.full_model = model
-        self.path = path
+        self.full_model = full_model
+        self.checkpoints = checkpoints
+        self.progress = progress
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:  # noqa: D102
-        self.full_model.save_weights(str(self.path))
+        loss = (logs or {}).get("loss")
+        if loss is None or not math.isfinite(float(loss)):
+            return  # never overwrite the last good checkpoint with a diverged epoch
+        best = self.progress.best
+        save_checkpoint(self.checkpoints, self.full_model, self.model.optimizer, self.progress.state(epoch + 1),
+                        best.best_weights if best else None)
+
+
+def _phase_to_dict(phase: PhaseResult) -> dict[str, Any]:
+    return asdict(phase)
+
+
+def _phase_from_dict(data: dict[str, Any]) -> PhaseResult:
+    return PhaseResult(**{**data, "freeze": FreezeReport(**data["freeze"])})
 
 
 def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks: list[backbones.Block],
                run: RunDir | None = None, jit_compile: bool = False, verbose: int = 0,
                evaluate_phase: Callable[[keras.Model], dict[str, Any]] | None = None,
-               feature_cache: FeatureCacheSpec | None = None) -> FitPhasesResult:
+               feature_cache: FeatureCacheSpec | None = None, resume: Checkpoint | None = None) -> FitPhasesResult:
     """Runs phase 1 (head on a frozen backbone) and phase 2 (top blocks unfrozen), each skipped at 0 epochs.
 
     With `feature_cache` (and phases.head.feature_cache on), phase 1 trains the head on cached pooled features.
-    `evaluate_phase(model)`, when given, measures the full model at the end of each phase.
+    `evaluate_phase(model)`, when given, measures the full model at the end of each phase. With `run`, every
+    epoch is checkpointed; `resume` (whose weights are already in `model`) continues from such a checkpoint.
     """
     head: HeadConfig = cfg.phases.head
     finetune: FinetuneConfig = cfg.phases.finetune
     recorder = HistoryRecorder()
+    progress = _Progress(recorder)
     shared: list[keras.callbacks.Callback] = [recorder]
     if run is not None:
         shared.append(keras.callbacks.TensorBoard(log_dir=str(run.logs), histogram_freq=0, write_graph=False))
-        shared.append(FullModelCheckpoint(model, run.checkpoints / "last.weights.h5"))
+    finished: dict[str, dict[str, Any]] = {}
+    if resume is not None:
+        recorder.rows = list(resume.state.history)
+        finished = {d["name"]: d for d in resume.state.completed}
     result = FitPhasesResult()
     epoch = 0
     plan: list[tuple[str, PhaseConfig, Callable[[], FreezeReport]]] = [
@@ -332,6 +373,12 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
     for name, phase, set_trainable in plan:
         if phase.epochs == 0:
             logger.info("phase %s skipped: 0 epochs", name)
+            continue
+        if name in finished:  # completed before the interruption
+            done = _phase_from_dict(finished[name])
+            result.phases.append(done)
+            progress.completed.append(finished[name])
+            epoch = done.first_epoch - 1 + done.epochs_run
             continue
         report = set_trainable()
         started = time.perf_counter()
@@ -347,30 +394,47 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
         recorder.phase = name
         has_val = inputs.val is not None
         best = BestWeights() if phase.restore_best and has_val else None
+        progress.phase, progress.phase_start, progress.started, progress.best = name, epoch, started, best
+        progress.seconds_before = 0.0
+        initial_epoch = epoch
+        if resume is not None and resume.state.phase == name and not resume.state.phase_done:
+            initial_epoch = resume.state.epoch
+            resume.restore_optimizer(inputs.model.optimizer, inputs.model.trainable_variables)
+            progress.seconds_before = resume.state.phase_seconds
+            if best is not None and resume.state.best_epoch:
+                best.best, best.best_epoch = resume.state.best_value, resume.state.best_epoch
+                best.best_weights = resume.best_weights()
+            logger.info("resuming phase %s after epoch %d of %d", name, initial_epoch - epoch, phase.epochs)
         guard = NaNGuard()
         callbacks = shared + [guard] + ([best] if best else [])
         if phase.early_stopping_patience and has_val:
             callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss",
                                                            patience=phase.early_stopping_patience))
-        start_rows = len(recorder.rows)
+        if run is not None:
+            callbacks.append(EpochCheckpoint(model, run.checkpoints, progress))
         with warnings.catch_warnings():
             # The file pipeline drops undecodable files, so its length is unknown until the first pass ends;
             # Keras then warns that the input "ran out of data" although every epoch saw all of it.
             warnings.filterwarnings("ignore", message="Your input ran out of data")
-            inputs.model.fit(inputs.train, validation_data=inputs.val, initial_epoch=epoch,
+            inputs.model.fit(inputs.train, validation_data=inputs.val, initial_epoch=initial_epoch,
                              epochs=epoch + phase.epochs, shuffle=False, callbacks=callbacks, verbose=verbose)
-        seconds = time.perf_counter() - started
+        seconds = progress.seconds_before + time.perf_counter() - started
         if guard.bad_batch is not None:
             raise TrainingError(f"phase {name}: the loss became NaN/inf at batch {guard.bad_batch} of epoch "
-                                f"{epoch + len(recorder.rows) - start_rows}; lower phases.{name}.learning_rate. "
-                                + (f"The last good epoch's weights are in {run.checkpoints}." if run else ""))
-        epochs_run = len(recorder.rows) - start_rows
-        result.phases.append(PhaseResult(
+                                f"{len(recorder.rows) + 1}; lower phases.{name}.learning_rate. "
+                                + (f"The last good epoch is checkpointed in {run.checkpoints}." if run else ""))
+        epochs_run = sum(1 for row in recorder.rows if row["phase"] == name)
+        done = PhaseResult(
             name=name, epochs_run=epochs_run, best_epoch=best.best_epoch if best else None, freeze=report,
             learning_rate=phase.learning_rate, seconds=seconds,
             train_images_per_second=epochs_run * data.train_examples / seconds if seconds > 0 else 0.0,
-            first_epoch=epoch + 1, val=evaluate_phase(model) if evaluate_phase else None))
+            first_epoch=epoch + 1, val=evaluate_phase(model) if evaluate_phase else None)
+        result.phases.append(done)
         epoch += epochs_run
+        progress.completed.append(_phase_to_dict(done))
+        if run is not None:  # the phase's final weights (best restored), so a resume starts the next phase
+            progress.best = None
+            save_checkpoint(run.checkpoints, model, None, progress.state(epoch, phase_done=True))
     result.history = recorder.rows
     return result
 
@@ -425,11 +489,20 @@ def feature_cache_spec(cfg: ExperimentConfig, spec: backbones.BackboneSpec, imag
     return FeatureCacheSpec(parts, Path(cfg.runtime.cache_dir) if cfg.runtime.cache_dir else default_cache_dir())
 
 
-def run_fit(cfg: ExperimentConfig, overwrite: bool = False, verbose: int = 0) -> FitResult:
-    """The `tftransfer fit` job: data -> model -> two phases -> evaluation -> export -> run directory."""
+def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int = 0,
+            resume: str | Path | None = None) -> FitResult:
+    """The `tftransfer fit` job: data -> model -> two phases -> evaluation -> export -> run directory.
+
+    With `resume` (a run directory), the run's own config.yaml is used and training continues from its newest
+    checkpoint; `cfg` is ignored.
+    """
     from tftransfer import evaluate, export, report  # heavy plotting/export imports only when fitting
 
     started = time.perf_counter()
+    checkpoint = None
+    if resume is not None:
+        cfg, checkpoint = _resume_point(Path(resume))
+    assert cfg is not None
     spec = backbones.get_backbone_spec(cfg.model.backbone)
     image_size = resolve_image_size(cfg, spec)
     if not cfg.name:
@@ -443,10 +516,14 @@ def run_fit(cfg: ExperimentConfig, overwrite: bool = False, verbose: int = 0) ->
     backbone = backbones.build_backbone(spec, image_size, weights, **cfg.model.backbone_kwargs)
     blocks = backbones.blocks_for(spec, backbone)
 
-    run = create_run_dir(cfg.runs_dir, cfg.name, overwrite=overwrite)
-    save_config(cfg, run.config)
+    if checkpoint is not None:
+        run = RunDir(Path(resume))  # type: ignore[arg-type]
+        _check_same_data(run, source)
+    else:
+        run = create_run_dir(cfg.runs_dir, cfg.name, overwrite=overwrite)
+        save_config(cfg, run.config)
+        write_json(run.split, source.split_record())
     write_json(run.path / "runtime.json", info.to_dict())
-    write_json(run.split, source.split_record())
     run.labels.write_text("\n".join(source.class_names) + "\n")
     if source.skipped:
         run.skipped.write_text("".join(f"{path}\t{why}\n" for path, why in source.skipped))
@@ -461,8 +538,19 @@ def run_fit(cfg: ExperimentConfig, overwrite: bool = False, verbose: int = 0) ->
     if data.val is not None:
         def evaluate_val(m: keras.Model) -> dict[str, Any]:
             return evaluate.evaluate_model(m, data.val, source.class_names)
-    fitted = fit_phases(model, cfg, data, blocks, run=run, jit_compile=info.jit_compile, verbose=verbose,
-                        evaluate_phase=evaluate_val, feature_cache=feature_cache_spec(cfg, spec, image_size))
+    if checkpoint is not None:
+        checkpoint.restore_model(model)
+        # Reseed from the resume point: the resumed epochs are reproducible, though their data order differs
+        # from an uninterrupted run (tf.data iterator state is not checkpointed).
+        keras.utils.set_random_seed(cfg.runtime.seed + checkpoint.state.epoch)
+        logger.info("resuming %s from %s (%d epochs done)", run.path, checkpoint.path.name, checkpoint.state.epoch)
+    try:
+        fitted = fit_phases(model, cfg, data, blocks, run=run, jit_compile=info.jit_compile, verbose=verbose,
+                            evaluate_phase=evaluate_val, feature_cache=feature_cache_spec(cfg, spec, image_size),
+                            resume=checkpoint)
+    except KeyboardInterrupt:
+        raise TrainingError(f"interrupted. Every finished epoch is checkpointed in {run.checkpoints}; continue with: "
+                            f"tftransfer fit --resume {run.path}") from None
     write_json(run.history, fitted.history)
     model.save(run.model)
 
@@ -505,6 +593,28 @@ def run_fit(cfg: ExperimentConfig, overwrite: bool = False, verbose: int = 0) ->
     write_json(run.metrics, metrics)
     report.write_summary(metrics, run.path)
     return FitResult(run_dir=run.path, metrics=metrics, export_dir=export_dir, model=model)
+
+
+def _resume_point(run_path: Path) -> tuple[ExperimentConfig, Checkpoint]:
+    """The config and newest checkpoint of an unfinished run."""
+    run = RunDir(run_path)
+    if not run.config.is_file():
+        raise RunDirError(f"{run_path} is not a tftransfer run directory (no config.yaml)")
+    if run.metrics.is_file():
+        raise RunDirError(f"{run_path} has finished (metrics.json exists); nothing to resume")
+    from tftransfer.config import load_config
+
+    return load_config(run.config), load_latest(run.checkpoints)
+
+
+def _check_same_data(run: RunDir, source: DataSource) -> None:
+    """A resumed run must see the examples it started with."""
+    from tftransfer.workdir import read_json
+
+    saved = read_json(run.split).get("fingerprint")
+    if saved != source.split_record()["fingerprint"]:
+        raise RunDirError(f"the data of {run.path} changed since the run started ({run.split} no longer matches "
+                          f"{source.root}); start a new run instead of resuming")
 
 
 def _write_plots(report: Any, run: RunDir, fitted: FitPhasesResult, final_val: dict | None) -> None:
