@@ -138,3 +138,26 @@ def test_cached_and_uncached_head_training_agree(tmp_path):
     again, _ = _head_only_fit(tmp_path, feature_cache=True)  # a second run reads the cache
     for a, b in zip(cached, again):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_xla_failure_falls_back_without_xla(monkeypatch):
+    import tensorflow as tf
+
+    calls = []
+    real_fit = keras.Model.fit
+
+    def flaky_fit(self, *args, **kwargs):
+        calls.append(self.jit_compile)
+        if self.jit_compile:  # what an XLA compile failure looks like: an op error before the first epoch ends
+            raise tf.errors.InvalidArgumentError(None, None, "Detected unsupported operations when trying to "
+                                                             "compile graph with XLA")
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", flaky_fit)
+    cfg = load_config(overrides=["phases.head.epochs=1", "phases.finetune.epochs=1", "data.batch_size=16",
+                                 "phases.head.feature_cache=false"])
+    data = make_datasets(cfg.data, _synthetic_source(), image_size=32, seed=0)
+    model, blocks = _tiny_model()
+    result = fit_phases(model, cfg, data, blocks, jit_compile=True)
+    assert calls == [True, False, False]  # one failed XLA attempt, then both phases without XLA
+    assert result.jit_compile is False and len(result.history) == 2

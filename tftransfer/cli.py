@@ -84,53 +84,100 @@ def backbones_command(details: bool, names: tuple[str, ...]) -> None:
                "(or: tftransfer backbones NAME).")
 
 
-@main.command("fit")
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="YAML experiment config (see configs/); flags and --set override it.")
-@click.option("-s", "--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override any config key, e.g. --set phases.finetune.epochs=3 (repeatable).")
-@click.option("--backbone", help="Backbone name (see `tftransfer backbones`).  [model.backbone]")
-@click.option("--data", help="Image folder (class subfolders) or builtin:digits.  [data.path]")
-@click.option("--weights", help="imagenet, none, or a local .h5/.weights.h5/.keras file.  [model.weights]")
-@click.option("--epochs", type=click.IntRange(min=0), help="Epochs of each phase.  [phases.*.epochs]")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size.  [data.batch_size]")
-@click.option("--image-size", type=click.IntRange(min=1), help="Input size in pixels.  [data.image_size]")
-@click.option("--name", help="Run name: runs/<name>/ and saved_models/<name>/.  [name]")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run of this name (the old one is kept aside).")
-@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Continue an interrupted run (runs/<name>) from its last finished epoch, with its own config.")
-@click.option("--precision", type=click.Choice(["auto", "float32", "mixed_float16", "mixed_bfloat16"]),
-              help="Compute precision.  [runtime.precision]")
-@click.option("--jit", type=click.Choice(["auto", "on", "off"]), help="XLA compilation.  [runtime.jit]")
-@click.option("--progress", is_flag=True, help="Show Keras progress bars.")
-@_user_errors
-def fit_command(config_path: Path | None, overrides: tuple[str, ...], backbone: str | None, data: str | None,
-                weights: str | None, epochs: int | None, batch_size: int | None, image_size: int | None,
-                name: str | None, overwrite: bool, resume_dir: Path | None, precision: str | None,
-                jit: str | None, progress: bool) -> None:
-    """Fine-tune a backbone in two phases, evaluate it and export a SavedModel for TF Serving."""
+_CONFIG_FLAGS = {  # flag name -> the config key(s) it sets
+    "backbone": ("model.backbone",), "data": ("data.path",), "weights": ("model.weights",),
+    "epochs": ("phases.head.epochs", "phases.finetune.epochs"), "batch_size": ("data.batch_size",),
+    "image_size": ("data.image_size",), "name": ("name",), "precision": ("runtime.precision",),
+    "jit": ("runtime.jit",),
+}
+
+
+def _experiment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that build an experiment config, shared by fit and lr-find."""
+    options = [
+        click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+                     help="YAML experiment config (see configs/); flags and --set override it."),
+        click.option("-s", "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override any config key, e.g. --set phases.finetune.epochs=3 (repeatable)."),
+        click.option("--backbone", help="Backbone name (see `tftransfer backbones`).  [model.backbone]"),
+        click.option("--data", help="Image folder (class subfolders), tfds:<name> or builtin:digits.  [data.path]"),
+        click.option("--weights", help="imagenet, none, or a local .h5/.weights.h5/.keras file.  [model.weights]"),
+        click.option("--epochs", type=click.IntRange(min=0), help="Epochs of each phase.  [phases.*.epochs]"),
+        click.option("--batch-size", type=click.IntRange(min=1), help="Batch size.  [data.batch_size]"),
+        click.option("--image-size", type=click.IntRange(min=1), help="Input size in pixels.  [data.image_size]"),
+        click.option("--name", help="Run name: runs/<name>/ and saved_models/<name>/.  [name]"),
+        click.option("--precision", type=click.Choice(["auto", "float32", "mixed_float16", "mixed_bfloat16"]),
+                     help="Compute precision.  [runtime.precision]"),
+        click.option("--jit", type=click.Choice(["auto", "on", "off"]), help="XLA compilation.  [runtime.jit]"),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace an existing run of this name (the old one is kept aside)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _config_from_options(config_path: Path | None, overrides: tuple[str, ...], flags: dict[str, Any]) -> Any:
     from tftransfer.config import load_config
 
-    if resume_dir is not None:
-        given = [n for n, v in (("--config", config_path), ("--set", overrides), ("--backbone", backbone),
-                                ("--data", data), ("--weights", weights), ("--epochs", epochs),
-                                ("--batch-size", batch_size), ("--image-size", image_size), ("--name", name),
-                                ("--overwrite", overwrite), ("--precision", precision), ("--jit", jit)) if v]
-        if given:
-            raise click.UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
-        from tftransfer.train import run_fit
+    values = {key: value for flag, value in flags.items() if value is not None for key in _CONFIG_FLAGS[flag]}
+    return load_config(config_path, overrides=overrides, values=values)
 
-        _echo_fit_result(run_fit(None, resume=resume_dir, verbose=1 if progress else 0).metrics)
-        return
-    flags = {"model.backbone": backbone, "data.path": data, "model.weights": weights,
-             "phases.head.epochs": epochs, "phases.finetune.epochs": epochs, "data.batch_size": batch_size,
-             "data.image_size": image_size, "name": name, "runtime.precision": precision, "runtime.jit": jit}
-    cfg = load_config(config_path, overrides=overrides,
-                      values={k: v for k, v in flags.items() if v is not None})
+
+@main.command("fit")
+@_experiment_options
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Continue an interrupted run (runs/<name>) from its last finished epoch, with its own config.")
+@click.option("--lr-find", "lr_find", is_flag=True,
+              help="Run the learning-rate range test first and train with its suggested rates.")
+@click.option("--progress", is_flag=True, help="Show Keras progress bars.")
+@_user_errors
+def fit_command(config_path: Path | None, overrides: tuple[str, ...], overwrite: bool, resume_dir: Path | None,
+                lr_find: bool, progress: bool, **flags: Any) -> None:
+    """Fine-tune a backbone in two phases, evaluate it and export a SavedModel for TF Serving."""
     from tftransfer.train import run_fit
 
-    result = run_fit(cfg, overwrite=overwrite, verbose=1 if progress else 0)
-    _echo_fit_result(result.metrics)
+    verbose = 1 if progress else 0
+    if resume_dir is not None:
+        given = [f"--{n.replace('_', '-')}" for n, v in flags.items() if v is not None]
+        given += [n for n, v in (("--config", config_path), ("--set", overrides), ("--overwrite", overwrite),
+                                 ("--lr-find", lr_find)) if v]
+        if given:
+            raise click.UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
+        _echo_fit_result(run_fit(None, resume=resume_dir, verbose=verbose).metrics)
+        return
+    cfg = _config_from_options(config_path, overrides, flags)
+    if lr_find:
+        from tftransfer.lr_find import run_lr_find, with_suggestions
+
+        found = run_lr_find(cfg, overwrite=overwrite)
+        click.echo(f"lr-find: {found['suggested']} ({found['run_dir']})")
+        cfg = with_suggestions(cfg, found["suggested"])
+    _echo_fit_result(run_fit(cfg, overwrite=overwrite, verbose=verbose).metrics)
+
+
+@main.command("lr-find")
+@_experiment_options
+@click.option("--phase", "phases", type=click.Choice(["head", "finetune"]), multiple=True,
+              help="Phase(s) to test (default both).")
+@click.option("--steps", type=click.IntRange(min=10), default=100, show_default=True,
+              help="Optimizer steps of the exponential learning-rate ramp.")
+@click.option("--min-lr", type=click.FloatRange(min=0, min_open=True), default=1e-7, show_default=True)
+@click.option("--max-lr", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@_user_errors
+def lr_find_command(config_path: Path | None, overrides: tuple[str, ...], overwrite: bool, phases: tuple[str, ...],
+                    steps: int, min_lr: float, max_lr: float, **flags: Any) -> None:
+    """Learning-rate range test: loss against an exponentially growing rate, with a suggested rate per phase."""
+    if min_lr >= max_lr:
+        raise click.BadParameter("--min-lr must be below --max-lr")
+    from tftransfer.lr_find import run_lr_find
+
+    cfg = _config_from_options(config_path, overrides, flags)
+    found = run_lr_find(cfg, phases=phases or ("head", "finetune"), steps=steps, min_lr=min_lr, max_lr=max_lr,
+                        overwrite=overwrite)
+    for phase, lr in found["suggested"].items():
+        click.echo(f"{phase:<9} suggested learning rate: {lr:.2e}" if lr else f"{phase:<9} no suggestion")
+    click.echo(f"plots and lr_find.json: {found['run_dir']}")
 
 
 def _echo_fit_result(metrics: dict[str, Any]) -> None:

@@ -245,6 +245,7 @@ class FitPhasesResult:
 
     phases: list[PhaseResult] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    jit_compile: bool = False  # what was used in the end (False after a fallback)
 
 
 @dataclass
@@ -416,8 +417,22 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
             # The file pipeline drops undecodable files, so its length is unknown until the first pass ends;
             # Keras then warns that the input "ran out of data" although every epoch saw all of it.
             warnings.filterwarnings("ignore", message="Your input ran out of data")
-            inputs.model.fit(inputs.train, validation_data=inputs.val, initial_epoch=initial_epoch,
-                             epochs=epoch + phase.epochs, shuffle=False, callbacks=callbacks, verbose=verbose)
+            rows_before = len(recorder.rows)
+            try:
+                inputs.model.fit(inputs.train, validation_data=inputs.val, initial_epoch=initial_epoch,
+                                 epochs=epoch + phase.epochs, shuffle=False, callbacks=callbacks, verbose=verbose)
+            except tf.errors.OpError as exc:
+                # XLA cannot compile every op of every backbone; a failure before the first epoch finished has
+                # changed no weights, so the phase restarts without XLA instead of ending the run.
+                if not jit_compile or len(recorder.rows) != rows_before:
+                    raise
+                logger.warning("XLA compilation failed in phase %s (%s: %s); continuing without XLA", name,
+                               type(exc).__name__, str(exc).splitlines()[0][:200])
+                jit_compile = False
+                compile_for_phase(inputs.model, phase, inputs.steps_per_epoch, len(data.class_names), False)
+                inputs.model.fit(inputs.train, validation_data=inputs.val, initial_epoch=initial_epoch,
+                                 epochs=epoch + phase.epochs, shuffle=False, callbacks=callbacks, verbose=verbose)
+        result.jit_compile = jit_compile
         seconds = progress.seconds_before + time.perf_counter() - started
         if guard.bad_batch is not None:
             raise TrainingError(f"phase {name}: the loss became NaN/inf at batch {guard.bad_batch} of epoch "
@@ -489,6 +504,42 @@ def feature_cache_spec(cfg: ExperimentConfig, spec: backbones.BackboneSpec, imag
     return FeatureCacheSpec(parts, Path(cfg.runtime.cache_dir) if cfg.runtime.cache_dir else default_cache_dir())
 
 
+@dataclass
+class Experiment:
+    """A resolved config with its data, runtime choices and untrained model: what fit and lr-find start from."""
+
+    cfg: ExperimentConfig
+    spec: backbones.BackboneSpec
+    image_size: int
+    source: DataSource
+    info: RuntimeInfo
+    blocks: list[backbones.Block]
+    data: Datasets
+    model: keras.Model
+
+
+def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
+    """Resolves names and sizes, loads and checks the data, applies the runtime, builds the model.
+
+    Everything that can fail on bad input fails here, before any run directory exists.
+    """
+    spec = backbones.get_backbone_spec(cfg.model.backbone)
+    image_size = resolve_image_size(cfg, spec)
+    if not cfg.name:
+        cfg = replace(cfg, name=default_run_name(cfg))
+    cfg = replace(cfg, data=replace(cfg.data, image_size=image_size))
+    source = load_source(cfg.data.path, cfg.data.val_split, cfg.data.strict, cfg.data.tfds_data_dir)
+    info = configure_runtime(cfg.runtime)
+    weights = None if cfg.model.weights.lower() == "none" else cfg.model.weights
+    backbone = backbones.build_backbone(spec, image_size, weights, **cfg.model.backbone_kwargs)
+    blocks = backbones.blocks_for(spec, backbone)
+    logger.info("data: %d train / %d val examples, %d classes (%s)", len(source.train),
+                len(source.val) if source.val is not None else 0, len(source.class_names), source.split_method)
+    data = make_datasets(cfg.data, source, image_size, seed=cfg.runtime.seed)
+    model = build_model(cfg.model, spec, len(source.class_names), image_size, backbone=backbone)
+    return Experiment(cfg, spec, image_size, source, info, blocks, data, model)
+
+
 def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int = 0,
             resume: str | Path | None = None) -> FitResult:
     """The `tftransfer fit` job: data -> model -> two phases -> evaluation -> export -> run directory.
@@ -503,18 +554,10 @@ def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int 
     if resume is not None:
         cfg, checkpoint = _resume_point(Path(resume))
     assert cfg is not None
-    spec = backbones.get_backbone_spec(cfg.model.backbone)
-    image_size = resolve_image_size(cfg, spec)
-    if not cfg.name:
-        cfg = replace(cfg, name=default_run_name(cfg))
-    cfg = replace(cfg, data=replace(cfg.data, image_size=image_size))
-    # Everything that can fail on bad input fails before the run directory exists.
-    source: DataSource = load_source(cfg.data.path, cfg.data.val_split, cfg.data.strict,
-                                     cfg.data.tfds_data_dir)
-    info: RuntimeInfo = configure_runtime(cfg.runtime)
-    weights = None if cfg.model.weights.lower() == "none" else cfg.model.weights
-    backbone = backbones.build_backbone(spec, image_size, weights, **cfg.model.backbone_kwargs)
-    blocks = backbones.blocks_for(spec, backbone)
+    exp = prepare_experiment(cfg)
+    cfg, spec, source, info, blocks, data, model = (exp.cfg, exp.spec, exp.source, exp.info, exp.blocks, exp.data,
+                                                    exp.model)
+    image_size = exp.image_size
 
     if checkpoint is not None:
         run = RunDir(Path(resume))  # type: ignore[arg-type]
@@ -529,11 +572,6 @@ def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int 
         run.skipped.write_text("".join(f"{path}\t{why}\n" for path, why in source.skipped))
         logger.warning("skipped %d bad files; listed in %s", len(source.skipped), run.skipped)
     _tensorboard_hparams(run.logs, cfg)
-    logger.info("data: %d train / %d val examples, %d classes (%s)", len(source.train),
-                len(source.val) if source.val is not None else 0, len(source.class_names), source.split_method)
-
-    data = make_datasets(cfg.data, source, image_size, seed=cfg.runtime.seed)
-    model = build_model(cfg.model, spec, len(source.class_names), image_size, backbone=backbone)
     evaluate_val = None
     if data.val is not None:
         def evaluate_val(m: keras.Model) -> dict[str, Any]:
@@ -582,7 +620,7 @@ def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int 
                 "run_dir": str(run.path), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "tftransfer_version": tftransfer.__version__, "tensorflow_version": tf.__version__,
                 "keras_version": keras.__version__, "python_version": platform.python_version(),
-                "runtime": info.to_dict()},
+                "runtime": {**info.to_dict(), "jit_compile": fitted.jit_compile}},
         "phases": phase_entries,
         "final": {"val": final_val,
                   "eval_images_per_second": final_val.get("images_per_second") if final_val else None},
