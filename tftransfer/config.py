@@ -130,6 +130,11 @@ class RuntimeConfig:
                     choices=("auto", "on", "off"))
     deterministic: bool = _opt(False, "deterministic ops and data order (slower; for tests and debugging)")
     cache_dir: str = _opt("", "feature cache folder (default $TFTRANSFER_CACHE or ~/.cache/tftransfer)")
+    strategy: str = _opt("auto", "tf.distribute strategy; auto = mirrored over several GPUs, else default "
+                                 "(multiworker is refused: Keras 3's fit does not support it)",
+                         choices=("auto", "default", "mirrored", "multiworker", "tpu"))
+    cpu_replicas: int = _opt(0, "split the CPU into this many logical devices (to try mirrored training "
+                                "without GPUs); 0 = no split", min=0)
 
 
 @dataclass(frozen=True)

@@ -37,14 +37,16 @@ def predict_dataset(model: keras.Model, dataset: tf.data.Dataset) -> tuple[np.nd
 
     Returns `(y_true, probs)`: int64 labels of shape [N] and float32 softmax probabilities of shape [N, C].
     """
+    from tftransfer.model import build_inference_fn
+
+    infer = build_inference_fn(model)
     labels: list[np.ndarray] = []
     logits: list[np.ndarray] = []
     for element in dataset:
         if not isinstance(element, (tuple, list)) or len(element) < 2:
             raise ValueError("dataset must yield (pixels, labels) batches; got a single tensor per element")
         x, y = element[0], element[1]
-        # predict_on_batch reuses Keras' compiled predict step (inference mode) instead of an eager call per batch.
-        batch_logits = np.asarray(model.predict_on_batch(x))
+        batch_logits = np.asarray(infer(x))
         batch_labels = np.asarray(y)
         if batch_labels.ndim == 2 and batch_labels.shape[1] == 1:
             batch_labels = batch_labels[:, 0]

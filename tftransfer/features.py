@@ -23,6 +23,7 @@ import tensorflow as tf
 
 import tftransfer
 from tftransfer.data.sources import Split
+from tftransfer.model import build_inference_fn
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +99,9 @@ def extract_features(extractor: keras.Model, dataset: Iterable, total: int | Non
     """Runs the extractor over a batched (pixels, labels) dataset; logs progress for long passes."""
     feats, labels, seen = [], [], 0
     started = last = time.perf_counter()
+    infer = build_inference_fn(extractor)
     for x, y in dataset:
-        feats.append(np.asarray(extractor.predict_on_batch(x), dtype=np.float32))
+        feats.append(np.asarray(infer(x), dtype=np.float32))
         labels.append(y.numpy())
         seen += len(labels[-1])
         now = time.perf_counter()

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import keras
+import numpy as np
+import tensorflow as tf
 
 from tftransfer.backbones import BackboneSpec, build_backbone
 from tftransfer.config import ModelConfig
@@ -42,6 +46,20 @@ def build_model(cfg: ModelConfig, spec: BackboneSpec, num_classes: int, image_si
 def get_backbone(model: keras.Model) -> keras.Model:
     """The keras.applications model inside a model made by build_model."""
     return model.get_layer(BACKBONE_LAYER).backbone
+
+
+def build_inference_fn(model: keras.Model) -> Callable[[Any], np.ndarray]:
+    """A compiled inference-mode call returning numpy, usable under every tf.distribute strategy.
+
+    Keras' predict_on_batch is not: under MirroredStrategy it returns one output per replica for the whole
+    batch (twice the rows with 2 replicas), so evaluation and feature extraction go through this instead.
+    """
+
+    @tf.function(reduce_retracing=True)
+    def infer(x):
+        return model(x, training=False)
+
+    return lambda x: infer(tf.convert_to_tensor(x)).numpy()
 
 
 def count_params(weights: list) -> int:

@@ -1,14 +1,24 @@
-"""configure_runtime(): seeds, precision policy and XLA, decided once per process from the hardware."""
+"""configure_runtime(): seeds, precision policy, XLA and the distribution strategy, decided once per process.
+
+Batch size under a strategy: `data.batch_size` is the GLOBAL batch, split evenly over the replicas (Keras
+distributes the tf.data pipeline). The learning rate is not scaled automatically: when you multiply the global
+batch by k (more replicas at the same per-replica batch), the linear scaling rule (Goyal et al. 2017) suggests
+multiplying the learning rate by k too, with a warmup (phases.*.warmup_epochs).
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import keras
 import tensorflow as tf
 
 from tftransfer.config import RuntimeConfig
+from tftransfer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +33,17 @@ class RuntimeInfo:
     jit_compile: bool
     seed: int
     deterministic: bool
+    strategy: str = "default"
+    replicas: int = 1
+    distribution: Any = field(default=None, repr=False, compare=False)  # the tf.distribute.Strategy
 
     def to_dict(self) -> dict:  # noqa: D102
-        return asdict(self)
+        # Not dataclasses.asdict: it would deep-copy the strategy, which TensorFlow forbids.
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "distribution"}
+
+    def scope(self) -> Any:
+        """The strategy's scope: build and compile models inside it."""
+        return (self.distribution or tf.distribute.get_strategy()).scope()
 
 
 def _gpu_compute_capability() -> tuple[int, int] | None:
@@ -52,8 +70,68 @@ def resolve_jit(requested: str, has_gpu: bool) -> bool:
     return requested == "on"
 
 
+def resolve_strategy(requested: str, gpus: int) -> str:
+    """auto -> multiworker under TF_CONFIG, a TPU when TPU_NAME is set, mirrored over local GPUs, else default."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("TF_CONFIG"):
+        return "multiworker"
+    if os.environ.get("TPU_NAME"):
+        return "tpu"
+    return "mirrored" if gpus > 1 else "default"
+
+
+def _mirrored() -> tf.distribute.Strategy:
+    # All local GPUs; without GPUs, every logical CPU device (runtime.cpu_replicas splits the CPU into several).
+    gpus = tf.config.list_logical_devices("GPU")
+    devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+    return tf.distribute.MirroredStrategy(devices=devices)
+
+
+def _tpu() -> tf.distribute.Strategy:
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=os.environ.get("TPU_NAME", ""))
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def _multiworker() -> tf.distribute.Strategy:
+    # Checked on Keras 3.15.1 / TF 2.21 with 2 local workers: Model.fit under MultiWorkerMirroredStrategy fails
+    # with "Attempt to convert a value (PerReplica...)"; upstream keras-team/keras#20585, tensorflow#72388.
+    raise ConfigError("runtime.strategy=multiworker: Keras 3's Model.fit does not work with TensorFlow's "
+                      "MultiWorkerMirroredStrategy (keras-team/keras#20585, still open in Keras "
+                      f"{keras.__version__}); train on one machine with runtime.strategy=mirrored (all local GPUs)"
+                      + ("; TF_CONFIG is set, which makes strategy=auto choose multiworker: unset it or set "
+                         "runtime.strategy" if os.environ.get("TF_CONFIG") else ""))
+
+
+STRATEGIES: dict[str, Callable[[], tf.distribute.Strategy]] = {
+    "default": tf.distribute.get_strategy,
+    "mirrored": _mirrored,
+    "multiworker": _multiworker,
+    "tpu": _tpu,
+}
+
+
+def _split_cpu(replicas: int) -> None:
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * replicas)
+    except RuntimeError:  # already initialised: keep what is there
+        logger.warning("runtime.cpu_replicas=%d ignored: TensorFlow's devices were already initialised", replicas)
+
+
 def configure_runtime(cfg: RuntimeConfig) -> RuntimeInfo:
-    """Applies seeds, the global dtype policy and determinism; returns what was chosen."""
+    """Applies the strategy, seeds, the global dtype policy and determinism; returns what was chosen.
+
+    Call it before any other TensorFlow work: logical CPU devices and multi-worker collectives can only be set up
+    while the runtime is fresh.
+    """
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    if cfg.cpu_replicas > 1 and not gpus:
+        _split_cpu(cfg.cpu_replicas)
+    strategy_name = resolve_strategy(cfg.strategy, gpus)
+    distribution = STRATEGIES[strategy_name]()
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -61,8 +139,8 @@ def configure_runtime(cfg: RuntimeConfig) -> RuntimeInfo:
     precision = resolve_precision(cfg.precision, capability)
     keras.mixed_precision.set_global_policy(precision)
     jit = resolve_jit(cfg.jit, capability is not None)
-    gpus = len(tf.config.list_physical_devices("GPU"))
     info = RuntimeInfo(device="gpu" if gpus else "cpu", gpus=gpus, precision=precision, jit_compile=jit,
-                       seed=cfg.seed, deterministic=cfg.deterministic)
+                       seed=cfg.seed, deterministic=cfg.deterministic, strategy=strategy_name,
+                       replicas=distribution.num_replicas_in_sync, distribution=distribution)
     logger.info("runtime: %s", info)
     return info

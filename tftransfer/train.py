@@ -528,15 +528,16 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
     if not cfg.name:
         cfg = replace(cfg, name=default_run_name(cfg))
     cfg = replace(cfg, data=replace(cfg.data, image_size=image_size))
+    info = configure_runtime(cfg.runtime)  # first: strategies need a fresh TensorFlow runtime
     source = load_source(cfg.data.path, cfg.data.val_split, cfg.data.strict, cfg.data.tfds_data_dir)
-    info = configure_runtime(cfg.runtime)
     weights = None if cfg.model.weights.lower() == "none" else cfg.model.weights
-    backbone = backbones.build_backbone(spec, image_size, weights, **cfg.model.backbone_kwargs)
-    blocks = backbones.blocks_for(spec, backbone)
+    with info.scope():
+        backbone = backbones.build_backbone(spec, image_size, weights, **cfg.model.backbone_kwargs)
+        blocks = backbones.blocks_for(spec, backbone)
+        model = build_model(cfg.model, spec, len(source.class_names), image_size, backbone=backbone)
     logger.info("data: %d train / %d val examples, %d classes (%s)", len(source.train),
                 len(source.val) if source.val is not None else 0, len(source.class_names), source.split_method)
     data = make_datasets(cfg.data, source, image_size, seed=cfg.runtime.seed)
-    model = build_model(cfg.model, spec, len(source.class_names), image_size, backbone=backbone)
     return Experiment(cfg, spec, image_size, source, info, blocks, data, model)
 
 
@@ -583,9 +584,10 @@ def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int 
         keras.utils.set_random_seed(cfg.runtime.seed + checkpoint.state.epoch)
         logger.info("resuming %s from %s (%d epochs done)", run.path, checkpoint.path.name, checkpoint.state.epoch)
     try:
-        fitted = fit_phases(model, cfg, data, blocks, run=run, jit_compile=info.jit_compile, verbose=verbose,
-                            evaluate_phase=evaluate_val, feature_cache=feature_cache_spec(cfg, spec, image_size),
-                            resume=checkpoint)
+        with info.scope():
+            fitted = fit_phases(model, cfg, data, blocks, run=run, jit_compile=info.jit_compile, verbose=verbose,
+                                evaluate_phase=evaluate_val, feature_cache=feature_cache_spec(cfg, spec, image_size),
+                                resume=checkpoint)
     except KeyboardInterrupt:
         raise TrainingError(f"interrupted. Every finished epoch is checkpointed in {run.checkpoints}; continue with: "
                             f"tftransfer fit --resume {run.path}") from None
