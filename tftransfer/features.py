@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,12 +94,12 @@ class FeatureSet:
     path: Path | None
 
 
-def extract_features(extractor: keras.Model, dataset: Iterable, total: int | None = None,
-                     what: str = "") -> tuple[np.ndarray, np.ndarray]:
-    """Runs the extractor over a batched (pixels, labels) dataset; logs progress for long passes."""
+def extract_features(extractor: keras.Model | Callable[[Any], np.ndarray], dataset: Iterable,
+                     total: int | None = None, what: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Runs the extractor (a model, or a build_inference_fn of one) over (pixels, labels) batches."""
+    infer = build_inference_fn(extractor) if isinstance(extractor, keras.Model) else extractor
     feats, labels, seen = [], [], 0
     started = last = time.perf_counter()
-    infer = build_inference_fn(extractor)
     for x, y in dataset:
         feats.append(np.asarray(infer(x), dtype=np.float32))
         labels.append(y.numpy())
@@ -110,12 +110,12 @@ def extract_features(extractor: keras.Model, dataset: Iterable, total: int | Non
                         seen / (now - started))
             last = now
     if not feats:
-        return np.zeros((0, extractor.output.shape[-1]), np.float32), np.zeros((0,), np.int64)
+        return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
     return np.concatenate(feats), np.concatenate(labels).astype(np.int64)
 
 
-def cached_features(extractor: keras.Model, views: Sequence[Iterable], split: Split, key_parts: dict[str, Any],
-                    cache_dir: Path | None, what: str = "train") -> FeatureSet:
+def cached_features(extractor: keras.Model | Callable[[Any], np.ndarray], views: Sequence[Iterable], split: Split,
+                    key_parts: dict[str, Any], cache_dir: Path | None, what: str = "train") -> FeatureSet:
     """Features of `split`, one pass per view dataset, read from or written to the disk cache."""
     path = None
     if cache_dir is not None:

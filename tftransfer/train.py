@@ -45,7 +45,7 @@ from tftransfer.features import (
     file_hash,
 )
 from tftransfer.freezing import FreezeReport, freeze_backbone, unfreeze_top_blocks
-from tftransfer.model import build_model
+from tftransfer.model import build_inference_fn, build_model
 from tftransfer.runtime import RuntimeInfo, configure_runtime
 from tftransfer.workdir import RunDir, create_run_dir, write_json
 
@@ -270,7 +270,7 @@ class FeatureCacheSpec:
 def _head_on_features(model: keras.Model, head: HeadConfig, data: Datasets, cache: FeatureCacheSpec,
                       seed: int) -> PhaseInputs:
     """Phase 1 on cached pooled features: the frozen backbone runs once per image view, not once per epoch."""
-    extractor = build_feature_extractor(model)
+    extractor = build_inference_fn(build_feature_extractor(model))  # traced once for every view and split
     views = head.feature_cache_views if data.augmenter is not None else 1
     if data.augmenter is not None and views == 1:
         logger.info("phase head trains on cached features of un-augmented images "
