@@ -12,11 +12,18 @@ import pytest
 import tensorflow as tf
 from sklearn.metrics import balanced_accuracy_score
 
+from tftransfer.errors import DataError
 from tftransfer.evaluate import (
+    align_classes,
+    apply_temperature,
+    calibration_metrics,
     classification_metrics,
+    confident_mistakes,
     evaluate_model,
+    fit_temperature,
     predict_dataset,
     reliability_curve,
+    select_split,
     stable_softmax,
 )
 
@@ -237,3 +244,93 @@ def test_evaluate_model_adds_timing():
     assert m["seconds"] > 0 and m["images_per_second"] > 0
     assert m["top_k_accuracy"]["k"] == 3
     json.dumps(m)
+
+
+# --- temperature scaling, mistakes, class alignment, splits ----------------------------------------------------
+
+
+def _softmax64(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_fit_temperature_recovers_the_temperature_labels_were_drawn_with():
+    # Labels drawn from softmax(z / 2.5): the model's softmax(z) is over-confident by exactly T = 2.5.
+    rng = np.random.default_rng(0)
+    z = rng.normal(scale=4.0, size=(20000, 4))
+    true_probs = _softmax64(z / 2.5)
+    y = (rng.random((len(z), 1)) > np.cumsum(true_probs, axis=1)).sum(axis=1)
+    probs = _softmax64(z)
+
+    temperature = fit_temperature(y, probs)
+    assert temperature == pytest.approx(2.5, rel=0.05)
+    calibration = calibration_metrics(y, probs, temperature)
+    assert calibration["after"]["log_loss"] < calibration["before"]["log_loss"]
+    assert calibration["after"]["ece"] < calibration["before"]["ece"] / 3
+    assert calibration["after"]["mean_confidence"] < calibration["before"]["mean_confidence"]
+    # An under-confident model gets T < 1.
+    assert fit_temperature(y, _softmax64(z / 5.0)) == pytest.approx(2.5 / 5.0, rel=0.05)
+
+
+def test_apply_temperature_divides_the_logits_and_keeps_the_argmax():
+    rng = np.random.default_rng(1)
+    z = rng.normal(scale=3.0, size=(50, 5))
+    scaled = apply_temperature(_softmax64(z), 1.7)
+    np.testing.assert_allclose(scaled, _softmax64(z / 1.7), atol=1e-6)
+    np.testing.assert_array_equal(scaled.argmax(axis=1), z.argmax(axis=1))
+    with pytest.raises(ValueError, match="positive"):
+        apply_temperature(_softmax64(z), 0.0)
+
+
+def test_fit_temperature_never_makes_nll_worse():
+    # Already calibrated labels (drawn from the model's own probabilities): T stays near 1 and NLL does not rise.
+    rng = np.random.default_rng(2)
+    probs = _softmax64(rng.normal(scale=2.0, size=(3000, 3)))
+    y = (rng.random((len(probs), 1)) > np.cumsum(probs, axis=1)).sum(axis=1)
+    temperature = fit_temperature(y, probs)
+    assert temperature == pytest.approx(1.0, abs=0.1)
+    calibration = calibration_metrics(y, probs, temperature)
+    assert calibration["after"]["log_loss"] <= calibration["before"]["log_loss"] + 1e-12
+
+
+def test_confident_mistakes_are_sorted_and_name_their_files():
+    files = [f"img_{i}.jpg" for i in range(len(Y_TRUE))]
+    mistakes = confident_mistakes(Y_TRUE, PROBS, files, NAMES, n=2)
+    # Wrong: #2 (.5, pred bee), #5 (.6, pred wasp), #7 (.6, pred ant); equal confidences keep data order.
+    assert [m["file"] for m in mistakes] == ["img_5.jpg", "img_7.jpg"]
+    assert mistakes[0] == {"file": "img_5.jpg", "true": "bee", "predicted": "wasp", "confidence": pytest.approx(0.6),
+                           "true_class_probability": pytest.approx(0.3)}
+    assert len(confident_mistakes(Y_TRUE, PROBS, files, NAMES, n=10)) == 3
+    assert confident_mistakes(Y_TRUE, PROBS, files, NAMES, n=0) == []
+    with pytest.raises(ValueError, match="file names"):
+        confident_mistakes(Y_TRUE, PROBS, files[:3], NAMES)
+
+
+def test_align_classes_maps_by_name_and_lists_both_sets_on_mismatch():
+    # A data set with only some of the model's classes is allowed; its ids map to the model's by name.
+    np.testing.assert_array_equal(align_classes(["ant", "bee", "wasp"], ["wasp", "ant"], "d"), [2, 0])
+    with pytest.raises(DataError) as raised:
+        align_classes(["ant", "bee"], ["ant", "fly"], "target/")
+    message = str(raised.value)
+    assert "target/" in message and "['ant', 'fly']" in message and "['ant', 'bee']" in message
+    assert "not known to the model: ['fly']" in message
+
+
+def test_select_split_choices(tmp_path):
+    from conftest import make_colour_folder
+
+    from tftransfer.data.sources import load_source
+
+    folders = load_source(str(make_colour_folder(tmp_path / "split", per_class=6, splits=True)), 0.0)
+    examples, name = select_split(folders, "auto")
+    assert name == "val" and len(examples) == 3 * 2
+    assert select_split(folders, "all")[0].paths == folders.train.paths + folders.val.paths
+    assert select_split(folders, "train")[1] == "train"
+    with pytest.raises(DataError, match="no test examples"):
+        select_split(folders, "test")
+    flat = load_source(str(make_colour_folder(tmp_path / "flat", per_class=4)), 0.0)
+    examples, name = select_split(flat, "auto")
+    assert name == "all" and len(examples) == 12
+    with pytest.raises(DataError, match="unknown split"):
+        select_split(flat, "holdout")

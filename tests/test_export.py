@@ -27,6 +27,7 @@ from tftransfer.export import (
     next_version,
     predict_exported_bytes,
     predict_exported_pixels,
+    signature_defs_text,
     signature_summary,
 )
 from tftransfer.layers import Preprocess
@@ -324,7 +325,8 @@ def test_fresh_process_serves_a_jpeg_file(loaded, version_dir: Path, tmp_path: P
 def _string_constants(graph_def) -> list[list[str]]:
     nodes = list(graph_def.node) + [node for function in graph_def.library.function for node in function.node_def]
     return [
-        [value.decode("utf-8") for value in tf.make_ndarray(node.attr["value"].tensor).reshape(-1)]
+        # errors="replace": the decode graph also holds binary constants (the JPEG marker b"\xff\xd8").
+        [value.decode("utf-8", errors="replace") for value in tf.make_ndarray(node.attr["value"].tensor).reshape(-1)]
         for node in nodes
         if node.op == "Const" and node.attr["dtype"].type == tf.string.as_datatype_enum
     ]
@@ -372,3 +374,51 @@ def test_missing_signature_raises_run_dir_error(tmp_path: Path) -> None:
     with pytest.raises(RunDirError, match="predict_pixels") as raised:
         load_exported(tmp_path / "1")
     assert str(tmp_path / "1") in str(raised.value)
+
+
+# --- explicit versions, the signature listing, the fresh-process parity check -----------------------------------
+
+
+def test_explicit_version_never_overwrites_and_a_file_is_no_export_folder(model: keras.Model, tmp_path: Path) -> None:
+    model_dir = tmp_path / "tiny"
+    assert export_saved_model(model, model_dir, CLASS_NAMES, IMAGE_SIZE, version=3) == model_dir / "3"
+    with pytest.raises(RunDirError, match="already exists") as raised:
+        export_saved_model(model, model_dir, CLASS_NAMES, IMAGE_SIZE, version=3)
+    assert "(4)" in str(raised.value)  # names the version a plain export would write
+    assert export_saved_model(model, model_dir, CLASS_NAMES, IMAGE_SIZE) == model_dir / "4"
+    a_file = tmp_path / "file"
+    a_file.write_text("not a folder")
+    with pytest.raises(RunDirError, match="not a folder"):
+        export_saved_model(model, a_file, CLASS_NAMES, IMAGE_SIZE)
+    assert sorted(p.name for p in model_dir.iterdir()) == ["3", "4"]
+
+
+def test_signature_listing_is_what_saved_model_cli_shows(version_dir: Path) -> None:
+    cli = Path(sys.executable).with_name("saved_model_cli")
+    if not cli.is_file():
+        pytest.skip("saved_model_cli is not installed next to this Python")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    shown = subprocess.run([str(cli), "show", "--dir", str(version_dir), "--all"], capture_output=True, text=True,
+                           env=env, timeout=300, check=True).stdout
+    listing = signature_defs_text(version_dir)
+    assert listing in shown
+    assert "signature_def['serving_default']" in listing and "signature_def['predict_pixels']" in listing
+    assert "dtype: DT_STRING" in listing and "Method name is: tensorflow/serving/predict" in listing
+
+
+def test_fresh_process_parity_catches_a_model_that_differs(
+    model: keras.Model, version_dir: Path, encoded_images: list[bytes]
+) -> None:
+    other = keras.models.clone_model(model)
+    other.set_weights([w + 0.5 for w in model.get_weights()])
+    pixels = np.random.default_rng(3).uniform(0, 255, (4, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+
+    parity = export.check_parity_fresh_process(other, version_dir, pixels, encoded_images, tolerance=1e-4)
+
+    assert parity["fresh_process"] and not parity["ok"]
+    assert parity["max_abs_diff"] > 1e-3
+    assert parity["predict_pixels"]["images"] == 4 and parity["serving_default"]["images"] == len(encoded_images)
+    assert parity["serving_default"]["max_abs_diff"] > 1e-3  # the bytes path was compared too
+    assert parity["tftransfer_layers_imported"] is False  # the export runs on TensorFlow alone
+    assert parity["signatures_text"] == signature_defs_text(version_dir)
+    assert set(parity["signatures"]) >= set(export.SIGNATURES)

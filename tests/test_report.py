@@ -11,8 +11,11 @@ from tftransfer.report import (
     plot_confusion_matrix,
     plot_history,
     plot_reliability_diagram,
+    render_evaluation_markdown,
     render_summary_markdown,
+    write_evaluation_summary,
     write_summary,
+    write_tensorboard_images,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -238,3 +241,58 @@ def test_plot_history_with_phase_boundary(tmp_path: Path):
     _png_size(plot_history({"loss": [1.0, 0.5]}, tmp_path / "history_min.png"))
     with pytest.raises(ValueError, match="empty"):
         plot_history({}, tmp_path / "none.png")
+
+
+# --- evaluation summaries and TensorBoard images ---------------------------------------------------------------
+
+EVALUATION = {
+    "schema_version": 1,
+    "kind": "evaluation",
+    "created": "2026-11-24T04:00:00Z",
+    "model": {"path": "runs/ants_bees", "kind": "run", "name": "ants_bees", "class_names": ["ants", "bees"],
+              "image_size": 224},
+    "data": {"spec": "photos/", "name": "photos", "split": "val", "split_method": "folders", "num_examples": 153,
+             "skipped_files": [{"file": "val/ants/x.gif", "reason": "not an image | really"}]},
+    "metrics": _val(0.9412, 0.9376),
+    "calibration": {"temperature": 1.734, "fitted_on": "validation split of run runs/ants_bees", "fit_examples": 153,
+                    "in_sample": True, "before": {"ece": 0.0812, "log_loss": 0.3011, "mean_confidence": 0.97},
+                    "after": {"ece": 0.0213, "log_loss": 0.2104, "mean_confidence": 0.91}},
+    "timing": {"batch_size": 32, "seconds": 2.0, "images_per_second": 76.5,
+               "latency": {"batch_size": 1, "runs": 20, "p50_ms": 12.34, "p95_ms": 15.67, "mean_ms": 12.9}},
+    "mistakes": [{"file": "val/bees/b1.jpg", "true": "bees", "predicted": "ants", "confidence": 0.987,
+                  "true_class_probability": 0.013}],
+}
+
+
+def test_render_evaluation_markdown():
+    md = render_evaluation_markdown(EVALUATION)
+    assert md.startswith("# Evaluation: ants_bees on photos (val)\n")
+    for text in ["| Accuracy | 94.1% |", "| ECE | 0.0812 | 0.0213 |",
+                 "Temperature **1.734**", "optimistic", "| Log loss (NLL) | 0.3011 | 0.2104 |",
+                 "76.5 images/s", "12.34 ms", "15.67 ms",
+                 "| 1 | val/bees/b1.jpg | bees | ants | 98.7% | 1.3% |",
+                 "not an image \\| really",  # a '|' in a reason must not split the table cell
+                 "**ants** | **70** | 5"]:
+        assert text in md, text
+
+
+def test_render_evaluation_markdown_survives_missing_parts():
+    md = render_evaluation_markdown({"model": {"path": "m"}, "mistakes": [], "calibration": None})
+    assert "No metrics." in md and "Temperature scaling was not run." in md and "No mistakes." in md
+    assert render_evaluation_markdown({}).startswith("# Evaluation:")
+
+
+def test_evaluation_summary_links_plots_and_tensorboard_images(tmp_path: Path):
+    import tensorflow as tf
+
+    png = plot_confusion_matrix([[3, 1], [0, 4]], ["a", "b"], tmp_path / "confusion_matrix.png")
+    summary = write_evaluation_summary(EVALUATION, tmp_path).read_text()
+    assert "![Confusion matrix](confusion_matrix.png)" in summary
+    assert "reliability.png" not in summary  # only plots that exist are linked
+
+    log_dir = write_tensorboard_images(tmp_path / "logs", {"confusion_matrix.png": png}, scalars={"ece": 0.05})
+    values = [value for events in log_dir.glob("events.out.tfevents.*")
+              for event in tf.compat.v1.train.summary_iterator(str(events)) for value in event.summary.value]
+    assert {value.tag for value in values} == {"confusion_matrix", "ece"}
+    image = next(value for value in values if value.tag == "confusion_matrix")
+    assert tf.make_ndarray(image.tensor)[2].startswith(PNG_SIGNATURE)  # [width, height, encoded PNG]

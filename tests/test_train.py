@@ -167,3 +167,32 @@ def test_xla_failure_falls_back_without_xla(monkeypatch):
     result = fit_phases(model, cfg, data, blocks, jit_compile=True)
     assert requested == [True, False, False]  # one failed XLA attempt, then both phases without XLA
     assert result.jit_compile is False and len(result.history) == 2
+
+
+def test_class_weight_auto_reaches_fit(monkeypatch):
+    seen = []
+    real_fit = keras.Model.fit
+
+    def spy_fit(self, *args, **kwargs):
+        seen.append(kwargs.get("class_weight"))
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", spy_fit)
+    rng = np.random.default_rng(1)
+    labels = np.array([0] * 30 + [1] * 10)  # 3:1 imbalance
+    source = load_arrays(rng.integers(0, 255, (40, 32, 32, 3), dtype=np.uint8), labels, ["a", "b"], "imb",
+                         val_split=0.0)
+    cfg = load_config(overrides=["phases.head.epochs=1", "phases.finetune.epochs=0", "data.class_weight=auto"])
+    data = make_datasets(cfg.data, source, image_size=32, seed=0)
+    model, blocks = _tiny_model(num_classes=2)
+    fit_phases(model, cfg, data, blocks)
+    weights = seen[0]
+    assert weights[1] / weights[0] == pytest.approx(3.0)  # the rare class weighs 3x
+
+
+def test_default_run_name_is_a_safe_folder_name():
+    from tftransfer.train import default_run_name
+
+    cfg = load_config(overrides=["data.path=data/office.csv#domain=webcam", "model.backbone=resnet50"])
+    assert default_run_name(cfg) == "resnet50_office.csv_domain_webcam"
+    assert default_run_name(load_config(overrides=["data.path=builtin:digits"])) == "mobilenetv2_digits"

@@ -88,7 +88,8 @@ _CONFIG_FLAGS = {  # flag name -> the config key(s) it sets
     "backbone": ("model.backbone",), "data": ("data.path",), "weights": ("model.weights",),
     "epochs": ("phases.head.epochs", "phases.finetune.epochs"), "batch_size": ("data.batch_size",),
     "image_size": ("data.image_size",), "name": ("name",), "precision": ("runtime.precision",),
-    "jit": ("runtime.jit",),
+    "jit": ("runtime.jit",), "val_split": ("data.val_split",), "test_split": ("data.test_split",),
+    "class_weight": ("data.class_weight",), "strict_data": ("data.strict",),
 }
 
 
@@ -109,6 +110,14 @@ def _experiment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--precision", type=click.Choice(["auto", "float32", "mixed_float16", "mixed_bfloat16"]),
                      help="Compute precision.  [runtime.precision]"),
         click.option("--jit", type=click.Choice(["auto", "on", "off"]), help="XLA compilation.  [runtime.jit]"),
+        click.option("--val-split", type=click.FloatRange(0, 0.9),
+                     help="Validation fraction when the data has no val/ folder.  [data.val_split]"),
+        click.option("--test-split", type=click.FloatRange(0, 0.9),
+                     help="Test fraction when the data has no test/ folder.  [data.test_split]"),
+        click.option("--class-weight", type=click.Choice(["none", "auto"]),
+                     help="auto = weight the loss by inverse class frequency.  [data.class_weight]"),
+        click.option("--strict-data", is_flag=True, default=None,
+                     help="Any unreadable or non-image file is an error, before training.  [data.strict]"),
         click.option("--overwrite", is_flag=True,
                      help="Replace an existing run of this name (the old one is kept aside)."),
     ]
@@ -156,6 +165,14 @@ def fit_command(config_path: Path | None, overrides: tuple[str, ...], overwrite:
     _echo_fit_result(run_fit(cfg, overwrite=overwrite, verbose=verbose).metrics)
 
 
+def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    """'1,3,5' -> (1, 3, 5); an empty string -> ()."""
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
 @main.command("lr-find")
 @_experiment_options
 @click.option("--phase", "phases", type=click.Choice(["head", "finetune"]), multiple=True,
@@ -180,6 +197,142 @@ def lr_find_command(config_path: Path | None, overrides: tuple[str, ...], overwr
     click.echo(f"plots and lr_find.json: {found['run_dir']}")
 
 
+# Mirrors of library registries (tftransfer.evaluate.SPLIT_SELECTORS, tftransfer.tflite.TFLITE_MODES) so --help
+# needs no TensorFlow import; tests/test_evaluate_cli.py keeps them equal.
+SPLIT_CHOICES = ("auto", "all", "train", "val", "test")
+TFLITE_CHOICES = ("float32", "float16", "dynamic", "int8")
+
+
+@main.command("evaluate")
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.option("--data", required=True,
+              help="Image folder, CSV/JSONL manifest, .npz, tfds:<name> or builtin:<name>.")
+@click.option("--split", type=click.Choice(SPLIT_CHOICES), default="auto", show_default=True,
+              help="auto: the data's own test split, else its own val split (val/ folder), else all examples.")
+@click.option("--val-split", type=click.FloatRange(0, 1, max_open=True),
+              help="Hash split fraction for --split val/train on data without a val folder (default: the run's).")
+@click.option("--test-split", type=click.FloatRange(0, 1, max_open=True),
+              help="Hash split fraction for --split test on data without a test folder (default: the run's).")
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (default: RUN/eval/<data>-<split>, or evaluations/<name>-v<version>/...).")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier evaluation in the output folder.")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="k of top-k accuracy.")
+@click.option("--mistakes", type=click.IntRange(min=0), default=10, show_default=True,
+              help="How many of the most confident mistakes to list.")
+@click.option("--temperature/--no-temperature", default=True, show_default=True,
+              help="Fit temperature scaling on validation data and report ECE/NLL before and after.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--image-size", type=click.IntRange(min=1),
+              help="Input size, only for a SavedModel without model_card.json.")
+@click.option("--tfds-data-dir", default="", help="TFDS data_dir for tfds:<name> data.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar over the data.")
+@_user_errors
+def evaluate_command(model: Path, data: str, split: str, val_split: float | None, test_split: float | None,
+                     output: Path | None, overwrite: bool, top_k: int, mistakes: int, temperature: bool,
+                     batch_size: int, image_size: int | None, tfds_data_dir: str, progress: bool) -> None:
+    """Evaluate MODEL (a run directory or an exported SavedModel) on DATA: metrics.json, summary.md, plots."""
+    from tftransfer.evaluate import run_evaluation
+
+    result = run_evaluation(model, data, split=split, output=output, overwrite=overwrite, val_split=val_split,
+                            test_split=test_split, top_k=top_k, mistakes=mistakes, temperature=temperature,
+                            batch_size=batch_size, image_size=image_size, tfds_data_dir=tfds_data_dir,
+                            progress=progress)
+    _echo_evaluation(result.metrics, result.output_dir)
+
+
+def _echo_evaluation(result: dict[str, Any], out: Path) -> None:
+    m, data, timing = result["metrics"], result["data"], result["timing"]
+    click.echo(f"\n{result['model']['name']} on {data['spec']} ({data['split']}, {m['num_examples']} images)")
+    click.echo(f"accuracy {m['accuracy']:.4f}  balanced {m['balanced_accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}"
+               f"  top-{m['top_k_accuracy']['k']} {m['top_k_accuracy']['value']:.4f}")
+    line = f"log loss {m['log_loss']:.4f}  ECE {m['ece']:.4f}"
+    calibration = result.get("calibration")
+    if calibration:
+        after = calibration["after"]
+        line += (f"  ->  temperature {calibration['temperature']:.3f}: log loss {after['log_loss']:.4f}  "
+                 f"ECE {after['ece']:.4f}{'  (in-sample)' if calibration['in_sample'] else ''}")
+    click.echo(line)
+    latency = timing["latency"]
+    if timing.get("images_per_second") and latency.get("p50_ms") is not None:
+        click.echo(f"{timing['images_per_second']:.1f} images/s (batch {timing['batch_size']}); latency p50 "
+                   f"{latency['p50_ms']:.2f} ms, p95 {latency['p95_ms']:.2f} ms (batch 1)")
+    if result["mistakes"]:
+        click.echo("most confident mistakes:")
+        for item in result["mistakes"][:5]:
+            click.echo(f"  {item['confidence']:.3f} {item['predicted']} (true {item['true']}): {item['file']}")
+    click.echo(f"summary: {out / 'summary.md'}")
+
+
+@main.command("export")
+@click.argument("run_dir", metavar="RUN", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--tflite", type=click.Choice(TFLITE_CHOICES),
+              help="Also write model_<mode>.tflite; int8 calibrates on training images.")
+@click.option("--to", "model_dir", type=click.Path(path_type=Path),
+              help="Model folder to write versions into (default: <export.dir>/<name> of the run's config).")
+@click.option("--version", type=click.IntRange(min=1),
+              help="Write exactly this version (an existing one is an error; default: the next free number).")
+@click.option("--top-k", type=click.IntRange(min=1), help="Classes per image in the outputs (default: the run's).")
+@_user_errors
+def export_command(run_dir: Path, tflite: str | None, model_dir: Path | None, version: int | None,
+                   top_k: int | None) -> None:
+    """Export a finished RUN as the next SavedModel version, check it in a fresh process, optionally TFLite."""
+    from tftransfer.export import export_run
+
+    result = export_run(run_dir, model_dir=model_dir, version=version, tflite=tflite, top_k=top_k)
+    parity = result.parity
+    status = "OK" if parity["ok"] else "FAILED"
+    click.echo(f"\nexported: {result.version_dir}")
+    click.echo(f"parity in a fresh process on {parity['data']}: max abs probability difference "
+               f"{parity['max_abs_diff']:.1e} (tolerance {parity['tolerance']:.0e}): {status}")
+    click.echo(result.signatures_text, nl=False)
+    lite = result.tflite
+    if lite:
+        line = f"\ntflite {lite['mode']}: {lite['file']}  {lite['size_bytes']:,} bytes " \
+               f"(SavedModel {lite['saved_model_size_bytes']:,})"
+        comparison = lite.get("comparison")
+        if comparison:
+            line += (f"\n  validation accuracy {comparison['accuracy']:.4f} vs SavedModel "
+                     f"{comparison['reference_accuracy']:.4f} (delta {comparison['accuracy_delta']:+.4f}, top-1 "
+                     f"agreement {comparison['top1_agreement']:.1%}, max abs diff {comparison['max_abs_diff']:.1e})")
+        click.echo(line)
+    click.echo(f"model card: {result.version_dir / 'model_card.json'}")
+    if not parity["ok"]:
+        raise click.ClickException(f"the export {result.version_dir} disagrees with the run's model.keras; do not "
+                                   "serve it before finding out why")
+
+
+@main.command("predict")
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.argument("images", nargs=-1, required=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+              help="Write CSV here ('-' for stdout) instead of the table.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+              help="Write JSON here ('-' for stdout) instead of the table.")
+@click.option("--image-size", type=click.IntRange(min=1),
+              help="Input size, only for a SavedModel without model_card.json.")
+@click.option("--min-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Skip images narrower or shorter than this many pixels.")
+@_user_errors
+def predict_command(model: Path, images: tuple[str, ...], top_k: int, batch_size: int, csv_path: Path | None,
+                    json_path: Path | None, image_size: int | None, min_size: int) -> None:
+    """Classify IMAGES (files, folders, globs) with MODEL (a run directory or an exported SavedModel)."""
+    from tftransfer.predict import FORMATS, predict_files
+
+    result = predict_files(model, images, top_k=top_k, batch_size=batch_size, min_side=min_size,
+                           image_size=image_size)
+    outputs = [(fmt, path) for fmt, path in (("csv", csv_path), ("json", json_path)) if path is not None]
+    for fmt, path in outputs or [("table", Path("-"))]:
+        text = FORMATS[fmt](result)
+        if str(path) == "-":
+            click.echo(text, nl=False)
+        else:
+            path.write_text(text, encoding="utf-8")
+            click.echo(f"wrote {path}", err=True)
+    click.echo(f"{len(result.predictions)} images classified, {len(result.skipped)} skipped", err=True)
+
+
 def _echo_fit_result(metrics: dict[str, Any]) -> None:
     run = metrics["run"]
     click.echo(f"\nrun: {run['run_dir']}")
@@ -195,6 +348,38 @@ def _echo_fit_result(metrics: dict[str, Any]) -> None:
         status = "OK" if export["parity_ok"] else "FAILED"
         click.echo(f"exported: {export['path']}  (parity max abs diff {export['parity_max_abs_diff']:.1e}: {status})")
     click.echo(f"summary: {Path(run['run_dir']) / 'summary.md'}   tensorboard --logdir {Path(run['run_dir']).parent}")
+
+
+@main.group("data")
+def data_group() -> None:
+    """Look at a data set before training on it."""
+
+
+@data_group.command("inspect")
+@click.argument("data")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the full report as JSON to this file.")
+@click.option("--val-split", type=click.FloatRange(0.0, 0.9), help="As data.val_split (default from the config).")
+@click.option("--test-split", type=click.FloatRange(0.0, 0.9), help="As data.test_split.")
+@click.option("--stratify/--no-stratify", default=None, help="As data.stratify.")
+@click.option("--tfds-data-dir", default="", help="As data.tfds_data_dir.")
+@click.option("--near-bits", type=click.IntRange(0, 128),
+              help="Bits (of a 256-bit dHash) two images may differ by to count as near-duplicates (default 24; "
+                   "0 = identical hash).")
+@_user_errors
+def inspect_command(data: str, json_path: Path | None, val_split: float | None, test_split: float | None,
+                    stratify: bool | None, tfds_data_dir: str, near_bits: int | None) -> None:
+    """Classes and counts per split, imbalance, image sizes, bad files, duplicates and leakage across splits.
+
+    DATA is anything --data takes: an image folder, a .csv/.jsonl manifest, an .npz, tfds:NAME or builtin:NAME.
+    """
+    from tftransfer.data.inspect import format_report, inspect_data
+
+    report = inspect_data(data, val_split=val_split, test_split=test_split, stratify=stratify,
+                          tfds_data_dir=tfds_data_dir, near_duplicate_bits=near_bits, json_path=json_path)
+    click.echo(format_report(report), nl=False)
+    if json_path is not None:
+        click.echo(f"report: {json_path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

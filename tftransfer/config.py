@@ -34,27 +34,38 @@ def _opt(default: Any, help: str, *, min: float | None = None, max: float | None
 class AugmentConfig:
     """Training-time augmentation, applied to training batches only."""
 
+    preset: str = _opt("custom", "custom = the keys below; none = no augmentation; light = flip, small rotation, "
+                                 "zoom, shift, brightness, contrast; randaugment = flip + RandAugment (2 random ops)",
+                       choices=("custom", "none", "light", "randaugment"))
     flip: bool = _opt(True, "random horizontal flips")
     rotation: float = _opt(0.0, "max random rotation as a fraction of a full turn", min=0.0, max=0.5)
     zoom: float = _opt(0.0, "max random zoom in/out as a fraction of the size", min=0.0, max=0.9)
     translation: float = _opt(0.0, "max random shift as a fraction of the size", min=0.0, max=0.5)
     contrast: float = _opt(0.0, "max random contrast change factor", min=0.0, max=1.0)
+    brightness: float = _opt(0.0, "max random brightness change as a fraction of the 0-255 range", min=0.0, max=1.0)
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where the images come from and how they are batched."""
 
-    path: str = _opt("", "an image folder (class subfolders, optionally train/ and val/ inside), "
+    path: str = _opt("", "an image folder (class subfolders, optionally train/ val/ test/ inside), a .csv/.jsonl "
+                         "manifest (path,label[,split][,domain]; #domain=NAME selects rows), an .npz (x, y), "
                          "tfds:<name> or builtin:digits")
     tfds_data_dir: str = _opt("", "TFDS data_dir holding already-downloaded data sets (default ~/tensorflow_datasets)")
     val_split: float = _opt(0.2, "fraction held out for validation when the data has no val/ folder",
                             min=0.0, max=0.9)
+    test_split: float = _opt(0.0, "fraction held out for testing when the data has no test/ folder (hash-based, "
+                                  "like val_split)", min=0.0, max=0.9)
+    stratify: bool = _opt(False, "give every class its exact val/test share (hash order within each class)")
     batch_size: int = _opt(32, "images per batch", min=1)
     image_size: int = _opt(0, "square input size in pixels; 0 = the backbone's default", min=0)
-    cache: str = _opt("memory", "cache decoded, resized images", choices=("memory", "none"))
+    cache: str = _opt("memory", "cache decoded, resized images: memory, none, or a folder for tf.data cache files "
+                                "(data larger than RAM)")
     shuffle_buffer: int = _opt(2048, "shuffle buffer size (examples)", min=1)
     strict: bool = _opt(False, "treat any unreadable or non-image file as an error instead of skipping it")
+    class_weight: str = _opt("none", "auto = weight the loss by inverse class frequency", choices=("none", "auto"))
+    balanced_sampling: bool = _opt(False, "draw training examples with equal probability per class")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

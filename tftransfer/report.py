@@ -211,12 +211,9 @@ def _confusion_lines(cm: Any, class_names: Sequence[str]) -> list[str]:
     ]
 
 
-def _final_section(metrics: Mapping[str, Any]) -> list[str]:
-    final = _mapping(metrics.get("final"))
-    val = final.get("val")
-    lines = ["## Final validation", ""]
-    if not isinstance(val, Mapping):
-        return [*lines, "No validation data: final metrics are not available.", ""]
+def _classification_lines(val: Mapping[str, Any], fallback_names: Sequence[str],
+                          extra_rows: Sequence[Sequence[str]] = ()) -> list[str]:
+    """Metric table, per-class table and confusion matrix of one `evaluate.classification_metrics` dict."""
     top_k = _mapping(val.get("top_k_accuracy"))
     k = top_k.get("k")
     rows = [
@@ -228,10 +225,9 @@ def _final_section(metrics: Mapping[str, Any]) -> list[str]:
         ["Log loss", _num(val.get("log_loss"), 4)],
         ["ECE (expected calibration error)", _num(val.get("ece"), 4)],
         ["Mean confidence", _pct(val.get("mean_confidence"))],
+        *[list(row) for row in extra_rows],
     ]
-    if final.get("eval_images_per_second") is not None:
-        rows.append(["Evaluation images/s", _rate(final.get("eval_images_per_second"))])
-    lines += [*_table(["Metric", "Value"], rows, ["---", "---:"]), ""]
+    lines = [*_table(["Metric", "Value"], rows, ["---", "---:"]), ""]
 
     per_class = _mapping(val.get("per_class"))
     if per_class:
@@ -255,9 +251,22 @@ def _final_section(metrics: Mapping[str, Any]) -> list[str]:
             ),
             "",
         ]
-    names = val.get("class_names") or _mapping(metrics.get("run")).get("class_names") or list(per_class)
+    names = val.get("class_names") or list(fallback_names) or list(per_class)
     lines += _confusion_lines(val.get("confusion_matrix"), [str(n) for n in names])
     return lines
+
+
+def _final_section(metrics: Mapping[str, Any]) -> list[str]:
+    final = _mapping(metrics.get("final"))
+    val = final.get("val")
+    lines = ["## Final validation", ""]
+    if not isinstance(val, Mapping):
+        return [*lines, "No validation data: final metrics are not available.", ""]
+    extra = []
+    if final.get("eval_images_per_second") is not None:
+        extra.append(["Evaluation images/s", _rate(final.get("eval_images_per_second"))])
+    names = _mapping(metrics.get("run")).get("class_names") or []
+    return [*lines, *_classification_lines(val, names, extra)]
 
 
 def _export_section(metrics: Mapping[str, Any]) -> list[str]:
@@ -328,6 +337,146 @@ def write_summary(metrics: Mapping[str, Any], run_dir: Path) -> Path:
     path.write_text(render_summary_markdown(metrics, run_dir=run_dir), encoding="utf-8")
     logger.info("wrote %s", path)
     return path
+
+
+# --- evaluation summaries ----------------------------------------------------------------------------------
+
+
+def _evaluation_setup(result: Mapping[str, Any]) -> list[str]:
+    model = _mapping(result.get("model"))
+    data = _mapping(result.get("data"))
+    names = model.get("class_names") if isinstance(model.get("class_names"), list) else []
+    size = model.get("image_size")
+    skipped = data.get("skipped_files")
+    rows = [
+        ["Model", f"{_text(model.get('path'))} ({_text(model.get('kind'))})"],
+        ["Input size", f"{_int(size)} x {_int(size)}" if _is_number(size) else _NA],
+        ["Classes", f"{len(names)}: " + ", ".join(_text(n) for n in names) if names else _NA],
+        ["Data", _text(data.get("spec"))],
+        ["Split", f"{_text(data.get('split'))} ({_text(data.get('split_method'))})"],
+        ["Examples evaluated", _int(data.get("num_examples"))],
+        ["Files skipped when listing", _int(len(skipped)) if isinstance(skipped, list) else _NA],
+        ["Created", _text(result.get("created"))],
+    ]
+    return ["## Model and data", "", *_table(["Item", "Value"], rows), ""]
+
+
+def _calibration_section(result: Mapping[str, Any]) -> list[str]:
+    calibration = result.get("calibration")
+    lines = ["## Calibration: temperature scaling", ""]
+    if not isinstance(calibration, Mapping):
+        return [*lines, "Temperature scaling was not run.", ""]
+    before, after = _mapping(calibration.get("before")), _mapping(calibration.get("after"))
+    rows = [
+        ["ECE", _num(before.get("ece"), 4), _num(after.get("ece"), 4)],
+        ["Log loss (NLL)", _num(before.get("log_loss"), 4), _num(after.get("log_loss"), 4)],
+        ["Mean confidence", _pct(before.get("mean_confidence")), _pct(after.get("mean_confidence"))],
+    ]
+    temperature = calibration.get("temperature")
+    lines += [
+        f"Temperature **{_num(temperature)}** fitted on {_text(calibration.get('fitted_on'))} "
+        f"({_int(calibration.get('fit_examples'))} examples). Dividing the logits by it changes confidences, "
+        "never the predicted class, so accuracy is the same before and after.",
+        "",
+        *_table(["Metric", "Before", "After"], rows, ["---", "---:", "---:"]),
+        "",
+    ]
+    if calibration.get("in_sample"):
+        lines += ["The temperature was fitted on the evaluated examples themselves, so the 'after' figures are "
+                  "optimistic.", ""]
+    return lines
+
+
+def _speed_section(result: Mapping[str, Any]) -> list[str]:
+    timing = _mapping(result.get("timing"))
+    latency = _mapping(timing.get("latency"))
+    rows = [
+        [f"Throughput, batches of {_int(timing.get('batch_size'))} (decode + resize + model)",
+         f"{_rate(timing.get('images_per_second'))} images/s"],
+        ["Latency per image, batch 1: median", f"{_num(latency.get('p50_ms'), 2)} ms"],
+        ["Latency per image, batch 1: 95th percentile", f"{_num(latency.get('p95_ms'), 2)} ms"],
+        ["Latency per image, batch 1: mean",
+         f"{_num(latency.get('mean_ms'), 2)} ms ({_int(latency.get('runs'))} runs)"],
+    ]
+    return ["## Speed", "", *_table(["Measure", "Value"], rows, ["---", "---:"]), ""]
+
+
+def _mistakes_section(result: Mapping[str, Any]) -> list[str]:
+    mistakes = [m for m in result.get("mistakes") or [] if isinstance(m, Mapping)]
+    lines = ["## Most confident mistakes", ""]
+    if not mistakes:
+        return [*lines, "No mistakes." if result.get("mistakes") == [] else "Not listed.", ""]
+    rows = [
+        [str(i + 1), _text(m.get("file")), _text(m.get("true")), _text(m.get("predicted")),
+         _pct(m.get("confidence")), _pct(m.get("true_class_probability"))]
+        for i, m in enumerate(mistakes)
+    ]
+    header = ["#", "File", "True", "Predicted", "Confidence", "P(true class)"]
+    return [*lines, *_table(header, rows, ["---:", "---", "---", "---", "---:", "---:"]), ""]
+
+
+def _skipped_section(result: Mapping[str, Any]) -> list[str]:
+    skipped = [s for s in _mapping(result.get("data")).get("skipped_files") or [] if isinstance(s, Mapping)]
+    if not skipped:
+        return []
+    rows = [[_text(s.get("file")), _text(s.get("reason"))] for s in skipped]
+    return ["## Skipped files", "", *_table(["File", "Reason"], rows), ""]
+
+
+def render_evaluation_markdown(result: Mapping[str, Any], *, out_dir: Path | None = None) -> str:
+    """Renders an evaluation's metrics.json dict (see docs/metrics_schema.md) as Markdown.
+
+    Like `render_summary_markdown`, missing parts render as a sentence; plots in `out_dir` are linked.
+    """
+    result = _mapping(result)
+    model = _mapping(result.get("model"))
+    data = _mapping(result.get("data"))
+    title = f"# Evaluation: {_text(model.get('name') or model.get('path'))} on {_text(data.get('name'))}"
+    lines = [title + (f" ({_text(data.get('split'))})" if data.get("split") else ""), ""]
+    lines += _evaluation_setup(result)
+    metrics = result.get("metrics")
+    lines += ["## Metrics", ""]
+    if isinstance(metrics, Mapping):
+        names = model.get("class_names") if isinstance(model.get("class_names"), list) else []
+        lines += _classification_lines(metrics, names)
+    else:
+        lines += ["No metrics.", ""]
+    lines += _calibration_section(result)
+    lines += _speed_section(result)
+    lines += _mistakes_section(result)
+    lines += _skipped_section(result)
+    lines += _plots_section(out_dir)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def write_evaluation_summary(result: Mapping[str, Any], out_dir: Path) -> Path:
+    """Writes out_dir/summary.md for an evaluation (linking plots already in out_dir) and returns its path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / SUMMARY_FILE
+    path.write_text(render_evaluation_markdown(result, out_dir=out_dir), encoding="utf-8")
+    logger.info("wrote %s", path)
+    return path
+
+
+def write_tensorboard_images(log_dir: Path, images: Mapping[str, Path], step: int = 0,
+                             scalars: Mapping[str, float] | None = None) -> Path:
+    """Logs PNG files as TensorBoard images (tag = file stem) and optional scalars to an event file in log_dir."""
+    import tensorflow as tf  # only here: the rest of this module needs no TensorFlow
+
+    log_dir = Path(log_dir)
+    writer = tf.summary.create_file_writer(str(log_dir))
+    with writer.as_default():
+        for name, path in images.items():
+            pixels = tf.io.decode_png(Path(path).read_bytes(), channels=4)
+            tf.summary.image(Path(name).stem, pixels[None], step=step)
+        for name, value in (scalars or {}).items():
+            if _is_number(value) and math.isfinite(value):
+                tf.summary.scalar(name, float(value), step=step)
+    writer.flush()
+    writer.close()
+    logger.info("wrote TensorBoard images %s to %s", sorted(Path(n).stem for n in images), log_dir)
+    return log_dir
 
 
 # --- plots -------------------------------------------------------------------------------------------------

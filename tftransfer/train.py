@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import platform
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -33,8 +34,9 @@ from tftransfer.config import (
     flatten,
     save_config,
 )
+from tftransfer.data.balance import class_weight_for
 from tftransfer.data.pipeline import Datasets, make_datasets, take_pixels
-from tftransfer.data.sources import DataSource, load_source
+from tftransfer.data.sources import DataSource, source_from_config
 from tftransfer.errors import RunDirError, TfTransferError
 from tftransfer.features import (
     build_feature_extractor,
@@ -363,6 +365,10 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
         recorder.rows = list(resume.state.history)
         finished = {d["name"]: d for d in resume.state.completed}
     result = FitPhasesResult()
+    class_weight = class_weight_for(cfg.data, data.source.train.labels, len(data.class_names))
+    if class_weight:
+        logger.info("class weights (inverse frequency): %s",
+                    ", ".join(f"{data.class_names[i]} {w:.2f}" for i, w in class_weight.items()))
     epoch = 0
     plan: list[tuple[str, PhaseConfig, Callable[[], FreezeReport]]] = [
         ("head", head, lambda: freeze_backbone(model)),
@@ -420,7 +426,8 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
             rows_before = len(recorder.rows)
             try:
                 inputs.model.fit(inputs.train, validation_data=inputs.val, initial_epoch=initial_epoch,
-                                 epochs=epoch + phase.epochs, shuffle=False, callbacks=callbacks, verbose=verbose)
+                                 epochs=epoch + phase.epochs, shuffle=False, callbacks=callbacks, verbose=verbose,
+                                 class_weight=class_weight)
             except tf.errors.OpError as exc:
                 # XLA cannot compile every op of every backbone; a failure before the first epoch finished has
                 # changed no weights, so the phase restarts without XLA instead of ending the run.
@@ -431,7 +438,8 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
                 jit_compile = False
                 compile_for_phase(inputs.model, phase, inputs.steps_per_epoch, len(data.class_names), False)
                 inputs.model.fit(inputs.train, validation_data=inputs.val, initial_epoch=initial_epoch,
-                                 epochs=epoch + phase.epochs, shuffle=False, callbacks=callbacks, verbose=verbose)
+                                 epochs=epoch + phase.epochs, shuffle=False, callbacks=callbacks, verbose=verbose,
+                                 class_weight=class_weight)
         result.jit_compile = jit_compile
         seconds = progress.seconds_before + time.perf_counter() - started
         if guard.bad_batch is not None:
@@ -471,7 +479,8 @@ class FitResult:
 def default_run_name(cfg: ExperimentConfig) -> str:
     """<backbone>_<data name>, e.g. mobilenetv2_hymenoptera."""
     data = cfg.data.path.rstrip("/").split(":")[-1]
-    return f"{cfg.model.backbone}_{Path(data).name or 'data'}".replace(" ", "_")
+    # "office.csv#domain=webcam" -> "office.csv_domain_webcam": a name that is safe as a folder name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{cfg.model.backbone}_{Path(data).name or 'data'}")
 
 
 def resolve_image_size(cfg: ExperimentConfig, spec: backbones.BackboneSpec) -> int:
@@ -529,7 +538,7 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
         cfg = replace(cfg, name=default_run_name(cfg))
     cfg = replace(cfg, data=replace(cfg.data, image_size=image_size))
     info = configure_runtime(cfg.runtime)  # first: strategies need a fresh TensorFlow runtime
-    source = load_source(cfg.data.path, cfg.data.val_split, cfg.data.strict, cfg.data.tfds_data_dir)
+    source = source_from_config(cfg.data)
     weights = None if cfg.model.weights.lower() == "none" else cfg.model.weights
     with info.scope():
         backbone = backbones.build_backbone(spec, image_size, weights, **cfg.model.backbone_kwargs)
@@ -603,7 +612,8 @@ def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int 
     export_dir = None
     if cfg.export.enabled:
         export_dir = export.export_saved_model(model, Path(cfg.export.dir) / cfg.name, source.class_names,
-                                               image_size, top_k=cfg.export.top_k)
+                                               image_size, top_k=cfg.export.top_k,
+                                               model_card=export.build_model_card(run.path, val_metrics=final_val))
         parity_data = data.val if data.val is not None else data.train
         diff = export.check_parity(model, export_dir, take_pixels(parity_data, 256))
         export_entry = {"path": str(export_dir), "version": int(export_dir.name), "parity_max_abs_diff": diff,

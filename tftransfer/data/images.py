@@ -1,7 +1,14 @@
 """Image decoding and resizing shared by the training pipeline and the exported serving graph.
 
-Both sides must resize the same way, or an exported model sees slightly different pixels than the model that
-was validated; keeping one function here is what makes the export parity check meaningful.
+Both sides must decode and resize the same way, or an exported model sees slightly different pixels than the
+model that was validated; keeping one function here is what makes the export parity check meaningful.
+
+What `decode_image` guarantees, for JPEG, PNG, GIF (first frame), BMP and still WebP bytes (TF 2.21 decodes all
+of them; an animated WebP is an InvalidArgument error, and the file listing skips such files): 3 channels (grey is
+repeated, alpha is dropped without compositing, palettes are expanded), values in [0, 255] (16-bit PNGs are scaled
+down to 8 bits), and JPEG EXIF orientation applied. The orientation is read from the bytes with TensorFlow string
+ops rather than Pillow, so the same graph runs in tf.data, in the SavedModel and in TF Serving: a phone photo
+stored sideways is seen upright in training and in serving alike. PNG/WebP EXIF chunks are rare and not read.
 """
 
 from __future__ import annotations
@@ -12,13 +19,73 @@ import tensorflow as tf
 RESIZE_METHOD = "bilinear"
 RESIZE_ANTIALIAS = True
 
+# The EXIF APP1 segment is limited to 64 KiB and sits right after the JPEG start marker.
+_EXIF_SCAN_BYTES = 65536
+_EXIF_MAX_ENTRIES = 64  # IFD0 entries read; cameras write about 10-20, Orientation among the first
+_ORIENTATION_TAG = 0x0112
+
+
+def _read_bytes(data: tf.Tensor, pos: tf.Tensor, length: int) -> tf.Tensor:
+    """`length` bytes of `data` from `pos` as int32, zero-padded past the end (never an out-of-range error)."""
+    pos = tf.clip_by_value(tf.cast(pos, tf.int32), 0, tf.strings.length(data))
+    raw = tf.io.decode_raw(tf.strings.substr(data, pos, length), tf.uint8, fixed_length=length)
+    return tf.cast(raw, tf.int32)
+
+
+def exif_orientation(encoded: tf.Tensor) -> tf.Tensor:
+    """EXIF orientation (1-8) of JPEG bytes as an int32 scalar; 1 when the bytes are not a JPEG or have none."""
+    head = tf.strings.substr(encoded, 0, _EXIF_SCAN_BYTES)
+    is_jpeg = tf.equal(tf.strings.substr(head, 0, 2), b"\xff\xd8")
+    parts = tf.strings.split(head, sep="Exif\x00\x00", maxsplit=1)
+    found = tf.size(parts) == 2
+    tiff = tf.strings.length(parts[0]) + 6  # start of the TIFF header; IFD offsets count from here
+    header = _read_bytes(head, tiff, 8)
+    little = tf.logical_and(tf.equal(header[0], 0x49), tf.equal(header[1], 0x49))  # "II", else "MM"
+    big = tf.logical_and(tf.equal(header[0], 0x4D), tf.equal(header[1], 0x4D))
+
+    def u16(lo_first: tf.Tensor, hi_first: tf.Tensor) -> tf.Tensor:
+        return tf.where(little, lo_first + 256 * hi_first, 256 * lo_first + hi_first)
+
+    def u32(b: tf.Tensor) -> tf.Tensor:
+        return tf.where(little, b[0] + 256 * (b[1] + 256 * (b[2] + 256 * b[3])),
+                        b[3] + 256 * (b[2] + 256 * (b[1] + 256 * b[0])))
+
+    magic_ok = tf.equal(u16(header[2], header[3]), 42)
+    ifd = tiff + tf.clip_by_value(u32(header[4:8]), 0, _EXIF_SCAN_BYTES)
+    count = u16(*tf.unstack(_read_bytes(head, ifd, 2)))
+    entries = tf.reshape(_read_bytes(head, ifd + 2, 12 * _EXIF_MAX_ENTRIES), [_EXIF_MAX_ENTRIES, 12])
+    tags = u16(entries[:, 0], entries[:, 1])
+    values = u16(entries[:, 8], entries[:, 9])  # SHORT values sit left-aligned in the 4-byte value field
+    hit = tf.logical_and(tf.equal(tags, _ORIENTATION_TAG), tf.range(_EXIF_MAX_ENTRIES) < count)
+    value = tf.reduce_max(tf.where(hit, values, 0))
+    valid = tf.reduce_all(tf.stack([is_jpeg, found, tf.logical_or(little, big), magic_ok,
+                                    value >= 1, value <= 8]))
+    return tf.where(valid, value, 1)
+
+
+def apply_orientation(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
+    """Turns a [H, W, C] image stored with EXIF `orientation` (1-8) upright (what Pillow's exif_transpose does)."""
+    transpose = lambda: tf.transpose(image, [1, 0, 2])  # noqa: E731
+    branches = [
+        lambda: image,                                        # 1: upright
+        lambda: tf.reverse(image, [1]),                       # 2: mirrored
+        lambda: tf.reverse(image, [0, 1]),                    # 3: upside down
+        lambda: tf.reverse(image, [0]),                       # 4: mirrored upside down
+        transpose,                                            # 5: transposed
+        lambda: tf.reverse(transpose(), [1]),                 # 6: stored 90 deg counter-clockwise
+        lambda: tf.reverse(transpose(), [0, 1]),              # 7: transverse
+        lambda: tf.reverse(transpose(), [0]),                 # 8: stored 90 deg clockwise
+    ]
+    return tf.switch_case(tf.clip_by_value(orientation, 1, 8) - 1, branches)
+
 
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
-    """Decodes JPEG/PNG/GIF (first frame)/BMP bytes to a float32 [H, W, 3] tensor in [0, 255].
+    """Decodes JPEG/PNG/GIF (first frame)/BMP/WebP bytes to an upright float32 [H, W, 3] tensor in [0, 255].
 
-    Grey and RGBA images come out as 3 channels; 16-bit PNGs are scaled down to the 8-bit range.
+    Grey, RGBA and palette images come out as 3 channels; 16-bit PNGs are scaled down to the 8-bit range.
     """
     image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
+    image = apply_orientation(image, exif_orientation(encoded))
     image.set_shape([None, None, 3])
     return tf.cast(image, tf.float32)
 

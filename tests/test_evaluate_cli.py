@@ -1,0 +1,210 @@
+"""`tftransfer evaluate` and `tftransfer export` end to end through the CLI, on a run fitted once per module."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+from conftest import COLOURS, make_colour_folder, write_solid_images
+
+from tftransfer import cli
+from tftransfer.cli import main
+
+FAST_FIT = ["--backbone", "tiny", "--weights", "none", "--image-size", "32", "--batch-size", "8",
+            "--set", "phases.head.epochs=8", "--set", "phases.head.learning_rate=0.05",
+            "--set", "phases.finetune.epochs=1", "--set", "phases.finetune.learning_rate=0.001",
+            "--set", "phases.finetune.warmup_epochs=0", "--set", "runtime.deterministic=true"]
+
+EVALUATION_KEYS = {"schema_version", "kind", "created", "model", "data", "metrics", "calibration", "timing",
+                   "mistakes", "versions"}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("evaluate_cli")
+    data = make_colour_folder(root / "colours", per_class=12, splits=True)
+    args = ["fit", "--data", str(data), "--name", "colours", "--set", f"runs_dir={root / 'runs'}",
+            "--set", f"export.dir={root / 'saved_models'}", "--set", f"runtime.cache_dir={root / 'cache'}",
+            *FAST_FIT]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return {"root": root, "data": data, "run": root / "runs" / "colours",
+            "export": root / "saved_models" / "colours" / "1"}
+
+
+def _invoke(*args: str) -> object:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _event_tags(log_dir: Path) -> set[str]:
+    tags = set()
+    for events in log_dir.rglob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(events)):
+            tags.update(value.tag for value in event.summary.value)
+    return tags
+
+
+def test_evaluate_a_run_directory_on_its_validation_folder(fitted):
+    result = _invoke("evaluate", fitted["run"], "--data", fitted["data"], "--no-progress")
+    assert result.exit_code == 0, result.output
+    out = fitted["run"] / "eval" / "colours-val"
+    metrics = json.loads((out / "metrics.json").read_text())
+
+    assert set(metrics) == EVALUATION_KEYS and metrics["kind"] == "evaluation" and metrics["schema_version"] == 1
+    assert metrics["model"]["kind"] == "run" and metrics["data"]["split"] == "val"
+    assert metrics["data"]["num_examples"] == 3 * 4
+    assert metrics["metrics"]["accuracy"] >= 0.9
+    assert len(metrics["metrics"]["confusion_matrix"]) == 3
+    calibration = metrics["calibration"]
+    assert calibration["in_sample"] is True and calibration["temperature"] > 0  # the run's val split is the data
+    assert calibration["before"]["ece"] == pytest.approx(metrics["metrics"]["ece"])
+    timing = metrics["timing"]
+    assert timing["images_per_second"] > 0 and 0 < timing["latency"]["p50_ms"] <= timing["latency"]["p95_ms"]
+    for name in ("summary.md", "confusion_matrix.png", "reliability.png"):
+        assert (out / name).is_file(), name
+    summary = (out / "summary.md").read_text()
+    for heading in ("## Metrics", "## Calibration: temperature scaling", "## Speed", "## Most confident mistakes",
+                    "![Confusion matrix](confusion_matrix.png)"):
+        assert heading in summary
+    # The plots are TensorBoard images in the run's logs, next to its training curves.
+    assert {"confusion_matrix", "reliability", "accuracy"} <= _event_tags(fitted["run"] / "logs" / "eval")
+    assert "accuracy" in result.output and "summary:" in result.output
+
+    again = _invoke("evaluate", fitted["run"], "--data", fitted["data"], "--no-progress")
+    assert again.exit_code == 1 and "--overwrite" in again.output
+    replaced = _invoke("evaluate", fitted["run"], "--data", fitted["data"], "--no-progress", "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+
+
+def test_evaluate_an_export_lists_the_most_confident_mistakes(fitted, tmp_path):
+    # Every folder holds the right colour except "cyan", which holds magenta images: 4 confident mistakes.
+    data = tmp_path / "target"
+    for index, (name, colour) in enumerate(COLOURS.items()):
+        write_solid_images(data / name, COLOURS["magenta"] if name == "cyan" else colour, 4, seed=50 + index)
+    out = tmp_path / "evaluation"
+    result = _invoke("evaluate", fitted["export"], "--data", data, "--output", out, "--mistakes", "3",
+                     "--no-progress")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+
+    assert metrics["model"]["kind"] == "saved_model" and metrics["data"]["split"] == "all"
+    assert metrics["metrics"]["num_examples"] == 12
+    assert metrics["metrics"]["per_class"]["cyan"]["recall"] == 0.0
+    mistakes = metrics["mistakes"]
+    assert len(mistakes) == 3
+    assert all(m["true"] == "cyan" and m["predicted"] == "magenta" for m in mistakes)
+    assert all(Path(m["file"]).is_file() and Path(m["file"]).parent.name == "cyan" for m in mistakes)
+    confidences = [m["confidence"] for m in mistakes]
+    assert confidences == sorted(confidences, reverse=True)
+    assert Path(mistakes[0]["file"]).name in (out / "summary.md").read_text()
+    assert "most confident mistakes" in result.output
+
+
+def test_evaluate_refuses_data_whose_classes_differ(fitted, tmp_path):
+    data = tmp_path / "other"
+    for index, name in enumerate(("cyan", "magenta", "purple")):
+        write_solid_images(data / name, (128, 0, 128), 2, seed=index)
+    result = _invoke("evaluate", fitted["run"], "--data", data, "--output", tmp_path / "out")
+    assert result.exit_code == 1
+    assert "differ from the model's" in result.output and "purple" in result.output and "yellow" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_and_export_refuse_unusable_models(fitted, tmp_path):
+    unfinished = tmp_path / "runs" / "unfinished"
+    unfinished.mkdir(parents=True)
+    for name in ("config.yaml", "labels.txt", "split.json"):
+        shutil.copy(fitted["run"] / name, unfinished / name)
+    for command in (["evaluate", unfinished, "--data", fitted["data"]], ["export", unfinished]):
+        result = _invoke(*command)
+        assert result.exit_code == 1 and "no finished model" in result.output, result.output
+
+    # An export whose predict_pixels signature is gone.
+    module = tf.Module()
+    module.serve = tf.function(lambda images: {"n": tf.size(images)},
+                               input_signature=[tf.TensorSpec([None], tf.string)])
+    tf.saved_model.save(module, str(tmp_path / "partial" / "1"), signatures={"serving_default": module.serve})
+    result = _invoke("evaluate", tmp_path / "partial" / "1", "--data", fitted["data"])
+    assert result.exit_code == 1 and "no 'predict_pixels' signature" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_choices_mirror_the_library_registries():
+    from tftransfer.evaluate import SPLIT_CHOICES
+    from tftransfer.tflite import TFLITE_MODES
+
+    assert cli.SPLIT_CHOICES == SPLIT_CHOICES
+    assert cli.TFLITE_CHOICES == tuple(TFLITE_MODES)
+
+
+def test_export_command_writes_next_version_card_and_int8_tflite(fitted):
+    model_dir = fitted["export"].parent
+    result = _invoke("export", fitted["run"], "--tflite", "int8")
+    assert result.exit_code == 0, result.output
+    version_dir = model_dir / "2"
+    assert f"exported: {version_dir}" in result.output
+    assert "parity in a fresh process" in result.output and ": OK" in result.output
+    assert "signature_def['serving_default']" in result.output and "inputs['images']" in result.output
+    assert "tflite int8" in result.output
+
+    card = json.loads((version_dir / "model_card.json").read_text())
+    split = json.loads((fitted["run"] / "split.json").read_text())
+    assert card["training_data"]["fingerprint"] == split["fingerprint"]
+    assert card["backbone"]["name"] == "tiny" and card["input"]["image_size"] == 32
+    assert card["validation_metrics"]["accuracy"] >= 0.9
+    parity = card["export"]["parity"]
+    assert parity["ok"] and parity["fresh_process"] and parity["max_abs_diff"] <= 1e-4
+    assert parity["serving_default"]["images"] == 3 * 4  # real validation JPEGs through the bytes signature
+    lite = card["tflite"]
+    assert (version_dir / "model_int8.tflite").stat().st_size == lite["size_bytes"]
+    comparison = lite["comparison"]
+    assert comparison["examples"] == 12 and abs(comparison["accuracy_delta"]) <= 0.1
+
+    # Exports never overwrite: an explicit existing version is refused and nothing changes.
+    before = sorted(p.name for p in model_dir.iterdir())
+    again = _invoke("export", fitted["run"], "--version", "2")
+    assert again.exit_code == 1 and "already exists" in again.output
+    assert sorted(p.name for p in model_dir.iterdir()) == before
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MOBILENET_WEIGHTS = "weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
+
+
+@pytest.mark.slow
+def test_real_photos_evaluate_export_int8_and_predict(shared_data, tmp_path):
+    """MobileNetV2 with the real ImageNet weights, head only, on the real hymenoptera photos."""
+    data = shared_data / "datasets" / "hymenoptera"
+    fit = _invoke("fit", "--config", CONFIGS / "mobilenetv2_hymenoptera.yaml", "--name", "ants_bees",
+                  "--set", f"model.weights={shared_data / MOBILENET_WEIGHTS}", "--set", f"data.path={data}",
+                  "--set", f"runs_dir={tmp_path / 'runs'}", "--set", f"export.dir={tmp_path / 'saved_models'}",
+                  "--set", f"runtime.cache_dir={tmp_path / 'cache'}", "--set", "phases.finetune.epochs=0")
+    assert fit.exit_code == 0, fit.output
+    run = tmp_path / "runs" / "ants_bees"
+
+    evaluated = _invoke("evaluate", run, "--data", data, "--no-progress")
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads((run / "eval" / "hymenoptera-val" / "metrics.json").read_text())
+    assert metrics["data"]["num_examples"] == 153 and metrics["metrics"]["accuracy"] >= 0.9
+    assert metrics["mistakes"] and all(Path(m["file"]).is_file() for m in metrics["mistakes"])
+    assert metrics["calibration"]["after"]["log_loss"] <= metrics["calibration"]["before"]["log_loss"] + 1e-9
+
+    exported = _invoke("export", run, "--tflite", "int8")
+    assert exported.exit_code == 0, exported.output
+    card = json.loads((tmp_path / "saved_models" / "ants_bees" / "2" / "model_card.json").read_text())
+    assert card["export"]["parity"]["ok"] and card["export"]["parity"]["serving_default"]["images"] == 32
+    comparison = card["tflite"]["comparison"]
+    # Full-integer MobileNetV2 keeps the float model's accuracy within a few of the 153 images.
+    assert comparison["examples"] == 153 and abs(comparison["accuracy_delta"]) <= 0.03
+    assert card["tflite"]["size_bytes"] < card["export"]["saved_model_size_bytes"] / 2
+
+    out = tmp_path / "bees.json"
+    predicted = _invoke("predict", tmp_path / "saved_models" / "ants_bees", data / "val" / "bees", "--json", out)
+    assert predicted.exit_code == 0, predicted.output
+    rows = json.loads(out.read_text())["predictions"]
+    assert len(rows) == 83 and sum(r["top_k"][0]["class"] == "bees" for r in rows) >= 70

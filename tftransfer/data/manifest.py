@@ -1,0 +1,185 @@
+"""CSV and JSONL manifests: one example per row, `path,label[,split][,domain]`.
+
+Paths are relative to the manifest's folder (absolute paths work too). `split` is train, val (validation, valid,
+dev) or test; rows without one are assigned by the hash of their path, like image folders. `domain` names where a
+row comes from (e.g. amazon, webcam), so one file can describe the source and target domains of a
+domain-adaptation experiment; `data.csv#domain=webcam` selects rows. Class names (and so label ids) always come
+from every row of the file, so a domain-filtered source keeps the label ids of the full manifest.
+
+Every problem names the file and line: a missing column, an empty label, an unknown split, a repeated path, and a
+path that does not exist. Files that exist but are not decodable images are skipped and listed (or an error with
+data.strict), exactly as in image folders.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tftransfer.data.probe import ImageProbe
+from tftransfer.data.sources import (
+    SPLIT_ALIASES,
+    UNASSIGNED,
+    DataSource,
+    SourceOptions,
+    _build_source,
+    _probe_listed,
+)
+from tftransfer.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("path", "label")
+OPTIONAL_COLUMNS = ("split", "domain")
+MAX_LISTED_ERRORS = 10  # missing files named in one error message
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One manifest row; `line` is its 1-based line number in the file."""
+
+    line: int
+    path: str
+    label: str
+    split: str = ""
+    domain: str = ""
+
+
+def _cell(value: object) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _read_csv(path: Path) -> Iterator[ManifestRow]:
+    with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel writes a byte-order mark
+        reader = csv.DictReader(fh)
+        header = [h.strip().lower() for h in (reader.fieldnames or [])]
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise DataError(f"{path}: the first line must be a header naming the columns path,label[,split]"
+                            f"[,domain]; missing {missing}, found {header or 'an empty file'}")
+        reader.fieldnames = header
+        for record in reader:
+            if not any(_cell(v) for k, v in record.items() if k is not None):
+                continue  # blank line
+            yield ManifestRow(reader.line_num, _cell(record.get("path")), _cell(record.get("label")),
+                              _cell(record.get("split")).lower(), _cell(record.get("domain")))
+
+
+def _read_jsonl(path: Path) -> Iterator[ManifestRow]:
+    with path.open(encoding="utf-8-sig") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {line_no}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path} line {line_no}: expected a JSON object with keys path and label")
+            missing = [c for c in REQUIRED_COLUMNS if c not in record]
+            if missing:
+                raise DataError(f"{path} line {line_no}: missing key(s) {missing}")
+            yield ManifestRow(line_no, _cell(record.get("path")), _cell(record.get("label")),
+                              _cell(record.get("split")).lower(), _cell(record.get("domain")))
+
+
+READERS = {".csv": _read_csv, ".jsonl": _read_jsonl}
+
+
+def read_manifest(path: str | Path) -> list[ManifestRow]:
+    """Parses a .csv or .jsonl manifest and checks each row's own fields (not whether its file exists)."""
+    path = Path(path)
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: a manifest must be .csv or .jsonl")
+    if not path.is_file():
+        raise DataError(f"manifest not found: {path}")
+    rows, seen = [], {}
+    for row in reader(path):
+        if not row.path:
+            raise DataError(f"{path} line {row.line}: empty path")
+        if not row.label:
+            raise DataError(f"{path} line {row.line}: empty label for {row.path}")
+        if row.split and row.split not in SPLIT_ALIASES:
+            raise DataError(f"{path} line {row.line}: split {row.split!r} is not one of train, val, test "
+                            "(or empty to assign it by hash)")
+        key = Path(row.path).as_posix()
+        if key in seen:
+            raise DataError(f"{path} line {row.line}: {row.path} is already listed on line {seen[key]}")
+        seen[key] = row.line
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def _class_names(labels: Sequence[str]) -> list[str]:
+    """Sorted label names; numerically when every label is an integer (so "10" comes after "9")."""
+    unique = set(labels)
+    if all(label.lstrip("-").isdigit() for label in unique):
+        return sorted(unique, key=int)
+    return sorted(unique)
+
+
+def load_manifest(path: str | Path, val_split: float = 0.2, strict: bool = False, *, test_split: float = 0.0,
+                  stratify: bool = False, domains: Sequence[str] | None = None,
+                  probes: dict[str, ImageProbe] | None = None) -> DataSource:
+    """Reads a manifest into a DataSource; `domains` keeps only rows of those domains (label ids unchanged)."""
+    path = Path(path)
+    opts = SourceOptions(val_split=val_split, test_split=test_split, stratify=stratify, strict=strict,
+                         probes=probes)
+    rows = read_manifest(path)
+    class_names = _class_names([r.label for r in rows])
+    if len(class_names) < 2:
+        raise DataError(f"{path}: needs at least 2 classes in the label column, found {class_names}")
+    has_domains = any(r.domain for r in rows)
+    if domains:
+        known = sorted({r.domain for r in rows if r.domain})
+        unknown = sorted(set(domains) - set(known))
+        if unknown:
+            raise DataError(f"{path}: no rows with domain {unknown}; domains in the file: {known or 'none'}")
+        rows = [r for r in rows if r.domain in set(domains)]
+    base = path.parent
+    resolved = [base / r.path for r in rows]
+    missing = [(r, p) for r, p in zip(rows, resolved) if not p.is_file()]
+    if missing:
+        listing = "; ".join(f"line {r.line}: {r.path}" for r, _ in missing[:MAX_LISTED_ERRORS])
+        more = f" and {len(missing) - MAX_LISTED_ERRORS} more" if len(missing) > MAX_LISTED_ERRORS else ""
+        raise DataError(f"{path}: {len(missing)} listed file(s) not found (paths are relative to {base}): "
+                        f"{listing}{more}")
+    keys = [Path(r.path).as_posix() for r in rows]
+    skipped: list[tuple[str, str]] = []
+    good = _probe_listed(path, resolved, keys, opts, skipped)
+    index = {name: i for i, name in enumerate(class_names)}
+    idx = np.flatnonzero(good)
+    labels = np.array([index[rows[i].label] for i in idx], dtype=np.int64)
+    fixed = np.array([SPLIT_ALIASES.get(rows[i].split, UNASSIGNED) for i in idx], dtype=np.int8)
+    given = f"manifest split column ({path.name})" if np.any(fixed != UNASSIGNED) else ""
+    name = path.stem + (f"#domain={','.join(domains)}" if domains else "")
+    return _build_source(name, str(path), class_names, labels, [keys[i] for i in idx], fixed, opts,
+                         paths=[str(resolved[i]) for i in idx],
+                         domains=[rows[i].domain for i in idx] if has_domains else None,
+                         skipped=skipped, given=given)
+
+
+def write_manifest(path: str | Path, rows: Sequence[dict[str, str]]) -> Path:
+    """Writes rows ({path, label[, split][, domain]}) as a .csv or .jsonl manifest (e.g. to merge two folders)."""
+    path = Path(path)
+    columns = [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if any(c in r for r in rows)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".jsonl":
+        path.write_text("".join(json.dumps({c: r[c] for c in columns if c in r}) + "\n" for r in rows))
+    elif path.suffix.lower() == ".csv":
+        with path.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows([{c: r.get(c, "") for c in columns} for r in rows])
+    else:
+        raise DataError(f"{path}: a manifest must be .csv or .jsonl")
+    return path
