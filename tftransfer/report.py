@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -329,14 +329,18 @@ def render_summary_markdown(metrics: Mapping[str, Any], *, run_dir: Path | None 
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def write_summary(metrics: Mapping[str, Any], run_dir: Path) -> Path:
-    """Writes run_dir/summary.md (linking plots already in run_dir) and returns its path."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / SUMMARY_FILE
-    path.write_text(render_summary_markdown(metrics, run_dir=run_dir), encoding="utf-8")
+def _write_markdown(folder: Path, render: Callable[[Path], str]) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / SUMMARY_FILE
+    path.write_text(render(folder), encoding="utf-8")  # rendered after mkdir: it links the plots already there
     logger.info("wrote %s", path)
     return path
+
+
+def write_summary(metrics: Mapping[str, Any], run_dir: Path) -> Path:
+    """Writes run_dir/summary.md (linking plots already in run_dir) and returns its path."""
+    return _write_markdown(run_dir, lambda folder: render_summary_markdown(metrics, run_dir=folder))
 
 
 # --- evaluation summaries ----------------------------------------------------------------------------------
@@ -451,12 +455,7 @@ def render_evaluation_markdown(result: Mapping[str, Any], *, out_dir: Path | Non
 
 def write_evaluation_summary(result: Mapping[str, Any], out_dir: Path) -> Path:
     """Writes out_dir/summary.md for an evaluation (linking plots already in out_dir) and returns its path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / SUMMARY_FILE
-    path.write_text(render_evaluation_markdown(result, out_dir=out_dir), encoding="utf-8")
-    logger.info("wrote %s", path)
-    return path
+    return _write_markdown(out_dir, lambda folder: render_evaluation_markdown(result, out_dir=folder))
 
 
 def write_tensorboard_images(log_dir: Path, images: Mapping[str, Path], step: int = 0,
