@@ -173,6 +173,72 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
+@main.command("domain")
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.option("--source", help="Source data (default: the run's own data, its held-out split).")
+@click.option("--target", help="Target data: image folder, manifest (#domain=NAME), tfds:<name>, builtin:<name>.")
+@click.option("--target-unlabeled", is_flag=True,
+              help="Ignore target labels (a folder may then hold images in any layout).")
+@click.option("--corruptions", default="", help="Corruption suite on the source: all, or names separated by commas.")
+@click.option("--severities", default="1,2,3,4,5", show_default=True, callback=_int_list,
+              help="Corruption severities to evaluate.")
+@click.option("--adapt", default="", help="Adaptation methods on the target: adabn,adabn-aligned,bn-batch,tent "
+                                          "or all.")
+@click.option("--adapt-severities", default="", callback=_int_list,
+              help="Also run the --adapt methods on corrupted source images at these severities, e.g. 3,5.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (default: MODEL/domain).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size (default: the run's).")
+@click.option("--max-images", type=click.IntRange(min=0), default=2000, show_default=True,
+              help="Random subsample of each domain above this many images (0: all).")
+@click.option("--permutations", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Permutations of the MMD test.")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="Cross-validation folds of the proxy A-distance.")
+@click.option("--tsne", is_flag=True, help="Also draw a t-SNE map of the features (slower than PCA).")
+@click.option("--self-check/--no-self-check", default=True, show_default=True,
+              help="Also adapt each method to the source itself and report its source accuracy.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@_user_errors
+def domain_command(model: Path, source: str | None, target: str | None, target_unlabeled: bool, corruptions: str,
+                   severities: tuple[int, ...], adapt: str, adapt_severities: tuple[int, ...], out_dir: Path | None,
+                   batch_size: int | None, max_images: int, permutations: int, folds: int, tsne: bool,
+                   self_check: bool, seed: int) -> None:
+    """How MODEL (a run directory) fares on another domain: shift measures, corruptions, cheap adaptation."""
+    if target is None and not corruptions:
+        raise click.UsageError("nothing to measure: give --target DATA and/or --corruptions all")
+    from tftransfer.domain.run import run_domain
+
+    result = run_domain(model, source, target, target_unlabeled=target_unlabeled, corruptions=corruptions,
+                        severities=severities, adapt=adapt, adapt_severities=adapt_severities, out_dir=out_dir,
+                        batch_size=batch_size, max_images=max_images, seed=seed, folds=folds,
+                        permutations=permutations, tsne=tsne, self_check=self_check)
+    _echo_domain(result.report, result.out_dir)
+
+
+def _echo_domain(report: dict[str, Any], out: Path) -> None:
+    src = report["source"]["metrics"]
+    click.echo(f"\nsource {report['source']['data']} ({report['source']['split']}, {report['source']['examples']} "
+               f"images): accuracy {src['accuracy']:.4f}")
+    target = report.get("target")
+    if target:
+        acc = f"accuracy {target['metrics']['accuracy']:.4f}" if target.get("metrics") else "unlabeled"
+        click.echo(f"target {target['data']} ({target['examples']} images): {acc}")
+        shift = report["shift"]
+        a_dist = shift["proxy_a_distance"]
+        click.echo(f"proxy A-distance {a_dist['value']:.3f} +- {a_dist['std']:.3f}  MMD^2 {shift['mmd']['mmd2']:.4g} "
+                   f"(p = {shift['mmd']['p_value']:.3g})  CORAL {shift['coral']['value']:.3g}")
+    for method, entry in (report.get("adaptation") or {}).items():
+        acc = f"accuracy {entry['accuracy']:.4f}" if "accuracy" in entry else "no labels"
+        click.echo(f"  {method:<14} {acc}  mean entropy {entry['signals']['mean_entropy']:.3f}  changed "
+                   f"{entry['changed_predictions']:.1%}{'  HURTS' if entry.get('hurts') else ''}")
+    corr = report.get("corruptions")
+    if corr:
+        click.echo(f"corruptions: clean {corr['clean']['accuracy']:.4f}, mean {corr['mean']['accuracy']:.4f} over "
+                   f"{len(corr['results'])} corruptions")
+    click.echo(f"report: {out / 'domain.md'}")
+
+
 @main.command("lr-find")
 @_experiment_options
 @click.option("--phase", "phases", type=click.Choice(["head", "finetune"]), multiple=True,

@@ -481,7 +481,8 @@ def write_tensorboard_images(log_dir: Path, images: Mapping[str, Path], step: in
 # --- plots -------------------------------------------------------------------------------------------------
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Writes a matplotlib Figure as PNG (creating the folder) and returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
@@ -542,7 +543,7 @@ def plot_confusion_matrix(
                 text = f"{values[i, j]:.2f}" if normalize else f"{int(counts[i, j])}"
                 color = "white" if values[i, j] > 0.5 * vmax else "black"
                 ax.text(j, i, text, ha="center", va="center", color=color, fontsize=cell_size)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_reliability_diagram(curve: Mapping[str, Any], path: Path) -> Path:
@@ -618,7 +619,7 @@ def plot_reliability_diagram(curve: Mapping[str, Any], path: Path) -> Path:
     hist.bar(left, counts, width=width, align="edge", color="gray", edgecolor="black", linewidth=0.5)
     hist.set_xlabel("Confidence (max probability)")
     hist.set_ylabel("Examples")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _history_groups(history: Mapping[str, Sequence[float]]) -> list[tuple[str, list[str]]]:
@@ -672,4 +673,4 @@ def plot_history(
     for ax in axes:
         # Integer epochs only: fractional ticks on a 3-epoch run read as a bug.
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -1,0 +1,449 @@
+"""Cheap test-time adaptation to a target domain, in a registry: AdaBN, per-batch BN statistics, TENT.
+
+All three only touch BatchNorm, and none needs target labels:
+
+- "adabn" (Li et al. 2016): every BatchNorm layer's moving mean and variance replaced by the exact statistics of
+  its input over the whole target set. Computed level by level: a layer is measured only after every BatchNorm
+  layer below it has been adapted, so it sees the activations the adapted network will feed it (a momentum
+  update, or measuring all layers in one pass through the unadapted network, gives other numbers; the tests
+  compare with a hand computation). The result is an ordinary inference-mode model that can be saved and served.
+- "bn-batch": every BatchNorm normalises with the statistics of the current test batch (the "BN adaptation"
+  baseline of the TENT paper); predictions then depend on which images share a batch, so target batches are
+  drawn in a seeded random order rather than folder (class) order.
+- "tent" (Wang et al., ICLR 2021): bn-batch plus online entropy minimisation of the predictions, updating only
+  BatchNorm scale and offset with Adam, one step per batch, predictions taken before the batch's update (as the
+  reference implementation). `episodic` resets the parameters and optimizer for every batch. A collapse guard
+  stops and falls back to the unadapted predictions when the predicted class distribution degenerates or the
+  prediction entropy collapses.
+
+Why the care: Keras runs a non-trainable BatchNorm in inference mode even under `training=True`, and the
+tftransfer model pins its backbone to inference mode anyway, so "call it in training mode" silently changes
+nothing. The batch-statistics model here swaps each BatchNorm for a layer that always uses batch statistics and
+never updates the stored ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tftransfer.domain import batchnorm
+from tftransfer.domain.shift import entropy
+from tftransfer.errors import ConfigError
+from tftransfer.evaluate import stable_softmax
+from tftransfer.features import POOL_LAYER, build_head_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AdaptationResult:
+    """Target predictions of one method, aligned with the input images, and what the method did."""
+
+    method: str
+    probs: np.ndarray
+    seconds: float
+    # An inference model reproducing `probs` (AdaBN); None when predictions depend on the batch composition.
+    model: keras.Model | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A registered adaptation method: fn(model, images, batch_size=, seed=, reference_probs=, **options)."""
+
+    name: str
+    fn: Callable[..., AdaptationResult]
+    description: str
+
+
+ADAPTERS: dict[str, Adapter] = {}
+
+
+def register_adapter(adapter: Adapter) -> Adapter:
+    """Adds an adaptation method to the registry."""
+    if adapter.name in ADAPTERS:
+        raise ValueError(f"adapter {adapter.name!r} is already registered")
+    ADAPTERS[adapter.name] = adapter
+    return adapter
+
+
+def list_adapters() -> list[str]:
+    """Registered method names."""
+    return list(ADAPTERS)
+
+
+def resolve_adapters(names: str | Sequence[str]) -> list[str]:
+    """'all', 'adabn,tent' or a list -> validated names; unknown names are a ConfigError naming them."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if list(names) == ["all"]:
+        return list_adapters()
+    unknown = [n for n in names if n not in ADAPTERS]
+    if unknown:
+        raise ConfigError(f"unknown adaptation method(s) {unknown}; available: {', '.join(ADAPTERS)}")
+    return list(dict.fromkeys(names))
+
+
+def adapt(name: str, model: keras.Model, images: np.ndarray, **kwargs: Any) -> AdaptationResult:
+    """Runs the registered method `name` on target `images` (float32 [N, H, W, 3] pixels in [0, 255])."""
+    resolve_adapters([name])
+    return ADAPTERS[name].fn(model, images, **kwargs)
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
+
+
+def copy_model(model: keras.Model) -> keras.Model:
+    """An independent copy (own variables) of a tftransfer model."""
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def batches_of(images: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Splits images into ceil(N / batch_size) nearly equal batches (no tiny last batch for batch statistics)."""
+    if len(images) == 0:
+        raise ValueError("no images")
+    count = max(1, math.ceil(len(images) / batch_size))
+    return np.array_split(images, count)
+
+
+def predict_probs(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Softmax probabilities of a logits model over in-memory images."""
+    logits = [np.asarray(model.predict_on_batch(batch)) for batch in batches_of(images, batch_size)]
+    return stable_softmax(np.concatenate(logits))
+
+
+def _parent_layers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
+    # Keras 3 keeps the functional graph in (private) inbound nodes; backbones.py reads them the same way.
+    return [parent.operation for node in layer._inbound_nodes for parent in node.parent_nodes]
+
+
+def batchnorm_stages(backbone: keras.Model) -> dict[int, int]:
+    """Per layer (by id): the most BatchNorm layers on any path into its output, itself included.
+
+    A BatchNorm layer of stage k depends only on BatchNorm layers of stages below k, so all layers of one stage
+    can be measured together once the lower stages are adapted (a residual shortcut's BN and its branch's BN).
+    """
+    stage: dict[int, int] = {}
+    for layer in backbone.layers:  # functional models list layers in topological order
+        below = max((stage.get(id(p), 0) for p in _parent_layers(layer)), default=0)
+        stage[id(layer)] = below + (1 if isinstance(layer, keras.layers.BatchNormalization) else 0)
+    return stage
+
+
+def batchnorm_levels(backbone: keras.Model, layers: Sequence[keras.layers.BatchNormalization]
+                     ) -> list[list[keras.layers.BatchNormalization]]:
+    """The BatchNorm layers grouped by stage, lowest first."""
+    stage = batchnorm_stages(backbone)
+    groups: dict[int, list[keras.layers.BatchNormalization]] = {}
+    for layer in layers:
+        groups.setdefault(stage[id(layer)], []).append(layer)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _frontier(backbone: keras.Model, stage: dict[int, int], k: int) -> list[keras.layers.Layer]:
+    """Layers of stage < k whose outputs feed a layer of stage >= k: all the network beyond stage k-1 needs.
+
+    The inputs of stage-k BatchNorm layers are among them, so their statistics come straight from these values.
+    """
+    needed = {id(p) for layer in backbone.layers if stage[id(layer)] >= k for p in _parent_layers(layer)}
+    return [layer for layer in backbone.layers if stage[id(layer)] < k and id(layer) in needed]
+
+
+def _one_or_list(items: list) -> Any:
+    # A single-input Keras model is built and called with the tensor itself, else Keras warns about structure.
+    return items[0] if len(items) == 1 else items
+
+
+def _align_to_source(target: batchnorm.Moments, source: batchnorm.Moments, stored_mean: np.ndarray,
+                     stored_var: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Statistics (m', v') under which target inputs leave the layer with the mean and spread source inputs have
+    under the stored (m, v): (mu_t - m') / sqrt(v' + eps) = (mu_s - m) / sqrt(v + eps) and sigma_t / sqrt(v' + eps)
+    = sigma_s / sqrt(v + eps). With (m, v) = the source's own statistics this is plain AdaBN (up to eps)."""
+    sd_t, sd_s = np.sqrt(target.variance), np.sqrt(source.variance)
+    live = sd_s > 1e-6
+    ratio = np.where(live, sd_t / np.where(live, sd_s, 1.0), 1.0)
+    new_var = np.where(live, (stored_var + eps) * ratio**2 - eps, stored_var)
+    clipped = int(np.sum(new_var < 0))
+    new_mean = target.mean - (source.mean - stored_mean) * ratio
+    return new_mean, np.maximum(new_var, 0.0), clipped
+
+
+def adabn_model(model: keras.Model, images: np.ndarray, batch_size: int = 32, *,
+                source_images: np.ndarray | None = None, memory_budget_mb: float = 512.0
+                ) -> tuple[keras.Model, dict]:
+    """A copy of `model` whose BatchNorm moving statistics are the exact statistics of the target images.
+
+    Stage by stage (see batchnorm_stages): the inputs of stage-k layers are measured over all images with every
+    lower stage already adapted, then the layers are set, then the next stage. The network is not re-run from
+    the pixels for every stage: the activations all later layers need (the frontier) are kept in memory when
+    they fit `memory_budget_mb`, and each stage computes forward from the last kept frontier; with a budget of
+    0 every stage starts from the pixels (slow, same result).
+
+    With `source_images`, each layer is aligned to the source instead (see _align_to_source): the head was
+    trained on features made with the stored statistics, which in a fine-tuned tftransfer model are the
+    backbone's pre-training (ImageNet) statistics, not the source's, so plain AdaBN also moves the source.
+    Returns (adapted model, info). The input model is not changed.
+    """
+    layers = batchnorm.require_batchnorm(model, "AdaBN")
+    source_moments = None
+    if source_images is not None:
+        source_moments = dict(zip((layer.name for layer in layers),
+                                  batchnorm.input_moments(model, layers,
+                                                          batches_of(np.asarray(source_images, np.float32),
+                                                                     batch_size))))
+    adapted = copy_model(model)
+    backbone = batchnorm.get_backbone(adapted)
+    bn_layers = batchnorm.batchnorm_layers(backbone)
+    stage = batchnorm_stages(backbone)
+    levels = batchnorm_levels(backbone, bn_layers)
+    to_backbone = batchnorm.front(adapted)
+    batches = batches_of(np.asarray(images, np.float32), batch_size)
+    # The first checkpoint: the backbone's input for every image (same size as the pixels, already in memory).
+    ckpt_tensors = list(backbone.inputs)
+    ckpt_values = [[np.asarray(to_backbone(tf.convert_to_tensor(b))) for b in batches]]
+    budget = memory_budget_mb * 2**20
+    changes, clipped, passes = [], 0, 0
+    for group in levels:
+        k = stage[id(group[0])]
+        front_layers = _frontier(backbone, stage, k)
+        front_tensors = [layer.output for layer in front_layers]
+        # Frontier tensors already in the checkpoint pass straight through (a Keras model cannot output one of
+        # its own intermediate inputs); the rest are computed from the checkpoint.
+        carried = {id(t): i for i, t in enumerate(ckpt_tensors)}
+        computed = [t for t in front_tensors if id(t) not in carried]
+        sub = keras.Model(_one_or_list(ckpt_tensors), computed, name=f"stage_{k}") if computed else None
+        position = {id(layer): i for i, layer in enumerate(front_layers)}
+        moments = [batchnorm.Moments() for _ in group]
+        kept: list[list[np.ndarray]] = [[] for _ in front_tensors]
+        size = 0
+        for i in range(len(batches)):
+            inputs = [values[i] for values in ckpt_values]
+            new = sub(_one_or_list(inputs), training=False) if sub is not None else []
+            new = list(new) if isinstance(new, (list, tuple)) else [new]
+            outs = [inputs[carried[id(t)]] if id(t) in carried else new.pop(0) for t in front_tensors]
+            for layer, acc in zip(group, moments):
+                x = tf.cast(outs[position[id(_parent_layers(layer)[0])]], tf.float32)
+                mean, variance = tf.nn.moments(x, axes=batchnorm.reduction_axes(layer, len(x.shape)))
+                acc.update(mean.numpy(), variance.numpy(), float(np.prod(x.shape[:-1])))
+            size += sum(int(np.prod(o.shape)) * 4 for o in outs)
+            if size <= budget:
+                for store, out in zip(kept, outs):
+                    store.append(np.asarray(out))
+        passes += 1
+        for layer, acc in zip(group, moments):
+            old_mean, old_var = batchnorm.stored_moments(layer)
+            new_mean, new_var = acc.mean, acc.variance
+            if source_moments is not None:
+                new_mean, new_var, n_clipped = _align_to_source(acc, source_moments[layer.name], old_mean,
+                                                                old_var, layer.epsilon)
+                clipped += n_clipped
+            layer.moving_mean.assign(new_mean.astype(np.float32))
+            layer.moving_variance.assign(new_var.astype(np.float32))
+            changes.append({"layer": layer.name, "stage": k,
+                            "mean_change": float(np.mean(np.abs(new_mean - old_mean))),
+                            "variance_ratio": float(np.mean((new_var + layer.epsilon) / (old_var + layer.epsilon)))})
+        if size <= budget:
+            ckpt_tensors, ckpt_values = front_tensors, kept
+    info = {"layers": len(bn_layers), "stages": len(levels), "images": int(len(images)),
+            "aligned_to_source": source_moments is not None, "changes": changes}
+    if clipped:
+        info["clipped_variances"] = clipped
+    return adapted, info
+
+
+def _adabn(model: keras.Model, images: np.ndarray, *, batch_size: int = 32, seed: int = 0,
+           reference_probs: np.ndarray | None = None, source_images: np.ndarray | None = None,
+           aligned: bool = False) -> AdaptationResult:
+    started = time.perf_counter()
+    if aligned and source_images is None:
+        raise ConfigError("adabn-aligned needs source images (the domain report passes the source's)")
+    adapted, info = adabn_model(model, images, batch_size, source_images=source_images if aligned else None)
+    probs = predict_probs(adapted, images, batch_size)
+    info.pop("changes")  # per-layer detail is for adabn_model callers; the report keeps the summary
+    return AdaptationResult("adabn-aligned" if aligned else "adabn", probs, time.perf_counter() - started,
+                            model=adapted, info=info)
+
+
+def _adabn_aligned(model: keras.Model, images: np.ndarray, **kwargs: Any) -> AdaptationResult:
+    return _adabn(model, images, aligned=True, **kwargs)
+
+
+# --- batch statistics and TENT ---------------------------------------------------------------------------------
+
+
+class BatchStatsNormalization(keras.layers.BatchNormalization):
+    """BatchNormalization that always normalises with the current batch's statistics and never updates the
+    stored ones (whatever `training` and `trainable` say)."""
+
+    def call(self, inputs, training=None, mask=None):  # noqa: D102
+        x = keras.ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        rank = len(x.shape)
+        axis = self.axis % rank
+        mean, variance = keras.ops.moments(x, axes=[i for i in range(rank) if i != axis])
+        out = keras.ops.batch_normalization(
+            x, mean, variance, axis=self.axis, epsilon=self.epsilon,
+            offset=keras.ops.cast(self.beta, x.dtype) if self.center else None,
+            scale=keras.ops.cast(self.gamma, x.dtype) if self.scale else None)
+        return keras.ops.cast(out, self.compute_dtype)
+
+
+def build_batch_stats_model(model: keras.Model) -> tuple[keras.Model, list[BatchStatsNormalization]]:
+    """pixels -> logits like `model`, but every backbone BatchNorm uses batch statistics; own BN variables.
+
+    The front (resize, preprocess) and head layers are shared with `model` and not trained here; the backbone
+    is a copy, so updating its BatchNorm scale and offset leaves `model` untouched.
+    """
+    batchnorm.require_batchnorm(model, "batch-statistics adaptation")
+    backbone = batchnorm.get_backbone(model)
+
+    def swap(layer: keras.layers.Layer) -> keras.layers.Layer:
+        cls = BatchStatsNormalization if type(layer) is keras.layers.BatchNormalization else layer.__class__
+        return cls.from_config(layer.get_config())
+
+    clone = keras.models.clone_model(backbone, clone_function=swap)
+    clone.set_weights(backbone.get_weights())
+    inputs = keras.Input(shape=(None, None, 3), dtype="float32", name="pixels")
+    x = batchnorm.front(model)(inputs)
+    x = model.get_layer(POOL_LAYER)(clone(x))
+    outputs = build_head_model(model)(x)
+    layers = [layer for layer in clone.layers if isinstance(layer, BatchStatsNormalization)]
+    return keras.Model(inputs, outputs, name="batch_stats"), layers
+
+
+def _shuffled(images: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(len(images))
+    return images[order], order
+
+
+def _unshuffle(probs: np.ndarray, order: np.ndarray) -> np.ndarray:
+    out = np.empty_like(probs)
+    out[order] = probs
+    return out
+
+
+def _bn_batch(model: keras.Model, images: np.ndarray, *, batch_size: int = 32, seed: int = 0,
+              reference_probs: np.ndarray | None = None, source_images: np.ndarray | None = None
+              ) -> AdaptationResult:
+    started = time.perf_counter()
+    stats_model, layers = build_batch_stats_model(model)
+    shuffled, order = _shuffled(np.asarray(images, np.float32), seed)
+    probs = _unshuffle(predict_probs(stats_model, shuffled, batch_size), order)
+    info = {"layers": len(layers), "batch_size": int(batch_size), "batches": len(batches_of(shuffled, batch_size)),
+            "order": f"random, seed {seed}"}
+    return AdaptationResult("bn-batch", probs, time.perf_counter() - started, info=info)
+
+
+def _tent(model: keras.Model, images: np.ndarray, *, batch_size: int = 32, seed: int = 0,
+          reference_probs: np.ndarray | None = None, source_images: np.ndarray | None = None,
+          learning_rate: float = 1e-3, steps: int = 1,
+          episodic: bool = False, min_diversity_ratio: float = 0.5,
+          min_entropy_ratio: float = 0.01) -> AdaptationResult:
+    """TENT; see the module docstring. The guard compares, over the examples seen so far, the diversity of the
+    predictions (normalised entropy of their mean) with that of `reference_probs` (the unadapted model's; the
+    first, still unadapted batch when absent), and each batch's mean entropy with the first batch's."""
+    started = time.perf_counter()
+    stats_model, layers = build_batch_stats_model(model)
+    params = [w for layer in layers for w in (layer.gamma if layer.scale else None,
+                                              layer.beta if layer.center else None) if w is not None]
+    if not params:
+        raise batchnorm.ModelStructureError("TENT needs BatchNorm layers with a scale or offset to train")
+    initial = [keras.ops.convert_to_numpy(p) for p in params]
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+    optimizer.build(params)
+    # Moments and step count; optimizer.variables also holds the learning rate, which a reset must keep.
+    optimizer_state = [v for v in optimizer.variables if not v.path.endswith("learning_rate")]
+
+    @tf.function(reduce_retracing=True)
+    def step(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        with tf.GradientTape() as tape:
+            logits = tf.cast(stats_model(x, training=False), tf.float32)
+            log_p = tf.nn.log_softmax(logits)
+            loss = -tf.reduce_mean(tf.reduce_sum(tf.exp(log_p) * log_p, axis=-1))
+        optimizer.apply(tape.gradient(loss, params), params)
+        return logits, loss
+
+    def reset() -> None:
+        for p, value in zip(params, initial):
+            p.assign(value)
+        for v in optimizer_state:
+            v.assign(tf.zeros_like(v))
+
+    shuffled, order = _shuffled(np.asarray(images, np.float32), seed)
+    ref = None if reference_probs is None else np.asarray(reference_probs, np.float64)[order]
+    outputs: list[np.ndarray] = []
+    losses: list[float] = []
+    first_entropy = None
+    ref_diversity = None
+    collapse = None
+    seen = 0
+    for index, batch in enumerate(batches_of(shuffled, batch_size)):
+        if episodic:
+            reset()
+        logits = None
+        for _ in range(max(1, steps)):
+            out, loss = step(tf.convert_to_tensor(batch))
+            logits = out.numpy() if logits is None else logits  # the prediction precedes this batch's update
+            losses.append(float(loss))
+        probs = stable_softmax(logits)
+        outputs.append(probs)
+        seen += len(batch)
+        batch_entropy = float(entropy(probs).mean())
+        if first_entropy is None:
+            first_entropy = batch_entropy
+            ref_diversity = _diversity(ref[:seen] if ref is not None else probs)
+        if index == 0:
+            continue
+        adapted_div = _diversity(np.concatenate(outputs))
+        if ref is not None:
+            ref_diversity = _diversity(ref[:seen])
+        if ref_diversity > 0 and adapted_div < min_diversity_ratio * ref_diversity:
+            collapse = (f"predicted class distribution degenerated: diversity {adapted_div:.3f} < "
+                        f"{min_diversity_ratio} x {ref_diversity:.3f} (unadapted) after {seen} images")
+        elif first_entropy > 0 and batch_entropy < min_entropy_ratio * first_entropy:
+            collapse = (f"prediction entropy collapsed: {batch_entropy:.2e} < {min_entropy_ratio} x "
+                        f"{first_entropy:.2e} (first batch) at batch {index + 1}")
+        if collapse:
+            break
+    info: dict[str, Any] = {"layers": len(layers), "parameters": int(sum(int(np.prod(p.shape)) for p in params)),
+                            "learning_rate": learning_rate, "steps_per_batch": int(steps), "episodic": episodic,
+                            "batch_size": int(batch_size), "order": f"random, seed {seed}",
+                            "loss_first": losses[0], "loss_last": losses[-1], "collapsed": collapse is not None}
+    if collapse is not None:
+        logger.warning("TENT stopped: %s; falling back to the unadapted predictions", collapse)
+        info["collapse_reason"] = collapse
+        reset()
+        if reference_probs is not None:
+            info["fallback"] = "source-only (unadapted) predictions"
+            return AdaptationResult("tent", np.asarray(reference_probs, np.float32), time.perf_counter() - started,
+                                    info=info)
+        info["fallback"] = "batch statistics without TENT updates"
+        probs = predict_probs(stats_model, shuffled, batch_size)
+    else:
+        probs = np.concatenate(outputs)
+    return AdaptationResult("tent", _unshuffle(probs, order), time.perf_counter() - started, info=info)
+
+
+def _diversity(probs: np.ndarray) -> float:
+    c = probs.shape[1]
+    return float(entropy(np.asarray(probs, np.float64).mean(axis=0)) / math.log(c))
+
+
+register_adapter(Adapter("adabn", _adabn, "AdaBN: BatchNorm moving statistics set to the exact target statistics, "
+                                          "layer by layer"))
+register_adapter(Adapter("adabn-aligned", _adabn_aligned,
+                         "AdaBN relative to the source: each BatchNorm maps target activations to the mean and "
+                         "spread source activations have under the stored statistics"))
+register_adapter(Adapter("bn-batch", _bn_batch, "BatchNorm normalises with each test batch's own statistics"))
+register_adapter(Adapter("tent", _tent, "TENT: batch statistics + online entropy minimisation of BatchNorm scale "
+                                        "and offset (Adam), with a collapse guard"))
