@@ -177,3 +177,33 @@ def test_target_subset_of_classes_is_measured(fitted, tmp_path):
     classes = {row["class"] for row in result.report["drop"]["per_class_recall"]}
     assert classes == {"cyan", "yellow"}
     assert np.isclose(sum(result.report["target"]["signals"]["predicted_distribution"].values()), 1.0)
+
+
+def test_adapt_writes_a_new_run_that_export_ships(fitted, tmp_path):
+    import json
+
+    import keras
+
+    from tftransfer.domain import batchnorm
+
+    run_dir, _ = fitted
+    target = dim_target(tmp_path / "dim", flat=True)
+    result = CliRunner().invoke(main, ["adapt", str(run_dir), "--target", str(target), "--name", "colours-dim"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    adapted = run_dir.parent / "colours-dim"
+    info = json.loads((adapted / "adaptation.json").read_text())
+    assert info["method"] == "adabn" and info["target_images"] == 24
+    for name in ("model.keras", "config.yaml", "labels.txt", "split.json"):
+        assert (adapted / name).is_file(), name
+    # the stored BatchNorm statistics changed (darker images), the original run's did not
+    old = batchnorm.batchnorm_layers(batchnorm.get_backbone(keras.models.load_model(run_dir / "model.keras")))
+    new = batchnorm.batchnorm_layers(batchnorm.get_backbone(keras.models.load_model(adapted / "model.keras")))
+    assert any(not np.allclose(a.moving_mean.numpy(), b.moving_mean.numpy()) for a, b in zip(old, new))
+    assert "name: colours-dim" in (adapted / "config.yaml").read_text()
+    shipped = CliRunner().invoke(main, ["export", str(adapted), "--to", str(tmp_path / "saved")],
+                                 catch_exceptions=False)
+    assert shipped.exit_code == 0, shipped.output
+    assert (tmp_path / "saved" / "1" / "saved_model.pb").is_file()
+    refused = CliRunner().invoke(main, ["adapt", str(run_dir), "--target", str(target), "--method", "tent"])
+    assert refused.exit_code != 0 and "tent" in refused.output

@@ -216,6 +216,24 @@ def domain_command(model: Path, source: str | None, target: str | None, target_u
     _echo_domain(result.report, result.out_dir)
 
 
+@main.command("adapt")
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--target", required=True, help="Target images (labels not used): a folder, manifest, tfds:, builtin:.")
+@click.option("--method", type=click.Choice(["adabn", "adabn-aligned"]), default="adabn", show_default=True,
+              help="adabn: BatchNorm statistics of the target; adabn-aligned: target mapped onto the source's.")
+@click.option("--name", help="Name of the new run (default: <model>-<method>), next to MODEL.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run of that name (the old one is kept aside).")
+@click.option("--max-images", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Random subsample of the target above this many images.")
+@_user_errors
+def adapt_command(model: Path, target: str, method: str, name: str | None, overwrite: bool, max_images: int) -> None:
+    """Write MODEL (a run directory) adapted to TARGET's images as a new run that `tftransfer export` ships."""
+    from tftransfer.domain.run import run_adapt
+
+    out = run_adapt(model, target, method=method, name=name, overwrite=overwrite, max_images=max_images)
+    click.echo(f"adapted run: {out}\nship it with: tftransfer export {out}")
+
+
 def _echo_domain(report: dict[str, Any], out: Path) -> None:
     src = report["source"]["metrics"]
     click.echo(f"\nsource {report['source']['data']} ({report['source']['split']}, {report['source']['examples']} "
