@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 from tftransfer.checkpoint import list_checkpoints, load_latest
@@ -80,8 +79,7 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("n", [0])
-def test_no_checkpoint_yet_is_explained(tmp_path, n):
+def test_no_checkpoint_yet_is_explained(tmp_path):
     run = tmp_path / "runs" / "r"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("name: r\n")
