@@ -368,17 +368,3 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
-
-
-def describe_fields(cls: type = ExperimentConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(dotted key, default, help) for every leaf field, used to document and check configs/base.yaml."""
-    rows: list[tuple[str, Any, str]] = []
-    hints = typing.get_type_hints(cls)
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows.extend(describe_fields(tp, f"{prefix}{f.name}."))
-            continue
-        rows.append((f"{prefix}{f.name}", getattr(defaults, f.name), f.metadata.get("help", "")))
-    return rows

@@ -284,12 +284,14 @@ def _head_on_features(model: keras.Model, head: HeadConfig, data: Datasets, cach
     train_set = cached_features(extractor, train_views, data.source.train, parts, cache.cache_dir, what="train")
     val_ds = None
     if data.val is not None and data.source.val is not None:
-        val_set = cached_features(extractor, [data.val], data.source.val, parts, cache.cache_dir, what="val")
+        # Validation images are never augmented: their key leaves out the training views' settings, so changing
+        # feature_cache_views does not recompute them.
+        val_set = cached_features(extractor, [data.val], data.source.val, cache.key_parts, cache.cache_dir,
+                                  what="val")
         val_ds = features_dataset(val_set.features, val_set.labels, data.batch_size, training=False,
                                   shuffle_buffer=1, seed=seed)
-    buffer = max(len(train_set.labels), 1)
     train_ds = features_dataset(train_set.features, train_set.labels, data.batch_size, training=True,
-                                shuffle_buffer=min(buffer, data.shuffle_buffer), seed=seed)
+                                shuffle_buffer=data.shuffle_buffer, seed=seed)
     steps = max(1, math.ceil(len(train_set.labels) / data.batch_size))
     return PhaseInputs(build_head_model(model), train_ds, val_ds, steps,
                        note=f"cached features ({views} view{'s' if views > 1 else ''} per image"
@@ -333,10 +335,6 @@ class EpochCheckpoint(keras.callbacks.Callback):
         best = self.progress.best
         save_checkpoint(self.checkpoints, self.full_model, self.model.optimizer, self.progress.state(epoch + 1),
                         best.best_weights if best else None)
-
-
-def _phase_to_dict(phase: PhaseResult) -> dict[str, Any]:
-    return asdict(phase)
 
 
 def _phase_from_dict(data: dict[str, Any]) -> PhaseResult:
@@ -454,7 +452,7 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
             first_epoch=epoch + 1, val=evaluate_phase(model) if evaluate_phase else None)
         result.phases.append(done)
         epoch += epochs_run
-        progress.completed.append(_phase_to_dict(done))
+        progress.completed.append(asdict(done))
         if run is not None:  # the phase's final weights (best restored), so a resume starts the next phase
             progress.best = None
             save_checkpoint(run.checkpoints, model, None, progress.state(epoch, phase_done=True))
