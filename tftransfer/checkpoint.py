@@ -56,7 +56,8 @@ def _arrays_list(path: Path) -> list[np.ndarray]:
 
 
 def save_checkpoint(checkpoints: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer | None,
-                    state: TrainState, best_weights: list[np.ndarray] | None = None) -> Path:
+                    state: TrainState, best_weights: list[np.ndarray] | None = None,
+                    extra_weights: list[np.ndarray] | None = None) -> Path:
     """Writes checkpoints/epoch-NNNN/ atomically and keeps only the newest few."""
     checkpoints.mkdir(parents=True, exist_ok=True)
     final = checkpoints / f"{_PREFIX}{state.epoch:04d}{'-end' if state.phase_done else ''}"
@@ -69,6 +70,8 @@ def save_checkpoint(checkpoints: Path, model: keras.Model, optimizer: keras.opti
         np.savez(tmp / "optimizer.npz", **_weights_arrays(optimizer.variables))
     if best_weights is not None:
         np.savez(tmp / "best.npz", **_weights_arrays(best_weights))
+    if extra_weights:  # weights that live outside the model, e.g. DANN's domain classifier
+        np.savez(tmp / "extra.npz", **_weights_arrays(extra_weights))
     (tmp / "state.json").write_text(json.dumps(state.__dict__, indent=1, default=float))
     if final.exists():
         shutil.rmtree(final)
@@ -112,6 +115,11 @@ class Checkpoint:
         for var, value in zip(optimizer.variables, values):
             var.assign(value)
         return True
+
+    def extra_weights(self) -> list[np.ndarray] | None:
+        """Training-only weights saved beside the model (an adaptation method's), if any."""
+        file = self.path / "extra.npz"
+        return _arrays_list(file) if file.is_file() else None
 
     def best_weights(self) -> list[np.ndarray] | None:
         """The current phase's best weights so far, if any."""

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from tftransfer import __version__
+from tftransfer.config import ADAPT_METHODS, RECIPES
 from tftransfer.errors import TfTransferError
 
 # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) buries the messages a user needs.
@@ -89,7 +90,8 @@ _CONFIG_FLAGS = {  # flag name -> the config key(s) it sets
     "epochs": ("phases.head.epochs", "phases.finetune.epochs"), "batch_size": ("data.batch_size",),
     "image_size": ("data.image_size",), "name": ("name",), "precision": ("runtime.precision",),
     "jit": ("runtime.jit",), "val_split": ("data.val_split",), "test_split": ("data.test_split",),
-    "class_weight": ("data.class_weight",), "strict_data": ("data.strict",),
+    "class_weight": ("data.class_weight",), "strict_data": ("data.strict",), "target": ("adapt.target",),
+    "adapt": ("adapt.method",),
 }
 
 
@@ -126,11 +128,12 @@ def _experiment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _config_from_options(config_path: Path | None, overrides: tuple[str, ...], flags: dict[str, Any]) -> Any:
+def _config_from_options(config_path: Path | None, overrides: tuple[str, ...], flags: dict[str, Any],
+                         recipe: str | None = None) -> Any:
     from tftransfer.config import load_config
 
     values = {key: value for flag, value in flags.items() if value is not None for key in _CONFIG_FLAGS[flag]}
-    return load_config(config_path, overrides=overrides, values=values)
+    return load_config(config_path, overrides=overrides, values=values, recipe=recipe)
 
 
 @main.command("fit")
@@ -140,9 +143,18 @@ def _config_from_options(config_path: Path | None, overrides: tuple[str, ...], f
 @click.option("--lr-find", "lr_find", is_flag=True,
               help="Run the learning-rate range test first and train with its suggested rates.")
 @click.option("--progress", is_flag=True, help="Show Keras progress bars.")
+@click.option("--target", help="Unlabeled target-domain data to adapt to (folder, manifest#domain=NAME, ...); "
+                                "its labels, if any, are only reported.  [adapt.target]")
+@click.option("--adapt", type=click.Choice(list(ADAPT_METHODS)),
+              help="Training-time domain adaptation with --target.  [adapt.method]")
+@click.option("--recipe", type=click.Choice(list(RECIPES)),
+              help="A named fine-tuning recipe (lp-ft, ft, lp, lp-ft-l2sp); the config file, flags and --set "
+                   "override its values.")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train this many times (seeds seed, seed+1, ...) and report mean +- std.")
 @_user_errors
 def fit_command(config_path: Path | None, overrides: tuple[str, ...], overwrite: bool, resume_dir: Path | None,
-                lr_find: bool, progress: bool, **flags: Any) -> None:
+                lr_find: bool, progress: bool, recipe: str | None, seeds: int, **flags: Any) -> None:
     """Fine-tune a backbone in two phases, evaluate it and export a SavedModel for TF Serving."""
     from tftransfer.train import run_fit
 
@@ -150,18 +162,25 @@ def fit_command(config_path: Path | None, overrides: tuple[str, ...], overwrite:
     if resume_dir is not None:
         given = [f"--{n.replace('_', '-')}" for n, v in flags.items() if v is not None]
         given += [n for n, v in (("--config", config_path), ("--set", overrides), ("--overwrite", overwrite),
-                                 ("--lr-find", lr_find)) if v]
+                                 ("--lr-find", lr_find), ("--recipe", recipe), ("--seeds", seeds > 1)) if v]
         if given:
             raise click.UsageError(f"--resume continues a run with its saved config; drop {', '.join(given)}")
         _echo_fit_result(run_fit(None, resume=resume_dir, verbose=verbose).metrics)
         return
-    cfg = _config_from_options(config_path, overrides, flags)
+    cfg = _config_from_options(config_path, overrides, flags, recipe)
     if lr_find:
         from tftransfer.lr_find import run_lr_find, with_suggestions
 
         found = run_lr_find(cfg, overwrite=overwrite)
         click.echo(f"lr-find: {found['suggested']} ({found['run_dir']})")
         cfg = with_suggestions(cfg, found["suggested"])
+    if seeds > 1:
+        from tftransfer.seeds import render_seeds, run_seeds
+
+        summary = run_seeds(cfg, seeds, overwrite=overwrite, verbose=verbose)
+        click.echo(render_seeds(summary))
+        click.echo(f"seeds summary: {Path(cfg.runs_dir) / summary['name'] / 'seeds.json'}")
+        return
     _echo_fit_result(run_fit(cfg, overwrite=overwrite, verbose=verbose).metrics)
 
 
@@ -431,6 +450,11 @@ def _echo_fit_result(metrics: dict[str, Any]) -> None:
     if export:
         status = "OK" if export["parity_ok"] else "FAILED"
         click.echo(f"exported: {export['path']}  (parity max abs diff {export['parity_max_abs_diff']:.1e}: {status})")
+    adapt = metrics.get("adapt")
+    if adapt:
+        final_target = (adapt.get("final") or {}).get("accuracy")
+        click.echo(f"target {adapt['target']} ({adapt['target_examples']} images, adapt {adapt['method']}): "
+                   + (f"accuracy {final_target:.4f}" if final_target is not None else "unlabeled"))
     click.echo(f"summary: {Path(run['run_dir']) / 'summary.md'}   tensorboard --logdir {Path(run['run_dir']).parent}")
 
 

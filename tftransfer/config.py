@@ -78,6 +78,9 @@ class ModelConfig:
     backbone_kwargs: dict = _opt({}, "extra keras.applications constructor arguments, e.g. {alpha: 0.5}")
     pooling: str = _opt("avg", "global pooling of the backbone's feature map", choices=("avg", "max"))
     dropout: float = _opt(0.2, "dropout rate before the Dense head", min=0.0, max=0.95)
+    bottleneck: int = _opt(0, "units of a Dense+ReLU layer between pooling and the head (0 = none); domain "
+                              "alignment (adapt.method) acts on its output, so it can work while the backbone "
+                              "is frozen", min=0)
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,11 @@ def _finetune_defaults() -> FinetuneConfig:
 class FinetuneConfig(PhaseConfig):
     """Phase 2: unfreeze the top blocks of the backbone and train at a low rate."""
 
-    unfreeze_blocks: int = _opt(2, "whole backbone blocks to unfreeze from the top (0 skips phase 2)", min=0)
+    unfreeze_blocks: int = _opt(2, "whole backbone blocks to unfreeze from the top (0 skips phase 2; more than "
+                                   "the backbone has, e.g. 1000, unfreezes all)", min=0)
+    l2_sp_alpha: float = _opt(0.0, "L2-SP (Li et al. 2018): alpha/2 * squared distance of the unfrozen backbone "
+                                   "weights to their pretrained values, added to the loss (0 = off)", min=0.0)
+    l2_sp_beta: float = _opt(0.0, "L2-SP: beta/2 * squared norm of the new head's weights (0 = off)", min=0.0)
 
 
 @dataclass(frozen=True)
@@ -159,6 +166,29 @@ class ExportConfig:
                                    min=0.0)
 
 
+ADAPT_METHODS = ("none", "dann", "coral", "mmd", "pseudo-label")  # tftransfer.adapt.methods.METHODS (a test ties them)
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """Training-time domain adaptation with unlabeled target images (labels, if any, only evaluate)."""
+
+    target: str = _opt("", "target-domain data spec (folder, manifest#domain=NAME, ...); its labels are never "
+                           "trained on, only reported")
+    method: str = _opt("none", "none, dann (gradient reversal + domain classifier), coral (Deep CORAL), mmd "
+                               "(multi-kernel MMD, DAN), pseudo-label (confident target predictions in rounds)",
+                       choices=ADAPT_METHODS)
+    weight: float = _opt(1.0, "trade-off of the adaptation loss against the task loss", min=0.0)
+    discriminator_units: int = _opt(256, "dann: hidden units of the two-layer domain classifier", min=1)
+    pseudo_threshold: float = _opt(0.9, "pseudo-label: minimum softmax confidence of a selected target image",
+                                   min=0.0, max=1.0)
+    pseudo_max_per_class: int = _opt(0, "pseudo-label: cap on selected images per predicted class (0 = class-"
+                                        "balanced: at most 2x the rarest selected class)", min=0)
+    pseudo_round_epochs: int = _opt(1, "pseudo-label: epochs per round (labels are re-drawn at each round's start)",
+                                    min=1)
+    max_target_images: int = _opt(0, "use at most this many target images (random, seeded); 0 = all", min=0)
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Everything one `tftransfer fit` run needs."""
@@ -168,6 +198,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     phases: PhasesConfig = field(default_factory=PhasesConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
@@ -331,10 +362,40 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+ALL_BLOCKS = 1000  # unfreeze_blocks above a backbone's block count unfreezes every block
+
+# Named fine-tuning recipes: dotted config values applied under the config file, flags and --set (which win).
+RECIPES: dict[str, dict[str, Any]] = {
+    # Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features": train the head to convergence first (cheap
+    # on cached features), then fine-tune the whole backbone at a low rate, so a random head never distorts it.
+    "lp-ft": {"phases.head.epochs": 30, "phases.head.restore_best": True,
+              "phases.finetune.unfreeze_blocks": ALL_BLOCKS, "phases.finetune.learning_rate": 1e-5,
+              "phases.finetune.schedule": "cosine", "phases.finetune.warmup_epochs": 1.0},
+    # The baseline LP-FT improves on: a random head and the whole backbone trained together from the start.
+    "ft": {"phases.head.epochs": 0, "phases.finetune.unfreeze_blocks": ALL_BLOCKS,
+           "phases.finetune.learning_rate": 1e-5, "phases.finetune.schedule": "cosine",
+           "phases.finetune.warmup_epochs": 1.0},
+    # Linear probe: the head alone on the frozen backbone.
+    "lp": {"phases.head.epochs": 30, "phases.finetune.epochs": 0},
+    # LP-FT with L2-SP (Li et al. 2018): the fine-tuned weights are pulled toward their pretrained values.
+    "lp-ft-l2sp": {"phases.head.epochs": 30, "phases.head.restore_best": True,
+                   "phases.finetune.unfreeze_blocks": ALL_BLOCKS, "phases.finetune.learning_rate": 1e-5,
+                   "phases.finetune.schedule": "cosine", "phases.finetune.warmup_epochs": 1.0,
+                   "phases.finetune.l2_sp_alpha": 0.01, "phases.finetune.l2_sp_beta": 0.01},
+}
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
-                values: Mapping[str, Any] | None = None) -> ExperimentConfig:
-    """Loads an ExperimentConfig: defaults <- YAML file <- `values` (dotted keys) <- `key=value` overrides."""
-    tree: dict[str, Any] = read_yaml(path) if path is not None else {}
+                values: Mapping[str, Any] | None = None, recipe: str | None = None) -> ExperimentConfig:
+    """Loads an ExperimentConfig: defaults <- `recipe` <- YAML file <- `values` (dotted keys) <- overrides."""
+    tree: dict[str, Any] = {}
+    if recipe:
+        if recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe {recipe!r}; one of {', '.join(RECIPES)}")
+        for dotted, value in RECIPES[recipe].items():
+            _set_path(tree, dotted.split("."), value)
+    if path is not None:
+        tree = _deep_merge(tree, read_yaml(path))
     source = f"{path}: " if path is not None else ""
     for dotted, value in (values or {}).items():
         _set_path(tree, dotted.split("."), value)

@@ -23,11 +23,10 @@ import tensorflow as tf
 
 import tftransfer
 from tftransfer.data.sources import Split
-from tftransfer.model import build_inference_fn
+from tftransfer.model import POOL_LAYER, build_inference_fn
 
 logger = logging.getLogger(__name__)
 
-POOL_LAYER = "pool"
 CACHE_ENV = "TFTRANSFER_CACHE"
 
 
@@ -41,17 +40,31 @@ def build_feature_extractor(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, model.get_layer(POOL_LAYER).output, name="feature_extractor")
 
 
-def build_head_model(model: keras.Model) -> keras.Model:
-    """pooled features -> logits through the model's own head layers (dropout, Dense)."""
-    pool = model.get_layer(POOL_LAYER)
-    inputs = keras.Input(shape=pool.output.shape[1:], dtype=pool.output.dtype, name="features")
+def build_head_model(model: keras.Model, after: str = POOL_LAYER) -> keras.Model:
+    """features -> logits through the model's own layers after `after` (pooling: bottleneck, dropout, Dense)."""
+    return build_chain(model, after, None, name="head")
+
+
+def build_chain(model: keras.Model, after: str, upto: str | None, name: str = "chain") -> keras.Model:
+    """A model of the layers strictly after `after` up to and including `upto` (None = to the output).
+
+    The layers are shared with `model` (so are their weights); valid for the sequential tail after pooling.
+    Equal `after` and `upto` give the identity on `after`'s output.
+    """
+    start = model.get_layer(after)
+    inputs = keras.Input(shape=start.output.shape[1:], dtype=start.output.dtype, name="features")
     x = inputs
-    after = False
+    active = False
     for layer in model.layers:
-        if after:
+        if active:
             x = layer(x)
-        after = after or layer is pool
-    return keras.Model(inputs, x, name="head")
+            if layer.name == upto:
+                break
+        if layer is start:
+            active = True
+            if upto == after:
+                break
+    return keras.Model(inputs, x, name=name)
 
 
 def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:

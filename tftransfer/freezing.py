@@ -48,7 +48,7 @@ def unfreeze_top_blocks(model: keras.Model, blocks: Sequence[Block], n: int) -> 
     backbone = get_backbone(model)
     chosen = list(blocks)[-n:] if n else []
     if n > len(blocks):
-        logger.warning("asked to unfreeze %d blocks but the backbone has %d; unfreezing all", n, len(blocks))
+        logger.info("unfreezing all %d blocks (asked for %d)", len(blocks), n)
     names = {name for block in chosen for name in block.layer_names}
     backbone.trainable = True
     trainable = 0

@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 BACKBONE_LAYER = "backbone"
 HEAD_LAYER = "logits"
+BOTTLENECK_LAYER = "bottleneck"
+POOL_LAYER = "pool"
 
 
 def build_model(cfg: ModelConfig, spec: BackboneSpec, num_classes: int, image_size: int,
@@ -36,11 +38,19 @@ def build_model(cfg: ModelConfig, spec: BackboneSpec, num_classes: int, image_si
     x = Preprocess(spec.preprocess_mode, name="preprocess")(x)
     x = InferenceBackbone(backbone, name=BACKBONE_LAYER)(x)
     pool = keras.layers.GlobalAveragePooling2D if cfg.pooling == "avg" else keras.layers.GlobalMaxPooling2D
-    x = pool(name="pool")(x)
+    x = pool(name=POOL_LAYER)(x)
+    if cfg.bottleneck > 0:
+        x = keras.layers.Dense(cfg.bottleneck, activation="relu", name=BOTTLENECK_LAYER)(x)
     if cfg.dropout > 0:
         x = keras.layers.Dropout(cfg.dropout, name="dropout")(x)
     outputs = keras.layers.Dense(num_classes, dtype="float32", name=HEAD_LAYER)(x)
     return keras.Model(inputs, outputs, name=f"tftransfer_{spec.name}")
+
+
+def alignment_layer(model: keras.Model) -> str:
+    """The layer whose output domain-adaptation losses align: the bottleneck when there is one, else pooling."""
+    names = {layer.name for layer in model.layers}
+    return BOTTLENECK_LAYER if BOTTLENECK_LAYER in names else POOL_LAYER
 
 
 def get_backbone(model: keras.Model) -> keras.Model:

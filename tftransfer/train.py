@@ -24,8 +24,19 @@ import tensorflow as tf
 
 import tftransfer
 from tftransfer import backbones
+from tftransfer.adapt.data import (
+    TargetDomain,
+    feature_ordered,
+    feature_stream,
+    load_target,
+    target_ordered,
+    target_stream,
+)
+from tftransfer.adapt.methods import AdaptMethod, build_method
+from tftransfer.adapt.trainer import AdaptiveTrainer, L2SPSpec, TargetMonitor
 from tftransfer.checkpoint import Checkpoint, TrainState, load_latest, save_checkpoint
 from tftransfer.config import (
+    DataConfig,
     ExperimentConfig,
     FinetuneConfig,
     HeadConfig,
@@ -35,10 +46,11 @@ from tftransfer.config import (
     save_config,
 )
 from tftransfer.data.balance import class_weight_for
-from tftransfer.data.pipeline import Datasets, make_datasets, take_pixels
+from tftransfer.data.pipeline import Datasets, make_datasets, make_split_dataset, take_pixels
 from tftransfer.data.sources import DataSource, source_from_config
-from tftransfer.errors import RunDirError, TfTransferError
+from tftransfer.errors import ConfigError, RunDirError, TfTransferError
 from tftransfer.features import (
+    build_chain,
     build_feature_extractor,
     build_head_model,
     cached_features,
@@ -47,7 +59,15 @@ from tftransfer.features import (
     file_hash,
 )
 from tftransfer.freezing import FreezeReport, freeze_backbone, unfreeze_top_blocks
-from tftransfer.model import build_inference_fn, build_model
+from tftransfer.model import (
+    BOTTLENECK_LAYER,
+    HEAD_LAYER,
+    POOL_LAYER,
+    alignment_layer,
+    build_inference_fn,
+    build_model,
+    get_backbone,
+)
 from tftransfer.runtime import RuntimeInfo, configure_runtime
 from tftransfer.workdir import RunDir, create_run_dir, write_json
 
@@ -259,6 +279,9 @@ class PhaseInputs:
     val: tf.data.Dataset | None
     steps_per_epoch: int
     note: str = "images"
+    target_features: np.ndarray | None = None  # cached target features (phase 1 with a target)
+    target_index: np.ndarray | None = None  # the target example index of each cached vector
+    callbacks: list[keras.callbacks.Callback] = field(default_factory=list)  # run before all others
 
 
 @dataclass(frozen=True)
@@ -270,7 +293,8 @@ class FeatureCacheSpec:
 
 
 def _head_on_features(model: keras.Model, head: HeadConfig, data: Datasets, cache: FeatureCacheSpec,
-                      seed: int) -> PhaseInputs:
+                      seed: int, target: TargetDomain | None = None,
+                      data_cfg: DataConfig | None = None) -> PhaseInputs:
     """Phase 1 on cached pooled features: the frozen backbone runs once per image view, not once per epoch."""
     extractor = build_inference_fn(build_feature_extractor(model))  # traced once for every view and split
     views = head.feature_cache_views if data.augmenter is not None else 1
@@ -292,10 +316,71 @@ def _head_on_features(model: keras.Model, head: HeadConfig, data: Datasets, cach
                                   shuffle_buffer=1, seed=seed)
     train_ds = features_dataset(train_set.features, train_set.labels, data.batch_size, training=True,
                                 shuffle_buffer=data.shuffle_buffer, seed=seed)
+    target_features = target_index = None
+    if target is not None:
+        target_set = cached_features(extractor, [target_ordered(target, data.image_size, data_cfg or DataConfig())],
+                                     target.split, cache.key_parts, cache.cache_dir, what="target")
+        target_features, target_index = target_set.features, target_set.labels
     steps = max(1, math.ceil(len(train_set.labels) / data.batch_size))
     return PhaseInputs(build_head_model(model), train_ds, val_ds, steps,
                        note=f"cached features ({views} view{'s' if views > 1 else ''} per image"
-                            f"{', from cache' if train_set.from_cache else ''})")
+                            f"{', from cache' if train_set.from_cache else ''})", target_features=target_features,
+                       target_index=target_index)
+
+
+def _adaptive_inputs(name: str, phase: PhaseConfig, model: keras.Model, inputs: PhaseInputs, cfg: ExperimentConfig,
+                     data: Datasets, target: TargetDomain | None, l2sp_reference: dict[int, np.ndarray] | None,
+                     class_weight: dict[int, float] | None, epochs_before: int, total_epochs: int,
+                     method: AdaptMethod | None) -> PhaseInputs:
+    """The phase's inputs re-wrapped for the AdaptiveTrainer when it adapts to a target or uses L2-SP."""
+    l2sp = None
+    if isinstance(phase, FinetuneConfig) and (phase.l2_sp_alpha > 0 or phase.l2_sp_beta > 0):
+        l2sp = L2SPSpec(phase.l2_sp_alpha, phase.l2_sp_beta, l2sp_reference or {})
+    if target is None and l2sp is None:
+        return inputs
+    align = alignment_layer(model)
+    on_features = inputs.model is not model
+    if on_features:
+        encoder = build_chain(model, POOL_LAYER, align, name="encoder") if align != POOL_LAYER else None
+    else:
+        encoder = keras.Model(model.inputs, model.get_layer(align).output, name="encoder")
+    classifier = build_head_model(model, after=align)
+    head_vars = [w for layer in model.layers if layer.name in (HEAD_LAYER, BOTTLENECK_LAYER)
+                 for w in layer.trainable_weights]
+    steps = inputs.steps_per_epoch
+    trainer = AdaptiveTrainer(encoder, classifier, len(data.class_names), method=method, weight=cfg.adapt.weight,
+                              num_target=len(target) if target is not None else 0, class_weight=class_weight,
+                              label_smoothing=phase.label_smoothing, progress_offset=epochs_before * steps,
+                              total_steps=total_epochs * steps, l2sp=l2sp, head_variables=head_vars,
+                              name=f"adaptive_{name}")
+    train, callbacks, note = inputs.train, [], inputs.note
+    if target is not None:
+        seed = cfg.runtime.seed
+        if on_features:
+            assert inputs.target_features is not None and inputs.target_index is not None
+            stream = feature_stream(inputs.target_features, inputs.target_index, data.batch_size, seed=seed,
+                                    shuffle_buffer=data.shuffle_buffer)
+            ordered = feature_ordered(inputs.target_features, inputs.target_index, data.batch_size)
+        else:
+            stream = target_stream(target, data.image_size, cfg.data, seed=seed, augmenter=data.augmenter)
+            ordered = target_ordered(target, data.image_size, cfg.data)
+        if method is not None:
+            train = tf.data.Dataset.zip((inputs.train, stream))
+        callbacks.append(TargetMonitor(trainer, ordered, target.labels, len(target),
+                                       round_epochs=cfg.adapt.pseudo_round_epochs))
+        note += f"; target {target.spec} ({len(target)} images), adapt.method {cfg.adapt.method}"
+    if l2sp is not None:
+        note += f"; L2-SP alpha {l2sp.alpha:g} beta {l2sp.beta:g}"
+    return PhaseInputs(trainer, train, inputs.val, steps, note=note, callbacks=callbacks)
+
+
+def compile_inputs(inputs: PhaseInputs, phase: PhaseConfig, num_classes: int, jit_compile: bool) -> None:
+    """Compiles a phase's model: the AdaptiveTrainer computes its own losses, a plain model gets the task loss."""
+    if isinstance(inputs.model, AdaptiveTrainer):
+        inputs.model.compile(optimizer=build_optimizer(phase, inputs.steps_per_epoch), jit_compile=jit_compile)
+    else:
+        compile_for_phase(inputs.model, phase, inputs.steps_per_epoch, num_classes, jit_compile)
+
 
 
 @dataclass
@@ -334,7 +419,13 @@ class EpochCheckpoint(keras.callbacks.Callback):
             return  # never overwrite the last good checkpoint with a diverged epoch
         best = self.progress.best
         save_checkpoint(self.checkpoints, self.full_model, self.model.optimizer, self.progress.state(epoch + 1),
-                        best.best_weights if best else None)
+                        best.best_weights if best else None, extra_weights=_extra_weights(self.model))
+
+
+def _extra_weights(model: keras.Model) -> list[np.ndarray] | None:
+    """An adaptive trainer's method weights (not part of the exported model), for checkpoints."""
+    method = getattr(model, "method", None) if isinstance(model, AdaptiveTrainer) else None
+    return method.get_weights() if method is not None and method.weights else None
 
 
 def _phase_from_dict(data: dict[str, Any]) -> PhaseResult:
@@ -344,12 +435,15 @@ def _phase_from_dict(data: dict[str, Any]) -> PhaseResult:
 def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks: list[backbones.Block],
                run: RunDir | None = None, jit_compile: bool = False, verbose: int = 0,
                evaluate_phase: Callable[[keras.Model], dict[str, Any]] | None = None,
-               feature_cache: FeatureCacheSpec | None = None, resume: Checkpoint | None = None) -> FitPhasesResult:
+               feature_cache: FeatureCacheSpec | None = None, resume: Checkpoint | None = None,
+               target: TargetDomain | None = None,
+               l2sp_reference: dict[int, np.ndarray] | None = None) -> FitPhasesResult:
     """Runs phase 1 (head on a frozen backbone) and phase 2 (top blocks unfrozen), each skipped at 0 epochs.
 
     With `feature_cache` (and phases.head.feature_cache on), phase 1 trains the head on cached pooled features.
     `evaluate_phase(model)`, when given, measures the full model at the end of each phase. With `run`, every
     epoch is checkpointed; `resume` (whose weights are already in `model`) continues from such a checkpoint.
+    With a `target` (and cfg.adapt.method) or L2-SP, phases train through the AdaptiveTrainer.
     """
     head: HeadConfig = cfg.phases.head
     finetune: FinetuneConfig = cfg.phases.finetune
@@ -368,6 +462,8 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
         logger.info("class weights (inverse frequency): %s",
                     ", ".join(f"{data.class_names[i]} {w:.2f}" for i, w in class_weight.items()))
     epoch = 0
+    method = build_method(cfg.adapt) if target is not None else None  # one for all phases: DANN's discriminator
+    method_restored = False                                               # keeps learning across them
     plan: list[tuple[str, PhaseConfig, Callable[[], FreezeReport]]] = [
         ("head", head, lambda: freeze_backbone(model)),
     ]
@@ -388,14 +484,23 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
         report = set_trainable()
         started = time.perf_counter()
         if name == "head" and head.feature_cache and feature_cache is not None:
-            inputs = _head_on_features(model, head, data, feature_cache, cfg.runtime.seed)
+            inputs = _head_on_features(model, head, data, feature_cache, cfg.runtime.seed, target, cfg.data)
         else:
             inputs = PhaseInputs(model, data.train, data.val, data.steps_per_epoch)
+        total_epochs = sum(p.epochs for n, p, _ in plan)
+        inputs = _adaptive_inputs(name, phase, model, inputs, cfg, data, target, l2sp_reference, class_weight,
+                                  epoch, total_epochs, method)
+        if resume is not None and method is not None and not method_restored:
+            saved = resume.extra_weights()
+            if saved:
+                method.set_weights(saved)
+            method_restored = True
+        fit_class_weight = None if isinstance(inputs.model, AdaptiveTrainer) else class_weight
         logger.info("phase %s: %d epochs at lr %g (%s) on %s; trainable params %s, frozen %s%s", name,
                     phase.epochs, phase.learning_rate, phase.schedule, inputs.note,
                     f"{report.trainable_params:,}", f"{report.non_trainable_params:,}",
                     f"; unfrozen blocks {report.unfrozen_blocks}" if report.unfrozen_blocks else "")
-        compile_for_phase(inputs.model, phase, inputs.steps_per_epoch, len(data.class_names), jit_compile)
+        compile_inputs(inputs, phase, len(data.class_names), jit_compile)
         recorder.phase = name
         has_val = inputs.val is not None
         best = BestWeights() if phase.restore_best and has_val else None
@@ -411,7 +516,7 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
                 best.best_weights = resume.best_weights()
             logger.info("resuming phase %s after epoch %d of %d", name, initial_epoch - epoch, phase.epochs)
         guard = NaNGuard()
-        callbacks = shared + [guard] + ([best] if best else [])
+        callbacks = inputs.callbacks + shared + [guard] + ([best] if best else [])
         if phase.early_stopping_patience and has_val:
             callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss",
                                                            patience=phase.early_stopping_patience))
@@ -425,7 +530,7 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
             try:
                 inputs.model.fit(inputs.train, validation_data=inputs.val, initial_epoch=initial_epoch,
                                  epochs=epoch + phase.epochs, shuffle=False, callbacks=callbacks, verbose=verbose,
-                                 class_weight=class_weight)
+                                 class_weight=fit_class_weight)
             except tf.errors.OpError as exc:
                 # XLA cannot compile every op of every backbone; a failure before the first epoch finished has
                 # changed no weights, so the phase restarts without XLA instead of ending the run.
@@ -434,10 +539,10 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
                 logger.warning("XLA compilation failed in phase %s (%s: %s); continuing without XLA", name,
                                type(exc).__name__, str(exc).splitlines()[0][:200])
                 jit_compile = False
-                compile_for_phase(inputs.model, phase, inputs.steps_per_epoch, len(data.class_names), False)
+                compile_inputs(inputs, phase, len(data.class_names), False)
                 inputs.model.fit(inputs.train, validation_data=inputs.val, initial_epoch=initial_epoch,
                                  epochs=epoch + phase.epochs, shuffle=False, callbacks=callbacks, verbose=verbose,
-                                 class_weight=class_weight)
+                                 class_weight=fit_class_weight)
         result.jit_compile = jit_compile
         seconds = progress.seconds_before + time.perf_counter() - started
         if guard.bad_batch is not None:
@@ -455,7 +560,8 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
         progress.completed.append(asdict(done))
         if run is not None:  # the phase's final weights (best restored), so a resume starts the next phase
             progress.best = None
-            save_checkpoint(run.checkpoints, model, None, progress.state(epoch, phase_done=True))
+            save_checkpoint(run.checkpoints, model, None, progress.state(epoch, phase_done=True),
+                            extra_weights=_extra_weights(inputs.model))
     result.history = recorder.rows
     return result
 
@@ -523,6 +629,8 @@ class Experiment:
     blocks: list[backbones.Block]
     data: Datasets
     model: keras.Model
+    target: TargetDomain | None = None
+    l2sp_reference: dict[int, np.ndarray] | None = None
 
 
 def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
@@ -532,6 +640,9 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
     """
     spec = backbones.get_backbone_spec(cfg.model.backbone)
     image_size = resolve_image_size(cfg, spec)
+    if cfg.adapt.method != "none" and not cfg.adapt.target:
+        raise ConfigError(f"adapt.method {cfg.adapt.method} needs target images: give --target DATA "
+                          "(adapt.target)")
     if not cfg.name:
         cfg = replace(cfg, name=default_run_name(cfg))
     cfg = replace(cfg, data=replace(cfg.data, image_size=image_size))
@@ -545,7 +656,16 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
     logger.info("data: %d train / %d val examples, %d classes (%s)", len(source.train),
                 len(source.val) if source.val is not None else 0, len(source.class_names), source.split_method)
     data = make_datasets(cfg.data, source, image_size, seed=cfg.runtime.seed)
-    return Experiment(cfg, spec, image_size, source, info, blocks, data, model)
+    target = None
+    if cfg.adapt.target:
+        target = load_target(cfg.adapt.target, source.class_names, cfg.data, max_images=cfg.adapt.max_target_images,
+                             seed=cfg.runtime.seed)
+    reference = None
+    finetune = cfg.phases.finetune
+    if finetune.l2_sp_alpha > 0 and finetune.epochs > 0 and finetune.unfreeze_blocks > 0:
+        # The starting point L2-SP pulls toward: the pretrained values, taken before anything trains or resumes.
+        reference = {id(v): np.array(v.numpy(), np.float32) for v in get_backbone(model).trainable_weights}
+    return Experiment(cfg, spec, image_size, source, info, blocks, data, model, target, reference)
 
 
 def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int = 0,
@@ -594,7 +714,7 @@ def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int 
         with info.scope():
             fitted = fit_phases(model, cfg, data, blocks, run=run, jit_compile=info.jit_compile, verbose=verbose,
                                 evaluate_phase=evaluate_val, feature_cache=feature_cache_spec(cfg, spec, image_size),
-                                resume=checkpoint)
+                                resume=checkpoint, target=exp.target, l2sp_reference=exp.l2sp_reference)
     except KeyboardInterrupt:
         raise TrainingError(f"interrupted. Every finished epoch is checkpointed in {run.checkpoints}; continue with: "
                             f"tftransfer fit --resume {run.path}") from None
@@ -637,10 +757,39 @@ def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int 
         "export": export_entry,
         "timings": {"total_seconds": time.perf_counter() - started},
     }
+    if exp.target is not None:
+        metrics["adapt"] = adaptation_summary(model, cfg, exp.target, data, fitted.history)
     _write_plots(report, run, fitted, final_val)
     write_json(run.metrics, metrics)
     report.write_summary(metrics, run.path)
     return FitResult(run_dir=run.path, metrics=metrics, export_dir=export_dir, model=model)
+
+
+def adaptation_summary(model: keras.Model, cfg: ExperimentConfig, target: TargetDomain, data: Datasets,
+                       history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The target side of a run: final target accuracy (when labels exist) and how label-free model-selection
+    rules (source val loss/accuracy, target entropy) would have chosen among the epochs, against the truth."""
+    from tftransfer import evaluate
+
+    entry: dict[str, Any] = {"method": cfg.adapt.method, "target": target.spec, "target_examples": len(target),
+                             "labeled": target.labels is not None, "skipped_files": len(target.skipped)}
+    if target.labels is not None:
+        labeled = replace(target.split, labels=target.labels)
+        ds = make_split_dataset(labeled, data.image_size, data.batch_size, shuffle=False, cache="none")
+        found = evaluate.evaluate_model(model, ds, data.class_names)
+        entry["final"] = {k: found[k] for k in ("accuracy", "macro_f1", "top_k_accuracy", "ece", "nll")
+                          if k in found}
+    rules = {"source val_loss (min)": ("val_loss", min), "source val_accuracy (max)": ("val_accuracy", max),
+             "target_entropy (min)": ("target_entropy", min), "oracle: target_accuracy (max)": ("target_accuracy", max)}
+    selection = {}
+    for rule, (key, pick) in rules.items():
+        rows = [r for r in history if key in r and math.isfinite(r[key])]
+        if rows:
+            row = pick(rows, key=lambda r, k=key: r[k])
+            selection[rule] = {"epoch": row["epoch"], "phase": row["phase"], key: row[key],
+                               "target_accuracy": row.get("target_accuracy")}
+    entry["selection"] = selection
+    return entry
 
 
 def _resume_point(run_path: Path) -> tuple[ExperimentConfig, Checkpoint]:

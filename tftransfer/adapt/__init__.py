@@ -1,0 +1,1 @@
+"""Training-time domain adaptation: gradient reversal (DANN), CORAL, MMD and pseudo-labelling building blocks."""
