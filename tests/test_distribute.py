@@ -70,3 +70,20 @@ def test_bad_strategy_settings_are_config_errors(bad):
 
     with pytest.raises(ConfigError, match=bad.split("=")[0]):
         load_config(overrides=[bad])
+
+
+def test_adaptive_training_under_mirrored(tmp_path):
+    """The custom train_step (DANN, source + target batches) runs on 2 replicas with the losses added up right."""
+    runs = tmp_path / "runs"
+    proc = subprocess.run(_fit_command(runs, "dann", "--set", "runtime.strategy=mirrored",
+                                       "--set", "runtime.cpu_replicas=2", "--target", "builtin:digits",
+                                       "--adapt", "dann", "--set", "adapt.max_target_images=200",
+                                       "--set", "model.bottleneck=16"),
+                          capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((runs / "dann" / "runtime.json").read_text())["replicas"] == 2
+    history = json.loads((runs / "dann" / "history.json").read_text())
+    assert len(history) == 4
+    for row in history:
+        assert 0.0 <= row["domain_accuracy"] <= 1.0 and "target_accuracy" in row
+        assert abs(row["loss"] - (row["task_loss"] + row["adapt_loss"])) < 1e-3 * max(1.0, row["loss"])

@@ -65,8 +65,11 @@ class DANN(AdaptMethod):
     def build_for(self, feature_dim: int, num_classes: int, num_target: int) -> None:  # noqa: D102
         if self.built:  # one method serves every phase of a fit, its weights carried across
             return
+        self.reverse.build((None, feature_dim))
         self.hidden1.build((None, feature_dim))
+        self.drop1.build((None, self.units))
         self.hidden2.build((None, self.units))
+        self.drop2.build((None, self.units))
         self.out.build((None, self.units))
         self.built = True
 
