@@ -74,6 +74,8 @@ def test_dann_logs_every_loss_and_the_label_free_validators(tmp_path):
     assert {"source val_loss (min)", "target_entropy (min)", "oracle: target_accuracy (max)"} <= set(selection)
     oracle = selection["oracle: target_accuracy (max)"]["target_accuracy"]
     assert all(entry["target_accuracy"] <= oracle for entry in selection.values())
+    summary = (result.run_dir / "summary.md").read_text()
+    assert "## Target domain" in summary and "oracle: target_accuracy (max)" in summary
     tags = set()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

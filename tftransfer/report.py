@@ -324,9 +324,33 @@ def render_summary_markdown(metrics: Mapping[str, Any], *, run_dir: Path | None 
     lines += _run_section(metrics)
     lines += _phases_section(metrics)
     lines += _final_section(metrics)
+    lines += _adapt_section(metrics)
     lines += _export_section(metrics)
     lines += _plots_section(run_dir)
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _adapt_section(metrics: Mapping[str, Any]) -> list[str]:
+    """Target-domain results of a run trained with --target: final accuracy, and how label-free model selection
+    rules would have chosen against the truth."""
+    adapt = metrics.get("adapt")
+    if not isinstance(adapt, Mapping):
+        return []
+    final = _mapping(adapt.get("final"))
+    labels = "used only to score" if adapt.get("labeled") else "absent"
+    lines = ["## Target domain", "",
+             f"Target `{_text(adapt.get('target'))}`: {_int(adapt.get('target_examples'))} images, adaptation "
+             f"`{_text(adapt.get('method'))}`; target labels were {labels}.", ""]
+    if final:
+        lines += [f"Final target accuracy **{_pct(final.get('accuracy'))}**, "
+                  f"macro-F1 {_num(final.get('macro_f1'), 4)}.", ""]
+    selection = _mapping(adapt.get("selection"))
+    if selection:
+        rows = [[_text(rule), _int(entry.get("epoch")), _text(entry.get("phase")), _pct(entry.get("target_accuracy"))]
+                for rule, entry in ((r, _mapping(e)) for r, e in selection.items())]
+        lines += ["Which epoch each model-selection rule picks, and the target accuracy there:", "",
+                  *_table(["Rule", "Epoch", "Phase", "Target accuracy"], rows), ""]
+    return lines
 
 
 def _write_markdown(folder: Path, render: Callable[[Path], str]) -> Path:
