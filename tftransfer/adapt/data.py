@@ -95,9 +95,16 @@ def _unlabeled_folder(spec: str) -> tuple[Split, list[tuple[str, str]]]:
 
 def target_stream(target: TargetDomain, image_size: int, cfg: DataConfig, *, seed: int,
                   augmenter=None) -> tf.data.Dataset:
-    """Endless shuffled (pixels, index) batches: zipped with the finite source batches, the shorter side repeats."""
+    """Endless shuffled (pixels, index) batches: zipped with the finite source batches, the shorter side repeats.
+
+    Keras starts a new iterator every epoch and the source ends first, so a cache filled during training would be
+    left incomplete, discarded and the target decoded again every epoch; one pass here completes it up front.
+    """
     ds = make_split_dataset(target.split, image_size, cfg.batch_size, shuffle=True, cache=cfg.cache,
                             shuffle_buffer=cfg.shuffle_buffer, seed=seed + 1, augmenter=augmenter, name="target")
+    if cfg.cache != "none":
+        for _ in ds:
+            pass
     return ds.repeat()
 
 
