@@ -131,8 +131,8 @@ def load_latest(checkpoints: Path) -> Checkpoint:
     """The newest complete checkpoint; RunDirError when there is none."""
     found = list_checkpoints(checkpoints)
     if not found:
-        raise RunDirError(f"no checkpoint in {checkpoints}: the run stopped before its first epoch ended; "
-                          "start it again with --overwrite")
+        raise RunDirError(f"no checkpoint in {checkpoints}: the run stopped before its first checkpoint (a phase "
+                          "on cached features is checkpointed when it ends); start it again with --overwrite")
     path = found[-1]
     try:
         state = TrainState(**json.loads((path / "state.json").read_text()))

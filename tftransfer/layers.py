@@ -81,3 +81,20 @@ class InferenceBackbone(keras.layers.Layer):
         config = dict(config)
         config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
         return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="tftransfer")
+class SkipSameSizeResizing(keras.layers.Resizing):
+    """Keras' Resizing, but an identity for inputs whose static height and width already match.
+
+    Batches from the tftransfer pipeline are always at the target size, where an antialiased resize returns its
+    input unchanged yet costs a CPU-only op (ScaleAndTranslate) that XLA cannot compile: with it in the graph, XLA
+    training fails on every device and GPU steps copy each batch to the host and back. Raw inputs of another or
+    unknown size (the serving signatures) are still resized.
+    """
+
+    def call(self, inputs):  # noqa: D102
+        shape = getattr(inputs, "shape", None)
+        if shape is not None and len(shape) == 4 and shape[1] == self.height and shape[2] == self.width:
+            return keras.ops.cast(inputs, self.compute_dtype)
+        return super().call(inputs)

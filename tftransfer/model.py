@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from tftransfer.backbones import BackboneSpec, build_backbone
 from tftransfer.config import ModelConfig
-from tftransfer.layers import InferenceBackbone, Preprocess
+from tftransfer.layers import InferenceBackbone, Preprocess, SkipSameSizeResizing
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,8 @@ def build_model(cfg: ModelConfig, spec: BackboneSpec, num_classes: int, image_si
     if backbone is None:
         backbone = build_backbone(spec, image_size, weights, **cfg.backbone_kwargs)
     inputs = keras.Input(shape=(None, None, 3), dtype="float32", name="pixels")
-    x = keras.layers.Resizing(image_size, image_size, interpolation="bilinear", antialias=True,
-                              name="resize")(inputs)
+    x = SkipSameSizeResizing(image_size, image_size, interpolation="bilinear", antialias=True,
+                             name="resize")(inputs)
     x = Preprocess(spec.preprocess_mode, name="preprocess")(x)
     x = InferenceBackbone(backbone, name=BACKBONE_LAYER)(x)
     pool = keras.layers.GlobalAveragePooling2D if cfg.pooling == "avg" else keras.layers.GlobalMaxPooling2D

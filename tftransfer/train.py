@@ -281,6 +281,7 @@ class PhaseInputs:
     note: str = "images"
     target_features: np.ndarray | None = None  # cached target features (phase 1 with a target)
     target_index: np.ndarray | None = None  # the target example index of each cached vector
+    on_features: bool = False  # trains on cached features: epochs take milliseconds, not worth a checkpoint each
     callbacks: list[keras.callbacks.Callback] = field(default_factory=list)  # run before all others
 
 
@@ -325,7 +326,7 @@ def _head_on_features(model: keras.Model, head: HeadConfig, data: Datasets, cach
     return PhaseInputs(build_head_model(model), train_ds, val_ds, steps,
                        note=f"cached features ({views} view{'s' if views > 1 else ''} per image"
                             f"{', from cache' if train_set.from_cache else ''})", target_features=target_features,
-                       target_index=target_index)
+                       target_index=target_index, on_features=True)
 
 
 def _adaptive_inputs(name: str, phase: PhaseConfig, model: keras.Model, inputs: PhaseInputs, cfg: ExperimentConfig,
@@ -339,7 +340,7 @@ def _adaptive_inputs(name: str, phase: PhaseConfig, model: keras.Model, inputs: 
     if target is None and l2sp is None:
         return inputs
     align = alignment_layer(model)
-    on_features = inputs.model is not model
+    on_features = inputs.on_features
     if on_features:
         encoder = build_chain(model, POOL_LAYER, align, name="encoder") if align != POOL_LAYER else None
     else:
@@ -371,7 +372,8 @@ def _adaptive_inputs(name: str, phase: PhaseConfig, model: keras.Model, inputs: 
         note += f"; target {target.spec} ({len(target)} images), adapt.method {cfg.adapt.method}"
     if l2sp is not None:
         note += f"; L2-SP alpha {l2sp.alpha:g} beta {l2sp.beta:g}"
-    return PhaseInputs(trainer, train, inputs.val, steps, note=note, callbacks=callbacks)
+    return PhaseInputs(trainer, train, inputs.val, steps, note=note, callbacks=callbacks,
+                       on_features=inputs.on_features)
 
 
 def compile_inputs(inputs: PhaseInputs, phase: PhaseConfig, num_classes: int, jit_compile: bool) -> None:
@@ -520,7 +522,9 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
         if phase.early_stopping_patience and has_val:
             callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss",
                                                            patience=phase.early_stopping_patience))
-        if run is not None:
+        if run is not None and not inputs.on_features:
+            # A phase on cached features is over in seconds (saving the full model and optimizer every epoch cost
+            # two thirds of it); it is checkpointed when it ends, and a run killed inside it redoes it.
             callbacks.append(EpochCheckpoint(model, run.checkpoints, progress))
         with warnings.catch_warnings():
             # The file pipeline drops undecodable files, so its length is unknown until the first pass ends;
