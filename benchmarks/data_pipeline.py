@@ -3,8 +3,8 @@
 On hymenoptera train (245 photos, up to 2592 px) at 224 px, batch 32, it times full passes over two pipelines that
 apply the same augmentation (tftransfer's augmenter for the config's data.augment, as a tf.data map on batches):
 
-- tftransfer: `make_datasets` (decode + EXIF orientation + antialiased resize, memory cache, shuffle, batch,
-  augment, prefetch);
+- tftransfer: `make_datasets` (files in a shuffled order, decode + EXIF orientation + antialiased resize, memory
+  cache, reshuffle from the second pass on, batch, augment, prefetch);
 - keras: `keras.utils.image_dataset_from_directory(..., image_size=(224, 224), batch_size=32)`, then `.cache()`,
   the augmenter map and `.prefetch()`.
 
@@ -13,7 +13,9 @@ pass, served from the in-memory cache; augmentation still runs). The JPEG bytes 
 see the OS page cache warm: "cold" here means decoding, not disk reads. Then, with the data already in memory, it
 times MobileNetV2's (alpha 0.5, real weights) phase-2 training step (top 2 blocks trainable, BatchNorm frozen,
 `train_on_batch`) and, for reference, inference of the frozen model (`predict_on_batch`; what phase 1 costs per
-image without the feature cache). Figures are images/s, the median over `--passes` passes.
+image without the feature cache). Figures are images/s, the median over `--passes` passes, with the CPU time
+(all threads) per image beside them: on a machine other work shares, the wall-clock rates swing with that work, the
+CPU cost much less. The cold pass also reports how long its first batch took (the pipeline streams or not).
 
     python benchmarks/data_pipeline.py                               # full run, ~1-3 minutes on 2 CPUs
     python benchmarks/data_pipeline.py --quick --out /tmp/quick.json # smoke check: a few batches, figures mean nothing
@@ -76,22 +78,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def time_pass(ds: Any, max_batches: int | None) -> dict[str, float]:
-    """Iterates a batched dataset (fully, or max_batches) and returns images, seconds and images/s."""
-    images = 0
-    started = time.perf_counter()
+    """Iterates a batched dataset (fully, or max_batches): images, seconds, images/s and CPU ms per image.
+
+    The CPU time is this process's (all threads): the work an image costs, which other load on a shared machine
+    changes far less than the wall-clock rate.
+    """
+    images, first = 0, 0.0
+    started, cpu = time.perf_counter(), time.process_time()
     for i, (x, _) in enumerate(ds):
         # Iterating eagerly hands back computed tensors, so the count cannot run ahead of the work.
         images += int(x.shape[0])
+        if i == 0:
+            first = time.perf_counter() - started
         if max_batches is not None and i + 1 >= max_batches:
             break
-    seconds = time.perf_counter() - started
-    return {"images": images, "seconds": seconds, "images_per_s": images / seconds if seconds > 0 else 0.0}
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds if seconds > 0 else 0.0,
+            "cpu_ms_per_image": 1000.0 * cpu / images if images else 0.0, "first_batch_seconds": first}
 
 
 def summarise(passes: list[dict[str, float]]) -> dict[str, Any]:
-    """The passes plus their median images/s."""
-    return {"median_images_per_s": statistics.median(p["images_per_s"] for p in passes),
-            "passes": [{k: round(v, 4) if isinstance(v, float) else v for k, v in p.items()} for p in passes]}
+    """The passes plus their median images/s and CPU ms per image."""
+    out = {"median_images_per_s": statistics.median(p["images_per_s"] for p in passes),
+           "median_cpu_ms_per_image": statistics.median(p["cpu_ms_per_image"] for p in passes)}
+    if all("first_batch_seconds" in p for p in passes):
+        out["median_first_batch_seconds"] = statistics.median(p["first_batch_seconds"] for p in passes)
+    return {**out, "passes": [{k: round(v, 4) if isinstance(v, float) else v for k, v in p.items()} for p in passes]}
 
 
 def time_steps(step: Callable[[Any, Any], Any], batches: list[tuple[Any, Any]], passes: int) -> dict[str, Any]:
@@ -101,13 +113,14 @@ def time_steps(step: Callable[[Any, Any], Any], batches: list[tuple[Any, Any]], 
     results = []
     for _ in range(passes):
         images = 0
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for x, y in batches:
             # train_on_batch / predict_on_batch return NumPy values, so each call has finished when it returns.
             step(x, y)
             images += len(x)
-        seconds = time.perf_counter() - started
-        results.append({"images": images, "seconds": seconds, "images_per_s": images / seconds})
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+        results.append({"images": images, "seconds": seconds, "images_per_s": images / seconds,
+                        "cpu_ms_per_image": 1000.0 * cpu / images})
     return summarise(results)
 
 
@@ -208,37 +221,50 @@ def bench_model(exp: Any, passes: int, n_batches: int) -> dict[str, Any]:
 
 
 def goals(pipes: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
-    """The issue's two goals, for both the cold (first epoch) and warm (later epochs) pass."""
+    """The issue's two goals, for both the cold (first epoch) and warm (later epochs) pass.
+
+    Judged on the wall-clock rates; the `cpu_` ratios compare CPU time per image instead (the step's over the
+    pipeline's, Keras' over ours), which tell the same thing with less noise when other work shares the machine.
+    """
     step = model["phase2_train_step"]["median_images_per_s"]
+    step_cpu = model["phase2_train_step"]["median_cpu_ms_per_image"]
     out: dict[str, Any] = {"target_ratio_vs_train_step": TARGET_RATIO}
     for state in ("cold", "warm"):
         ours = pipes["tftransfer"][state]["median_images_per_s"]
         theirs = pipes["keras"][state]["median_images_per_s"]
+        ours_cpu = pipes["tftransfer"][state]["median_cpu_ms_per_image"]
+        theirs_cpu = pipes["keras"][state]["median_cpu_ms_per_image"]
         out[state] = {"ratio_vs_train_step": ours / step, "meets_3x": ours >= TARGET_RATIO * step,
-                      "ratio_vs_keras": ours / theirs, "no_slower_than_keras": ours >= theirs}
+                      "ratio_vs_keras": ours / theirs, "no_slower_than_keras": ours >= theirs,
+                      "cpu_ratio_vs_train_step": step_cpu / ours_cpu if ours_cpu else 0.0,
+                      "cpu_ratio_vs_keras": theirs_cpu / ours_cpu if ours_cpu else 0.0}
     return out
 
 
 def print_table(pipes: dict[str, Any], model: dict[str, Any], gl: dict[str, Any]) -> None:
     """The figures as a plain-text table."""
     step = model["phase2_train_step"]["median_images_per_s"]
-    print(f"\n{'measurement':<44}{'images/s':>10}{'x train step':>14}")
+    print(f"\n{'measurement':<44}{'images/s':>10}{'x train step':>14}{'CPU ms/image':>14}")
     for name in ("tftransfer", "keras"):
         for state in ("cold", "warm"):
-            rate = pipes[name][state]["median_images_per_s"]
+            rate, cpu = pipes[name][state]["median_images_per_s"], pipes[name][state]["median_cpu_ms_per_image"]
             label = f"{name} pipeline, {state} ({'decode' if state == 'cold' else 'cache'})"
-            print(f"{label:<44}{rate:>10.1f}{rate / step:>13.2f}x")
+            print(f"{label:<44}{rate:>10.1f}{rate / step:>13.2f}x{cpu:>14.2f}")
     for key, label in (("phase2_train_step", "phase-2 train step (top 2 blocks, BN frozen)"),
                        ("frozen_inference", "frozen-model inference (reference)")):
-        rate = model[key]["median_images_per_s"]
-        print(f"{label:<44}{rate:>10.1f}{rate / step:>13.2f}x")
+        rate, cpu = model[key]["median_images_per_s"], model[key]["median_cpu_ms_per_image"]
+        print(f"{label:<44}{rate:>10.1f}{rate / step:>13.2f}x{cpu:>14.2f}")
+    for name in ("tftransfer", "keras"):
+        print(f"{name}: first batch of the cold pass after "
+              f"{pipes[name]['cold'].get('median_first_batch_seconds', 0.0):.2f} s")
     print()
     for state in ("cold", "warm"):
         g = gl[state]
         print(f"{state}: tftransfer = {g['ratio_vs_train_step']:.2f}x the train step "
               f"(goal >= {TARGET_RATIO:.0f}x: {'met' if g['meets_3x'] else 'NOT met'}); "
               f"{g['ratio_vs_keras']:.2f}x image_dataset_from_directory "
-              f"(goal >= 1x: {'met' if g['no_slower_than_keras'] else 'NOT met'})")
+              f"(goal >= 1x: {'met' if g['no_slower_than_keras'] else 'NOT met'}); by CPU time per image "
+              f"{g['cpu_ratio_vs_train_step']:.2f}x the step, {g['cpu_ratio_vs_keras']:.2f}x Keras")
 
 
 def main(argv: list[str] | None = None) -> int:

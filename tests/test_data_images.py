@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageOps
 
-from tftransfer.data.images import decode_and_resize, decode_image, exif_orientation
+from tftransfer.data.images import decode_and_resize, decode_image, exif_orientation, resize_image
 from tftransfer.data.probe import extension_mismatch, probe_image, probe_images
 from tftransfer.data.sources import load_image_folder
 
@@ -131,6 +131,37 @@ def test_decode_is_the_same_eagerly_and_in_tf_data():
         np.testing.assert_array_equal(a, b)
     graph = tf.function(lambda p: decode_and_resize(p, 10))
     np.testing.assert_array_equal(graph(tf.constant(payloads[1])).numpy(), eager[1])
+
+
+def _photo(height: int, width: int) -> np.ndarray:
+    """A smooth, photo-like image with some texture (a JPEG of pure noise would not be realistic)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([128 + 100 * np.sin(x / 37.0), 128 + 100 * np.cos(y / 23.0), 128 + 60 * np.sin((x + y) / 51.0)],
+                    axis=-1)
+    return np.clip(base + RNG.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
+
+
+def test_large_jpegs_are_decoded_at_a_reduced_scale_close_to_a_full_decode():
+    data = _encode(Image.fromarray(_photo(800, 1000)), "JPEG", quality=90)
+    full = resize_image(decode_image(tf.constant(data)), 100).numpy()
+    fast = decode_and_resize(tf.constant(data), 100).numpy()  # short side 800 // 4 >= 2 x 100: decoded at 1/4
+    assert fast.shape == (100, 100, 3) and not np.array_equal(fast, full)
+    assert np.abs(fast - full).mean() < 1.0
+    # the same in a tf.data map (the training pipeline) as eagerly (the export's parity reference)
+    (mapped,) = tf.data.Dataset.from_tensors(data).map(lambda p: decode_and_resize(p, 100)).as_numpy_iterator()
+    np.testing.assert_array_equal(mapped, fast)
+    # where the margin allows no reduction, exactly the full decode
+    np.testing.assert_array_equal(decode_and_resize(tf.constant(data), 401).numpy(),
+                                  resize_image(decode_image(tf.constant(data)), 401).numpy())
+    # EXIF orientation is still applied to a reduced decode
+    turned = _with_exif(data, 6, "II")
+    out = decode_and_resize(tf.constant(turned), 100).numpy()
+    reference = resize_image(decode_image(tf.constant(turned)), 100).numpy()
+    assert np.abs(out - reference).mean() < 1.0 and np.abs(out - fast).mean() > 10
+    # other formats always decode in full
+    png = _encode(Image.fromarray(_photo(800, 1000)), "PNG")
+    np.testing.assert_array_equal(decode_and_resize(tf.constant(png), 100).numpy(),
+                                  resize_image(decode_image(tf.constant(png)), 100).numpy())
 
 
 def test_probe_finds_each_kind_of_bad_file(tmp_path):

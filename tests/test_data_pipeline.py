@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import make_colour_folder
 
 from tftransfer.config import AugmentConfig, DataConfig, load_config
+from tftransfer.data import pipeline
 from tftransfer.data.balance import class_weight_for, class_weights, imbalance_ratio
 from tftransfer.data.pipeline import AUGMENT_PRESETS, build_augmenter, make_datasets, make_split_dataset
 from tftransfer.data.sources import load_arrays, load_image_folder
@@ -17,6 +21,15 @@ from tftransfer.errors import ConfigError, DataError
 
 def _labels(ds) -> np.ndarray:
     return np.concatenate([y.numpy() for _, y in ds])
+
+
+def _pixels(ds) -> np.ndarray:
+    return np.concatenate([x.numpy() for x, _ in ds])
+
+
+def _ids(pixels: np.ndarray) -> list[float]:
+    """One number per image (the noisy test images all differ), to compare orders."""
+    return [round(float(v), 2) for v in pixels.sum(axis=(1, 2, 3))]
 
 
 def _imbalanced(n_major: int = 60, n_minor: int = 6):
@@ -93,9 +106,9 @@ def test_presets_are_the_config_choices_and_build():
     assert set(choices) == set(AUGMENT_PRESETS)
     assert build_augmenter(AugmentConfig(preset="none", flip=True, contrast=0.5), seed=0) is None
     names = lambda cfg: [type(layer).__name__ for layer in build_augmenter(cfg, 0).layers]  # noqa: E731
-    assert names(AugmentConfig(preset="custom", flip=False, brightness=0.2)) == ["RandomBrightness"]
-    assert names(AugmentConfig(preset="light")) == ["RandomFlip", "RandomRotation", "RandomZoom",
-                                                   "RandomTranslation", "RandomContrast", "RandomBrightness"]
+    assert names(AugmentConfig(preset="custom", flip=False, brightness=0.2)) == ["RandomColour"]
+    assert names(AugmentConfig(preset="custom", flip=True)) == ["RandomGeometry"]
+    assert names(AugmentConfig(preset="light")) == ["RandomGeometry", "RandomColour"]
     assert names(AugmentConfig(preset="randaugment")) == ["RandomFlip", "RandAugment"]
 
 
@@ -143,3 +156,87 @@ def test_ordered_dataset_keeps_source_order(colour_folder):
     src = load_image_folder(colour_folder, val_split=0.0)
     ds = make_split_dataset(src.train, 8, 7, shuffle=False, cache="none")
     np.testing.assert_array_equal(_labels(ds), src.train.labels)
+
+
+def test_first_epoch_streams_instead_of_decoding_the_split_first(colour_folder, monkeypatch):
+    src = load_image_folder(colour_folder, val_split=0.0)
+    decoded: list[int] = []
+    original = pipeline.decode_and_resize
+
+    def slow_counting(encoded, size):
+        def note(x):
+            time.sleep(0.02)  # a decode that takes time, so nothing races far ahead of the first batch
+            decoded.append(1)
+            return x
+
+        out = tf.py_function(note, [original(encoded, size)], tf.float32)
+        out.set_shape([size, size, 3])
+        return out
+
+    monkeypatch.setattr(pipeline, "decode_and_resize", slow_counting)
+    ds = make_split_dataset(src.train, 8, 2, shuffle=True, seed=0)
+    next(iter(ds))
+    assert len(decoded) < len(src.train) // 2  # the whole split (36) before the first batch was the old way
+
+
+def test_shuffled_epochs_come_from_the_cache_in_new_orders(colour_folder):
+    src = load_image_folder(colour_folder, val_split=0.0)
+    ds = make_split_dataset(src.train, 8, 5, shuffle=True, seed=2)
+    first = _pixels(ds)
+    for path in src.train.paths:  # later epochs must not need the files any more
+        Path(path).unlink()
+    second, third = _pixels(ds), _pixels(ds)
+    assert len(first) == len(second) == len(third) == len(src.train)
+    assert sorted(_ids(first)) == sorted(_ids(second)) == sorted(_ids(third))
+    assert len({tuple(_ids(p)) for p in (first, second, third)}) == 3
+    assert _ids(first) != sorted(_ids(first))  # the first epoch is shuffled too, not in file order
+
+
+def test_seed_replays_orders_and_augmentation_epoch_by_epoch(colour_folder):
+    src = load_image_folder(colour_folder, val_split=0.0)
+    cfg = DataConfig(batch_size=8, augment=AugmentConfig(flip=True, rotation=0.1, zoom=0.1, contrast=0.2))
+    runs = []
+    for _ in range(2):
+        train = make_datasets(cfg, src, image_size=16, seed=5).train
+        runs.append([_pixels(train) for _ in range(3)])
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+    assert np.abs(runs[0][0] - runs[0][1]).mean() > 1.0  # new views (and order) every epoch
+    other = make_datasets(cfg, src, image_size=16, seed=6).train
+    assert np.abs(_pixels(other) - runs[0][0]).mean() > 1.0
+
+
+@pytest.mark.parametrize("cache", ["memory", "none", "folder"])
+def test_every_epoch_has_every_example_whatever_the_cache(colour_folder, tmp_path, cache):
+    src = load_image_folder(colour_folder, val_split=0.0)
+    setting = str(tmp_path / "cache") if cache == "folder" else cache
+    ds = make_split_dataset(src.train, 8, 5, shuffle=True, cache=setting, seed=1, name="train")
+    next(iter(ds))  # an epoch stopped early (Keras building a model, a peek) leaves no partial cache behind
+    epochs = [_pixels(ds) for _ in range(3)]
+    assert all(sorted(_ids(e)) == sorted(_ids(epochs[0])) for e in epochs) and len(epochs[0]) == 36
+    assert len({tuple(_ids(e)) for e in epochs}) == 3
+    if cache == "folder":  # written once, and a rebuilt pipeline reuses it
+        written = sorted((tmp_path / "cache").iterdir())
+        assert len([p for p in written if p.name.endswith(".index")]) == 1
+        again = make_split_dataset(src.train, 8, 5, shuffle=True, cache=setting, seed=1, name="train")
+        assert sorted(_ids(_pixels(again))) == sorted(_ids(epochs[0]))
+        assert sorted((tmp_path / "cache").iterdir()) == written
+
+
+def test_array_sources_keep_a_known_epoch_length():
+    src = _imbalanced()
+    ds = make_split_dataset(src.train, 8, 10, shuffle=True, seed=0)
+    assert int(ds.cardinality()) == 7
+    assert len(_labels(ds)) == 66
+
+
+@pytest.mark.parametrize("cache", ["memory", "none"])
+def test_a_file_damaged_after_listing_costs_one_example_per_epoch(colour_folder, cache):
+    src = load_image_folder(colour_folder, val_split=0.0)
+    Path(src.train.paths[3]).write_bytes(b"not an image any more")
+    ds = make_split_dataset(src.train, 8, 5, shuffle=True, cache=cache, seed=0)
+    assert len(_labels(ds)) == 35
+    if cache == "memory":  # once one epoch has ended, the store serves every later one, the bad file skipped
+        for path in src.train.paths:
+            Path(path).unlink()
+    assert [len(_labels(ds)) for _ in range(2)] == [35, 35]

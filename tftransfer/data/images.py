@@ -9,6 +9,12 @@ repeated, alpha is dropped without compositing, palettes are expanded), values i
 down to 8 bits), and JPEG EXIF orientation applied. The orientation is read from the bytes with TensorFlow string
 ops rather than Pillow, so the same graph runs in tf.data, in the SavedModel and in TF Serving: a phone photo
 stored sideways is seen upright in training and in serving alike. PNG/WebP EXIF chunks are rare and not read.
+
+`decode_and_resize` (the training pipeline's and the serving signature's path) decodes a large JPEG at a reduced
+scale (libjpeg's DCT scaling: 1/2, 1/4 or 1/8) when the reduced image still has at least JPEG_SCALE_MARGIN times the
+target size on its short side; the antialiased resize then starts from far fewer pixels. Measured on hymenoptera
+and Office-31 at 224 px, the result differs from a full decode by 0.5 levels of 255 on average (1.6 for the worst
+image): less than two JPEG decoders differ. Smaller images, and every other format, are decoded in full.
 """
 
 from __future__ import annotations
@@ -24,6 +30,13 @@ _EXIF_SCAN_BYTES = 65536
 _EXIF_MAX_ENTRIES = 64  # IFD0 entries read; cameras write about 10-20, Orientation among the first
 _ORIENTATION_TAG = 0x0112
 
+# Reduced-scale JPEG decoding keeps at least this many times the target size on the short side for the antialiased
+# resize (at 1x the difference from a full decode triples: 1.4 levels on average, 4.8 for the worst image).
+JPEG_SCALE_MARGIN = 2
+# Names what decode_and_resize computes, for cache keys: decoded pixels cached under another version are stale.
+DECODE_VERSION = "jpeg-dct-scale-2x"
+_JPEG_RATIOS = (2, 4, 8)  # what libjpeg can scale by; tf.io.decode_jpeg's `ratio` is an attribute, hence a switch
+
 
 def _read_bytes(data: tf.Tensor, pos: tf.Tensor, length: int) -> tf.Tensor:
     """`length` bytes of `data` from `pos` as int32, zero-padded past the end (never an out-of-range error)."""
@@ -37,8 +50,14 @@ def exif_orientation(encoded: tf.Tensor) -> tf.Tensor:
     head = tf.strings.substr(encoded, 0, _EXIF_SCAN_BYTES)
     is_jpeg = tf.equal(tf.strings.substr(head, 0, 2), b"\xff\xd8")
     parts = tf.strings.split(head, sep="Exif\x00\x00", maxsplit=1)
-    found = tf.size(parts) == 2
-    tiff = tf.strings.length(parts[0]) + 6  # start of the TIFF header; IFD offsets count from here
+    found = tf.logical_and(is_jpeg, tf.size(parts) == 2)
+    # Most files have no EXIF block: skip the ~30 small ops that read one.
+    return tf.cond(found, lambda: _read_orientation(head, tf.strings.length(parts[0]) + 6),
+                   lambda: tf.constant(1, tf.int32))
+
+
+def _read_orientation(head: tf.Tensor, tiff: tf.Tensor) -> tf.Tensor:
+    """The Orientation entry of IFD0 of the TIFF structure starting at byte `tiff` of `head` (1 when invalid)."""
     header = _read_bytes(head, tiff, 8)
     little = tf.logical_and(tf.equal(header[0], 0x49), tf.equal(header[1], 0x49))  # "II", else "MM"
     big = tf.logical_and(tf.equal(header[0], 0x4D), tf.equal(header[1], 0x4D))
@@ -58,8 +77,7 @@ def exif_orientation(encoded: tf.Tensor) -> tf.Tensor:
     values = u16(entries[:, 8], entries[:, 9])  # SHORT values sit left-aligned in the 4-byte value field
     hit = tf.logical_and(tf.equal(tags, _ORIENTATION_TAG), tf.range(_EXIF_MAX_ENTRIES) < count)
     value = tf.reduce_max(tf.where(hit, values, 0))
-    valid = tf.reduce_all(tf.stack([is_jpeg, found, tf.logical_or(little, big), magic_ok,
-                                    value >= 1, value <= 8]))
+    valid = tf.reduce_all(tf.stack([tf.logical_or(little, big), magic_ok, value >= 1, value <= 8]))
     return tf.where(valid, value, 1)
 
 
@@ -79,25 +97,56 @@ def apply_orientation(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
     return tf.switch_case(tf.clip_by_value(orientation, 1, 8) - 1, branches)
 
 
+def _is_jpeg(encoded: tf.Tensor) -> tf.Tensor:
+    return tf.equal(tf.strings.substr(encoded, 0, 3), b"\xff\xd8\xff")  # the magic tf.io.decode_image checks
+
+
+def _decode_upright(encoded: tf.Tensor, image_size: int | None = None) -> tf.Tensor:
+    """uint8 [H, W, 3] upright; with image_size, a large JPEG at the reduced scale the module docstring describes."""
+    full = lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)  # noqa: E731
+    if image_size is None:
+        image = full()
+    else:
+        need = JPEG_SCALE_MARGIN * int(image_size)
+
+        def scale_index() -> tf.Tensor:
+            # The JPEG header alone (no decoding): how many of the ratios keep `need` pixels on the short side.
+            short = tf.reduce_min(tf.image.extract_jpeg_shape(encoded)[:2])
+            return tf.reduce_sum(tf.cast(tf.stack([short // r >= need for r in _JPEG_RATIOS]), tf.int32))
+
+        index = tf.cond(_is_jpeg(encoded), scale_index, lambda: tf.constant(0, tf.int32))
+        reduced = [lambda r=r: tf.io.decode_jpeg(encoded, channels=3, ratio=r) for r in _JPEG_RATIOS]
+        image = tf.switch_case(index, [full, *reduced])
+    image = apply_orientation(image, exif_orientation(encoded))
+    image.set_shape([None, None, 3])
+    return image
+
+
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
     """Decodes JPEG/PNG/GIF (first frame)/BMP/WebP bytes to an upright float32 [H, W, 3] tensor in [0, 255].
 
     Grey, RGBA and palette images come out as 3 channels; 16-bit PNGs are scaled down to the 8-bit range.
     """
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False, dtype=tf.uint8)
-    image = apply_orientation(image, exif_orientation(encoded))
-    image.set_shape([None, None, 3])
-    return tf.cast(image, tf.float32)
+    return tf.cast(_decode_upright(encoded), tf.float32)
 
 
-def resize_image(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Resizes a [H, W, 3] or [N, H, W, 3] float image to image_size x image_size, values kept in [0, 255]."""
+def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    # uint8 input gives the same float32 values as casting first (the resize computes in float) and costs less.
     resized = tf.image.resize(
         image, [image_size, image_size], method=RESIZE_METHOD, antialias=RESIZE_ANTIALIAS
     )
     return tf.clip_by_value(resized, 0.0, 255.0)
 
 
+def resize_image(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Resizes a [H, W, 3] or [N, H, W, 3] float image to image_size x image_size, values kept in [0, 255]."""
+    return _resize(image, image_size)
+
+
 def decode_and_resize(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Decodes encoded image bytes and resizes them to a square float32 [S, S, 3] tensor in [0, 255]."""
-    return resize_image(decode_image(encoded), image_size)
+    """Decodes encoded image bytes and resizes them to a square float32 [S, S, 3] tensor in [0, 255].
+
+    The one decode path of training and serving: a large JPEG is decoded at a reduced scale first (see the module
+    docstring), so this is not exactly `resize_image(decode_image(...))` for such files.
+    """
+    return _resize(_decode_upright(encoded, image_size), image_size)
