@@ -46,6 +46,7 @@ from tftransfer.config import (
     save_config,
 )
 from tftransfer.data.balance import class_weight_for
+from tftransfer.data.images import DECODE_VERSION
 from tftransfer.data.pipeline import Datasets, make_datasets, make_split_dataset, take_pixels
 from tftransfer.data.sources import DataSource, source_from_config
 from tftransfer.errors import ConfigError, RunDirError, TfTransferError
@@ -615,7 +616,7 @@ def feature_cache_spec(cfg: ExperimentConfig, spec: backbones.BackboneSpec, imag
         weights_id = file_hash(weights)
     parts = {"backbone": spec.name, "weights": weights_id, "kwargs": cfg.model.backbone_kwargs,
              "image_size": image_size, "preprocess": spec.preprocess_mode, "pooling": cfg.model.pooling,
-             "keras": keras.__version__}
+             "keras": keras.__version__, "decode": DECODE_VERSION}
     if weights_id == "none":  # random weights depend on the seed
         parts["seed"] = cfg.runtime.seed
     return FeatureCacheSpec(parts, Path(cfg.runtime.cache_dir) if cfg.runtime.cache_dir else default_cache_dir())
