@@ -87,7 +87,11 @@ def test_dann_logs_every_loss_and_the_label_free_validators(tmp_path):
 
 
 def test_target_labels_never_reach_training(tmp_path):
-    """A labeled target and the same images without labels train to identical weights."""
+    """A labeled target and the same images without labels train to identical weights.
+
+    CORAL rather than pseudo-labels: a pseudo-label threshold turns float round-off between runs into a different
+    selection (seen 1 run in 5 under load), which would make this test flaky without testing anything more.
+    """
     source, target = _domains(tmp_path)
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -96,8 +100,7 @@ def test_target_labels_never_reach_training(tmp_path):
     weights = []
     for name, folder in (("labeled", target), ("unlabeled", flat)):
         keras.backend.clear_session()
-        cfg = _cfg(tmp_path, source, folder, "pseudo-label", f"name={name}", "phases.finetune.epochs=0",
-                   "adapt.pseudo_threshold=0.4", "model.dropout=0")
+        cfg = _cfg(tmp_path, source, folder, "coral", f"name={name}", "phases.finetune.epochs=0", "model.dropout=0")
         result = run_fit(cfg)
         weights.append(result.model.get_layer("logits").get_weights()[0])
         assert result.metrics["adapt"]["labeled"] == (name == "labeled")

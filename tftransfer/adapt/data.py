@@ -41,7 +41,7 @@ def load_target(spec: str, class_names: list[str], cfg: DataConfig, *, max_image
     A folder whose subfolders are not the source's classes (or that has none) is read as unlabeled images.
     """
     from tftransfer.data.sources import load_source
-    from tftransfer.evaluate import align_classes
+    from tftransfer.evaluate import align_classes, select_split
 
     if not spec:
         raise DataError("adapt.target: no target data given (--target DATA)")
@@ -51,9 +51,9 @@ def load_target(spec: str, class_names: list[str], cfg: DataConfig, *, max_image
     except DataError as exc:
         if not Path(spec).is_dir():
             raise DataError(f"adapt.target: {exc}") from None
-        split, skipped = _unlabeled_folder(spec)
+        split, skipped = unlabeled_folder(spec)
     else:
-        split = _all_examples(source)
+        split, _ = select_split(source, "all")
         skipped = list(source.skipped)
         try:
             mapping = align_classes(class_names, source.class_names, f"target {spec}")
@@ -73,20 +73,14 @@ def load_target(spec: str, class_names: list[str], cfg: DataConfig, *, max_image
     return TargetDomain(spec=spec, split=indexed, labels=labels, skipped=skipped)
 
 
-def _all_examples(source) -> Split:
-    parts = [s for s in (source.train, source.val, source.test) if s is not None and len(s) > 0]
-    if len(parts) == 1:
-        return parts[0]
-    return Split(labels=np.concatenate([p.labels for p in parts]), keys=[k for p in parts for k in p.keys],
-                 paths=[x for p in parts for x in p.paths] if all(p.paths is not None for p in parts) else None,
-                 images=np.concatenate([p.images for p in parts]) if all(p.images is not None for p in parts)
-                 else None)
-
-
-def _unlabeled_folder(spec: str) -> tuple[Split, list[tuple[str, str]]]:
+def unlabeled_folder(spec: str, what: str = "adapt.target") -> tuple[Split, list[tuple[str, str]]]:
+    """Every readable image under a folder, in any layout, as a Split with placeholder labels; and the skipped."""
     from tftransfer.predict import collect_images
 
     files, skipped = collect_images([spec])
+    if not files:
+        reasons = "; ".join(f"{p}: {why}" for p, why in skipped[:5])
+        raise DataError(f"{what} {spec}: no readable images ({len(skipped)} skipped: {reasons})")
     root = Path(spec)
     keys = [f.relative_to(root).as_posix() for f in files]
     split = Split(labels=np.zeros(len(files), np.int64), keys=keys, paths=[str(f) for f in files])

@@ -160,18 +160,12 @@ def load_labeled_domain(spec: str, run: LoadedRun, *, held_out: bool, batch_size
 def load_unlabeled_domain(spec: str, run: LoadedRun, *, batch_size: int, max_images: int, seed: int,
                           what: str = "target") -> DomainData:
     """Every image file under a folder (any layout, labels ignored), or the examples of any other data spec."""
-    from tftransfer.data.sources import Split, load_source
+    from tftransfer.adapt.data import unlabeled_folder
+    from tftransfer.data.sources import load_source
     from tftransfer.evaluate import select_split
-    from tftransfer.predict import collect_images
 
-    path = Path(spec)
-    if path.is_dir():
-        files, skipped = collect_images([spec])
-        if not files:
-            reasons = "; ".join(f"{p}: {why}" for p, why in skipped[:5])
-            raise DataError(f"{what} {spec}: no readable images ({len(skipped)} skipped: {reasons})")
-        keys = [f.relative_to(path).as_posix() for f in files]
-        split = Split(labels=np.zeros(len(files), np.int64), keys=keys, paths=[str(f) for f in files])
+    if Path(spec).is_dir():
+        split, skipped = unlabeled_folder(spec, what)
     else:
         source = load_source(spec, 0.0, False, run.data_config.tfds_data_dir if run.data_config else "")
         split, _ = select_split(source, "all")
