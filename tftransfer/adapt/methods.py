@@ -90,26 +90,22 @@ class DANN(AdaptMethod):
         return loss, {"domain_loss": loss, "domain_accuracy": accuracy, "lambda": lam}
 
 
-class DeepCORAL(AdaptMethod):
-    """Sun & Saenko 2016: match the second-order statistics (covariances) of source and target features."""
+class FeatureDistance(AdaptMethod):
+    """A distance between the source and target feature batches, minimised with the task loss.
 
-    metric_names = ("coral_loss",)
+    Deep CORAL (Sun & Saenko 2016) matches their covariances; MMD (Long et al. 2015, DAN) matches their
+    distributions under a multi-kernel Gaussian MMD.
+    """
 
-    def alignment(self, source, target, source_logits, target_logits, target_index, progress,  # noqa: D102
-                  training=True):
-        loss = coral_loss(source, target)
-        return loss, {"coral_loss": loss}
-
-
-class MMD(AdaptMethod):
-    """Long et al. 2015 (DAN): multi-kernel Gaussian MMD between source and target feature batches."""
-
-    metric_names = ("mmd_loss",)
+    def __init__(self, distance: Callable[[tf.Tensor, tf.Tensor], tf.Tensor], metric: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.distance = distance
+        self.metric_names = (metric,)
 
     def alignment(self, source, target, source_logits, target_logits, target_index, progress,  # noqa: D102
                   training=True):
-        loss = mmd_loss(source, target)
-        return loss, {"mmd_loss": loss}
+        loss = self.distance(source, target)
+        return loss, {self.metric_names[0]: loss}
 
 
 class PseudoLabel(AdaptMethod):
@@ -162,8 +158,8 @@ class PseudoLabel(AdaptMethod):
 METHODS: dict[str, Callable[[AdaptConfig], AdaptMethod | None]] = {
     "none": lambda cfg: None,
     "dann": lambda cfg: DANN(cfg.discriminator_units, name="dann"),
-    "coral": lambda cfg: DeepCORAL(name="coral"),
-    "mmd": lambda cfg: MMD(name="mmd"),
+    "coral": lambda cfg: FeatureDistance(coral_loss, "coral_loss", name="coral"),
+    "mmd": lambda cfg: FeatureDistance(mmd_loss, "mmd_loss", name="mmd"),
     "pseudo-label": lambda cfg: PseudoLabel(cfg.pseudo_threshold, cfg.pseudo_max_per_class, name="pseudo_label"),
 }
 
