@@ -320,7 +320,8 @@ def _head_on_features(model: keras.Model, head: HeadConfig, data: Datasets, cach
                                 shuffle_buffer=data.shuffle_buffer, seed=seed)
     target_features = target_index = None
     if target is not None:
-        target_set = cached_features(extractor, [target_ordered(target, data.image_size, data_cfg or DataConfig())],
+        assert data_cfg is not None, "a target needs the data settings its pipeline uses"
+        target_set = cached_features(extractor, [target_ordered(target, data.image_size, data_cfg)],
                                      target.split, cache.key_parts, cache.cache_dir, what="target")
         target_features, target_index = target_set.features, target_set.labels
     steps = max(1, math.ceil(len(train_set.labels) / data.batch_size))
@@ -474,6 +475,7 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
         plan.append(("finetune", finetune, lambda: unfreeze_top_blocks(model, blocks, finetune.unfreeze_blocks)))
     else:
         logger.info("phase finetune skipped: phases.finetune.unfreeze_blocks is 0")
+    total_epochs = sum(phase.epochs for _, phase, _ in plan)  # DANN's lambda ramps over the whole run
     for name, phase, set_trainable in plan:
         if phase.epochs == 0:
             logger.info("phase %s skipped: 0 epochs", name)
@@ -490,7 +492,6 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
             inputs = _head_on_features(model, head, data, feature_cache, cfg.runtime.seed, target, cfg.data)
         else:
             inputs = PhaseInputs(model, data.train, data.val, data.steps_per_epoch)
-        total_epochs = sum(p.epochs for n, p, _ in plan)
         inputs = _adaptive_inputs(name, phase, model, inputs, cfg, data, target, l2sp_reference, class_weight,
                                   epoch, total_epochs, method)
         if resume is not None and method is not None and not method_restored:

@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tftransfer.adapt.losses import prediction_entropy
 from tftransfer.adapt.methods import AdaptMethod
 
 logger = logging.getLogger(__name__)
@@ -81,8 +82,7 @@ class AdaptiveTrainer(keras.Model):
         return [*self.trackers.values(), self.accuracy_metric]
 
     def call(self, x, training=False):  # noqa: D102
-        features = x if self.encoder is None else self.encoder(x, training=training)
-        return self.classifier(features, training=training)
+        return self._forward(x, training)[1]
 
     def _forward(self, x, training):
         features = x if self.encoder is None else self.encoder(x, training=training)
@@ -213,7 +213,7 @@ class TargetMonitor(keras.callbacks.Callback):
 
 def target_scores(probs: np.ndarray, labels: np.ndarray | None) -> dict[str, float]:
     """Mean prediction entropy of target probabilities, and their accuracy when labels are known."""
-    entropy = float(np.mean(-np.sum(probs * np.log(np.clip(probs, 1e-12, 1.0)), axis=1))) if len(probs) else 0.0
+    entropy = float(prediction_entropy(probs, from_logits=False)) if len(probs) else 0.0
     out = {"target_entropy": entropy}
     if labels is not None and len(labels):
         out["target_accuracy"] = float(np.mean(np.argmax(probs, axis=1) == labels))
