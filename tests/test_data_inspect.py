@@ -14,6 +14,7 @@ from PIL import Image
 
 from tftransfer.cli import main
 from tftransfer.data.inspect import format_report, inspect_data
+from tftransfer.data.probe import probe_images
 
 
 def _scene(seed: int, size: int = 64) -> Image.Image:
@@ -171,3 +172,124 @@ def test_inspect_real_data(shared_data, tmp_path):
     both = inspect_data(str(write_manifest(tmp_path / "office31.csv", rows)))
     assert both["num_examples"] == 1293 and both["domains"] == ["dslr", "webcam"]
     assert both["near_duplicates"]["cross_domain_pairs"] >= 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress while files are probed
+
+
+def _tiny_images(folder, count: int) -> list:
+    """`count` distinct 8x8 PNGs (fast to write and to probe)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"{i:03d}.png"
+        Image.new("RGB", (8, 8), (i % 256, 7 * i % 256, 13 * i % 256)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_probe_images_reports_progress_to_the_callback(tmp_path, caplog):
+    from tftransfer.data.probe import report_progress
+
+    paths = _tiny_images(tmp_path / "imgs", 12)
+    paths.append(tmp_path / "missing.png")  # a bad file still counts as checked
+    calls: list[tuple[int, int, str]] = []
+    with caplog.at_level("INFO", logger="tftransfer.data.probe"), report_progress(lambda *a: calls.append(a)):
+        probes = probe_images(paths, progress_every=3, what="imgs")
+    assert len(probes) == 13 and probes[-1].problem is not None
+    assert calls[0] == (0, 13, "imgs") and calls[-1] == (13, 13, "imgs")
+    done = [c[0] for c in calls]
+    assert done == sorted(set(done)), "done must strictly increase"
+    assert {c[1:] for c in calls} == {(13, "imgs")}
+    assert caplog.records == []  # the callback replaces the log lines, so a bar is not interleaved with them
+
+    # outside the block: no callback, the log lines are back, nothing breaks; no files: no calls at all
+    with caplog.at_level("INFO", logger="tftransfer.data.probe"):
+        assert len(probe_images(paths, progress_every=5)) == 13
+    assert [r.getMessage().split(" files")[0] for r in caplog.records] == ["checked 5/13", "checked 10/13",
+                                                                          "checked 13/13"]
+    calls.clear()
+    with report_progress(lambda *a: calls.append(a)):
+        assert probe_images([]) == []
+    assert calls == []
+
+
+def test_probe_progress_is_throttled_on_big_lists(tmp_path):
+    from tftransfer.data.probe import PROGRESS_STEPS, report_progress
+
+    path = _tiny_images(tmp_path, 1)[0]
+    calls: list[int] = []
+    with report_progress(lambda done, total, what: calls.append(done)):
+        probe_images([path] * 1005)
+    assert calls[0] == 0 and calls[-1] == 1005
+    assert len(calls) <= PROGRESS_STEPS + 2  # about once per percent, plus the first and the last
+
+
+def test_cli_data_inspect_keeps_stdout_clean_without_a_terminal(tmp_path):
+    root = tmp_path / "d"
+    for name in ("a", "b"):
+        _tiny_images(root / name, 40)  # 80 files: above the bar's threshold
+    runner = CliRunner()
+    plain = runner.invoke(main, ["data", "inspect", str(root), "--no-progress"])
+    result = runner.invoke(main, ["data", "inspect", str(root)])
+    assert result.exit_code == 0 and plain.exit_code == 0, result.output
+    assert result.stdout == plain.stdout and "classes" in result.stdout.lower()
+    assert "checking" not in result.output and "\r" not in result.output and "#" not in result.output
+
+
+def test_cli_probe_progress_draws_one_bar_per_pass_on_stderr(tmp_path, monkeypatch):
+    import tftransfer.cli as cli
+
+    root = tmp_path / "d"
+    for name in ("a", "b"):
+        _tiny_images(root / name, 40)
+    small = _tiny_images(tmp_path / "small", 5)
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    with cli._probe_progress(enabled=True, file=screen):
+        probe_images(sorted(root.rglob("*.png")), what=str(root))
+        probe_images(small, what="small")  # at most PROBE_BAR_MIN_FILES files: no bar
+        probe_images(sorted(root.rglob("*.png")), what="again")
+    text = screen.getvalue()
+    assert cli._probe_label(str(root)) in text and "checking again" in text
+    assert "checking small" not in text
+    assert "80/80" in text and "100%" in text and "#" * 10 in text
+    assert text.count("\x1b[?25h") == 2  # each bar finished (cursor shown again)
+
+    # through the command line, with the TTY check forced: the bar goes to stderr, never stdout
+    monkeypatch.setattr(cli, "_stderr_is_tty", lambda: True)
+    result = CliRunner().invoke(main, ["data", "inspect", str(root)])
+    assert result.exit_code == 0, result.output
+    assert "checking" in result.stderr and "checking" not in result.stdout
+    off = CliRunner().invoke(main, ["data", "inspect", str(root), "--no-progress"])
+    assert "checking" not in off.stderr and off.stdout == result.stdout
+
+
+def test_cli_probe_progress_finishes_the_bar_on_errors(tmp_path, monkeypatch):
+    import tftransfer.cli as cli
+    import tftransfer.data.probe as probe
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    paths = _tiny_images(tmp_path, 60)
+    real = probe.probe_image
+
+    def probe_or_fail(path, fingerprints=False):
+        if path == paths[45]:
+            raise RuntimeError("boom")
+        return real(path, fingerprints)
+
+    monkeypatch.setattr(probe, "probe_image", probe_or_fail)
+    screen = Terminal()
+    with pytest.raises(RuntimeError, match="boom"), cli._probe_progress(enabled=True, file=screen):
+        probe_images(paths, what="x")
+    text = screen.getvalue()
+    assert "checking x" in text and "60/60" not in text
+    assert text.endswith("\x1b[?25h\n")  # finished: cursor back, the error starts on its own line

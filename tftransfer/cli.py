@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import click
 
@@ -32,6 +33,70 @@ def _setup_logging(verbose: bool) -> None:
         root.addHandler(_ClickHandler())
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
+
+
+PROBE_BAR_MIN_FILES = 50  # smaller passes finish before a bar would be worth drawing
+PROBE_BAR_LABEL_CHARS = 40  # keeps label + bar on one terminal line: a wrapped line breaks the redraw
+
+
+def _stderr_is_tty() -> bool:
+    return click.get_text_stream("stderr").isatty()
+
+
+def _probe_label(what: str) -> str:
+    if len(what) > PROBE_BAR_LABEL_CHARS:
+        what = "..." + what[-(PROBE_BAR_LABEL_CHARS - 3):]
+    return f"checking {what or 'images'}"
+
+
+@contextlib.contextmanager
+def _probe_progress(enabled: bool | None = None, file: IO[str] | None = None) -> Iterator[None]:
+    """While image files are probed, one click progress bar per probing pass on stderr (never stdout).
+
+    `enabled` None means only when stderr is a terminal, so pipes, logs and CI output get no carriage-return noise;
+    passes over at most PROBE_BAR_MIN_FILES files get no bar.
+    """
+    if enabled is None:
+        enabled = _stderr_is_tty()
+    if not enabled:
+        yield
+        return
+    from tftransfer.data.probe import report_progress
+
+    out = file if file is not None else click.get_text_stream("stderr")
+    bar_stack = contextlib.ExitStack()
+    bar: Any = None
+
+    def update(done: int, total: int, what: str) -> None:
+        nonlocal bar
+        if done == 0:  # a new pass; a bar left open by a pass that raised and was caught ends here
+            bar_stack.close()
+            bar = None
+            if total > PROBE_BAR_MIN_FILES:
+                bar = bar_stack.enter_context(click.progressbar(length=total, label=_probe_label(what), file=out,
+                                                                show_pos=True, show_percent=True))
+            return
+        if bar is None:
+            return
+        bar.update(done - bar.pos)
+        if done >= total:
+            bar_stack.close()
+            bar = None
+
+    # the ExitStack finishes a bar cut short by an error, so the error message starts on a line of its own
+    with bar_stack, report_progress(update):
+        yield
+
+
+def _with_probe_progress(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Runs a command inside _probe_progress(), for commands that list image folders along the way."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _probe_progress():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -153,6 +218,7 @@ def _config_from_options(config_path: Path | None, overrides: tuple[str, ...], f
 @click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
               help="Train this many times (seeds seed, seed+1, ...) and report mean +- std.")
 @_user_errors
+@_with_probe_progress
 def fit_command(config_path: Path | None, overrides: tuple[str, ...], overwrite: bool, resume_dir: Path | None,
                 lr_find: bool, progress: bool, recipe: str | None, seeds: int, **flags: Any) -> None:
     """Fine-tune a backbone in two phases, evaluate it and export a SavedModel for TF Serving."""
@@ -474,17 +540,20 @@ def data_group() -> None:
 @click.option("--near-bits", type=click.IntRange(0, 128),
               help="Bits (of a 256-bit dHash) two images may differ by to count as near-duplicates (default 24; "
                    "0 = identical hash).")
+@click.option("--no-progress", is_flag=True,
+              help="No progress bar while files are checked (one is drawn on stderr only when it is a terminal).")
 @_user_errors
 def inspect_command(data: str, json_path: Path | None, val_split: float | None, test_split: float | None,
-                    stratify: bool | None, tfds_data_dir: str, near_bits: int | None) -> None:
+                    stratify: bool | None, tfds_data_dir: str, near_bits: int | None, no_progress: bool) -> None:
     """Classes and counts per split, imbalance, image sizes, bad files, duplicates and leakage across splits.
 
     DATA is anything --data takes: an image folder, a .csv/.jsonl manifest, an .npz, tfds:NAME or builtin:NAME.
     """
     from tftransfer.data.inspect import format_report, inspect_data
 
-    report = inspect_data(data, val_split=val_split, test_split=test_split, stratify=stratify,
-                          tfds_data_dir=tfds_data_dir, near_duplicate_bits=near_bits, json_path=json_path)
+    with _probe_progress(enabled=False if no_progress else None):
+        report = inspect_data(data, val_split=val_split, test_split=test_split, stratify=stratify,
+                              tfds_data_dir=tfds_data_dir, near_duplicate_bits=near_bits, json_path=json_path)
     click.echo(format_report(report), nl=False)
     if json_path is not None:
         click.echo(f"report: {json_path}")

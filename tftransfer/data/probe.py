@@ -3,17 +3,20 @@
 Every listed file is decoded once with Pillow (JPEGs at up to 1/8 scale, not below 64 px, via draft mode, which
 still reads the whole entropy-coded stream), so truncated and mislabelled files are caught when the data is listed
 rather than as a TensorFlow op error in the middle of an epoch. Probes run in threads (Pillow releases the GIL while
-decoding) and log progress for big folders.
+decoding) and log progress for big folders, or report it to a callback set with `report_progress` (a command line
+draws a bar with it; the library itself never prints).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import io
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,27 @@ IMAGE_EXTENSIONS = frozenset(EXTENSION_FORMATS)
 DECODABLE_FORMATS = frozenset().union(*EXTENSION_FORMATS.values())
 EXIF_ORIENTATION_TAG = 0x0112
 PROGRESS_EVERY = 500  # files between progress log lines when probing big folders
+PROGRESS_STEPS = 100  # callback calls per probing pass at most (about every 1%), plus the first and the last
+
+ProgressCallback = Callable[[int, int, str], None]
+"""Called as (done, total, what): once with done=0 when a pass over `total` files starts, then as files finish."""
+
+# A context variable rather than a module global: concurrent callers (threads, tasks) each keep their own display.
+_progress: contextvars.ContextVar[ProgressCallback | None] = contextvars.ContextVar("tftransfer_probe_progress",
+                                                                                   default=None)
+
+
+@contextlib.contextmanager
+def report_progress(callback: ProgressCallback | None) -> Iterator[None]:
+    """Within the block, probe_images reports to `callback` instead of logging progress lines (None: logs again).
+
+    The callback runs in the thread that called probe_images, never in the probing threads.
+    """
+    token = _progress.set(callback)
+    try:
+        yield
+    finally:
+        _progress.reset(token)
 
 
 @dataclass(frozen=True)
@@ -135,15 +159,27 @@ def probe_image(path: str | Path, fingerprints: bool = False) -> ImageProbe:
 
 def probe_images(paths: Sequence[str | Path], fingerprints: bool = False, progress_every: int = PROGRESS_EVERY,
                  what: str = "") -> list[ImageProbe]:
-    """probe_image over many files in threads, in input order; logs a progress line every `progress_every` files."""
+    """probe_image over many files in threads, in input order.
+
+    Progress goes to the `report_progress` callback when one is set, else to a log line every `progress_every` files.
+    """
     total = len(paths)
+    callback = _progress.get()
+    # Throttled so that a bar redraws about once per percent rather than once per file on big folders.
+    step = max(1, total // PROGRESS_STEPS)
+    if callback is not None and total:
+        callback(0, total, what)
     probes: list[ImageProbe] = []
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        # pool.map yields in this thread, so the callback sees this thread's context and needs no locking
         for probe in pool.map(lambda p: probe_image(p, fingerprints), paths):
             probes.append(probe)
             done = len(probes)
-            if progress_every and total > progress_every and (done % progress_every == 0 or done == total):
+            if callback is not None:
+                if done % step == 0 or done == total:
+                    callback(done, total, what)
+            elif progress_every and total > progress_every and (done % progress_every == 0 or done == total):
                 elapsed = time.perf_counter() - started
                 logger.info("checked %d/%d files%s (%.0f files/s)", done, total, f" in {what}" if what else "",
                             done / elapsed if elapsed > 0 else 0.0)
