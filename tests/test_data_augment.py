@@ -15,9 +15,10 @@ from tftransfer.data.augment import (
     RandomGeometry,
     affine_matrices,
     augment_with_seed,
+    sample_bilinear,
     stateless_layers,
     warp,
-    warp_axis_aligned,
+    warp_fast,
 )
 from tftransfer.data.pipeline import build_augmenter
 
@@ -62,15 +63,35 @@ def test_matrices_do_what_each_parameter_says():
     np.testing.assert_allclose(shifted[5, :3, 0], 10 * np.array([2, 1, 0]), atol=1e-3)
 
 
-def test_axis_aligned_path_samples_like_the_general_warp():
-    images = RNG.uniform(0, 255, (6, 20, 20, 3)).astype(np.float32)
-    flip = [True, False, True, False, True, False]
-    zoom = [0.8, 1.2, 1.0, 0.6, 1.9, 1.1]
-    shift = [[0, 0], [3, -4], [-5.5, 2], [0, 9], [4, 4], [15, -18]]  # the last reaches past the image: fallback
-    for rows in (slice(0, 5), slice(0, 6)):
-        m = _matrices(6, 20, flip=flip, zoom=zoom, shift=shift)[rows]
-        np.testing.assert_allclose(warp_axis_aligned(images[rows], m).numpy(), warp(images[rows], m).numpy(),
-                                   atol=0.05)
+@pytest.mark.parametrize("fill_mode", ["reflect", "constant", "nearest"])
+def test_compiled_sampler_matches_the_op(fill_mode):
+    # rotations, zooms both ways, shifts past the border (the fill shows), flips: every fill rule is exercised
+    n, size = 8, 20
+    images = RNG.uniform(0, 255, (n, size, size + 3, 3)).astype(np.float32)
+    m = affine_matrices(size, size + 3, tf.constant([True, False] * 4),
+                        tf.constant(RNG.uniform(-0.6, 0.6, n), tf.float32),
+                        tf.constant(RNG.uniform(0.5, 1.9, n), tf.float32),
+                        tf.constant(RNG.uniform(-15, 15, (n, 2)), tf.float32))
+    reference = warp(images, m, fill_mode).numpy()
+    np.testing.assert_allclose(warp_fast(images, m, fill_mode).numpy(), reference, atol=0.05)
+    np.testing.assert_allclose(sample_bilinear(images, m, fill_mode).numpy(), reference, atol=0.05)
+    # and the last (smaller) batch of an epoch goes through the same compiled function
+    np.testing.assert_allclose(warp_fast(images[:3], m[:3], fill_mode).numpy(), reference[:3], atol=0.05)
+
+
+def test_wrap_fill_is_periodic():
+    image = RNG.uniform(0, 255, (1, 12, 10, 3)).astype(np.float32)
+    shifted = warp_fast(image, _matrices(1, 12, shift=[[4.0, -3.0]])[:, :, :], "wrap").numpy()
+    np.testing.assert_allclose(shifted, np.roll(image, (-3, 4), axis=(1, 2)), atol=1e-3)
+
+
+def test_compiled_sampler_runs_inside_tf_data_and_rejects_unknown_fill():
+    images = RNG.uniform(0, 255, (4, 16, 16, 3)).astype(np.float32)
+    m = _matrices(4, 16, zoom=[0.7, 1.0, 1.3, 0.9], shift=[[1, 2], [0, 0], [-3, 1], [2, -2]])
+    ds = tf.data.Dataset.from_tensors((images, m)).map(lambda x, mm: warp_fast(x, mm, "reflect"))
+    np.testing.assert_allclose(next(iter(ds)).numpy(), warp(images, m, "reflect").numpy(), atol=0.05)
+    with pytest.raises(ValueError, match="fill_mode"):
+        warp_fast(images, m, "mirror")
 
 
 def test_flip_alone_mirrors_whole_images_about_half_the_time():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,6 +164,37 @@ def test_large_jpegs_are_decoded_at_a_reduced_scale_close_to_a_full_decode():
     png = _encode(Image.fromarray(_photo(800, 1000)), "PNG")
     np.testing.assert_array_equal(decode_and_resize(tf.constant(png), 100).numpy(),
                                   resize_image(decode_image(tf.constant(png)), 100).numpy())
+
+
+@pytest.mark.parametrize("mix", ["all", "plain"])
+def test_pipeline_decodes_listed_files_exactly_like_the_serving_path(tmp_path, mix):
+    # The pipeline takes the EXIF orientation and JPEG size from the listing's probe instead of parsing the bytes
+    # again; what it makes must still be decode_and_resize's pixels (the export's bytes signature) to the bit.
+    from tftransfer.data.pipeline import make_split_dataset
+
+    big = _encode(Image.fromarray(_photo(800, 1000)), "JPEG", quality=90)  # decoded at 1/4 for 100 px
+    small = _encode(Image.fromarray(_photo(90, 120)), "JPEG", quality=90)
+    files = {"a/big.jpg": big, "a/small.jpg": small,
+             "b/png.png": _encode(Image.fromarray(_photo(70, 50)).convert("RGBA"), "PNG")}
+    if mix == "all":  # rotated files, one of them large: every branch of the known-header decode
+        files.update({"a/big_turned.jpg": _with_exif(big, 6, "MM"), "b/turned.jpg": _with_exif(small, 8, "II"),
+                      "b/mirrored.jpg": _with_exif(small, 2, "II")})
+    for name, data in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    split = load_image_folder(tmp_path, val_split=0.0).train
+    headers = {Path(p).name: tuple(h) for p, h in zip(split.paths, split.headers)}
+    assert headers["big.jpg"] == (1000, 800, 1, 1) and headers["png.png"] == (50, 70, 1, 0)
+    if mix == "all":
+        assert headers["big_turned.jpg"][2] == 6 and headers["turned.jpg"][2] == 8
+    got = np.concatenate([x.numpy() for x, _ in make_split_dataset(split, 100, 4, shuffle=False, cache="none")])
+    for path, pixels in zip(split.paths, got):
+        expected = decode_and_resize(tf.constant(Path(path).read_bytes()), 100).numpy()
+        np.testing.assert_array_equal(pixels, expected, err_msg=path)
+    # and a split whose headers are unknown (built by hand) takes the in-graph path to the same pixels
+    unknown = dataclasses.replace(split, headers=None)
+    again = np.concatenate([x.numpy() for x, _ in make_split_dataset(unknown, 100, 4, shuffle=False, cache="none")])
+    np.testing.assert_array_equal(again, got)
 
 
 def test_probe_finds_each_kind_of_bad_file(tmp_path):

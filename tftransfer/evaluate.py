@@ -409,8 +409,10 @@ def _concat_splits(*splits: Split | None) -> Split:
     paths = [p for s in parts for p in s.paths] if all(s.paths is not None for s in parts) else None
     images = np.concatenate([s.images for s in parts]) if all(s.images is not None for s in parts) else None
     domains = [d for s in parts for d in s.domains] if all(s.domains is not None for s in parts) else None
+    headers = (np.concatenate([s.headers for s in parts]) if all(s.headers is not None for s in parts)
+               else None)
     return Split(labels=np.concatenate([s.labels for s in parts]), keys=[k for s in parts for k in s.keys],
-                 paths=paths, images=images, domains=domains)
+                 paths=paths, images=images, domains=domains, headers=headers)
 
 
 def _nonempty(split: Split | None) -> bool:

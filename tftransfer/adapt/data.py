@@ -67,7 +67,7 @@ def load_target(spec: str, class_names: list[str], cfg: DataConfig, *, max_image
         split = split.subset(keep)
         labels = labels[keep] if labels is not None else None
     indexed = Split(labels=np.arange(len(split), dtype=np.int64), keys=split.keys, paths=split.paths,
-                    images=split.images, domains=split.domains)
+                    images=split.images, domains=split.domains, headers=split.headers)
     logger.info("target %s: %d images%s", spec, len(indexed), " (labels kept for evaluation only)"
                 if labels is not None else " (unlabeled)")
     return TargetDomain(spec=spec, split=indexed, labels=labels, skipped=skipped)

@@ -5,9 +5,11 @@ RandomBrightness) each run on the whole batch, and every geometric one resamples
 and zoom on, a batch goes through two bilinear warps of ~2 ms per 224 px image each on a 2-core CPU, which bounded
 the pipeline below the training step's own rate. Here the same keys are two layers:
 
-- `RandomGeometry`: flip, rotation, zoom and translation composed into ONE affine matrix per image and applied with a
-  single ImageProjectiveTransformV3 (bilinear, reflect fill); without rotation the same sampling is a crop_and_resize
-  of a mirror-padded batch (about half the cost), and with flip alone a plain mirror (no resampling);
+- `RandomGeometry`: flip, rotation, zoom and translation composed into ONE affine matrix per image and applied in one
+  bilinear resampling pass (reflect fill), with flip alone a plain mirror (no resampling). The resampling is written
+  as gathers and compiled by XLA (`warp_fast`): on a 2-core CPU that is 0.7 ms of CPU per 224 px image where
+  TensorFlow's ImageProjectiveTransformV3 op takes 2.0 ms, and, unlike the op (which has no XLA kernel), it can run
+  inside an XLA-compiled training step when augmentation runs on the accelerator;
 - `RandomColour`: contrast then brightness, per image, clipped to [0, 255] after each like Keras does.
 
 The random ranges are Keras': rotation r draws an angle in [-r, r] full turns, zoom z a scale in [1 - z, 1 + z]
@@ -25,11 +27,14 @@ draws the seed from the layer's own SeedGenerator instead, like a Keras random l
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 import keras
 import tensorflow as tf
+
+logger = logging.getLogger(__name__)
 
 FILL_MODES = ("reflect", "wrap", "constant", "nearest")
 
@@ -72,45 +77,108 @@ def affine_matrices(height: tf.Tensor, width: tf.Tensor, flip: tf.Tensor, angle:
 
 
 def warp(images: tf.Tensor, matrices: tf.Tensor, fill_mode: str = "reflect") -> tf.Tensor:
-    """Resamples [N, H, W, C] float images through [N, 3, 3] output-to-source matrices (bilinear, one pass)."""
+    """Resamples [N, H, W, C] float images through [N, 3, 3] output-to-source matrices (bilinear, one pass).
+
+    TensorFlow's ImageProjectiveTransformV3 op: the reference `warp_fast` is checked against.
+    """
     transforms = tf.reshape(matrices, [-1, 9])[:, :8] / matrices[:, 2:3, 2]
     return tf.raw_ops.ImageProjectiveTransformV3(
         images=images, transforms=transforms, output_shape=tf.shape(images)[1:3], fill_value=0.0,
         interpolation="BILINEAR", fill_mode=fill_mode.upper())
 
 
-def _mirror_pad(images: tf.Tensor, pad: tf.Tensor) -> tf.Tensor:
-    """[N, H, W, C] padded by `pad` <= min(H, W) pixels per side, mirrored with the edge repeated ("reflect")."""
-    images = tf.concat([tf.reverse(images[:, :pad], [1]), images, tf.reverse(images[:, -pad:], [1])], axis=1)
-    return tf.concat([tf.reverse(images[:, :, :pad], [2]), images, tf.reverse(images[:, :, -pad:], [2])], axis=2)
+def _fold(coord: tf.Tensor, size: tf.Tensor, fill_mode: str) -> tf.Tensor:
+    """Source coordinates mapped into the image the way `fill_mode` extends it (constant: left as they are)."""
+    if fill_mode == "reflect":  # d c b a | a b c d | d c b a: the edge pixel repeated, period 2 * size
+        period = 2.0 * size
+        coord = tf.math.floormod(coord, period)
+        return tf.clip_by_value(tf.where(coord >= size, period - 1.0 - coord, coord), 0.0, size - 1.0)
+    if fill_mode == "nearest":
+        return tf.clip_by_value(coord, 0.0, size - 1.0)
+    if fill_mode == "wrap":
+        return tf.math.floormod(coord, size)
+    return coord
 
 
-def warp_axis_aligned(images: tf.Tensor, matrices: tf.Tensor) -> tf.Tensor:
-    """`warp` with reflect fill for matrices without rotation or shear (flip, zoom, shift): the same samples.
+def sample_bilinear(images: tf.Tensor, matrices: tf.Tensor, fill_mode: str = "reflect") -> tf.Tensor:
+    """`warp` written as gathers: the same samples (within float round-off) from ops XLA can compile.
 
-    crop_and_resize on a mirror-padded batch (a flipped box flips), about half the cost of the general warp; a
-    shift or zoom that reaches further out than the image is wide falls back to `warp`.
+    Each output pixel's source point is computed once for all channels and its four neighbours are gathered as
+    whole pixels. Run eagerly this costs more than the op; compiled by XLA (`warp_fast`) it is one fused loop,
+    about 2.7x cheaper than the op on a CPU and able to run inside an XLA-compiled training step on a GPU.
+    For `wrap` the neighbours wrap too (a periodic image), where the op reads the fill value across the seam.
     """
     shape = tf.shape(images)
-    height, width = tf.cast(shape[1], tf.float32) - 1.0, tf.cast(shape[2], tf.float32) - 1.0
-    corners = tf.stack([tf.stack([0.0, 0.0, 1.0]), tf.stack([width, height, 1.0])])
-    source = tf.einsum("nij,kj->nki", matrices, corners)  # [N, 2 corners, (x, y, 1)]
-    beyond = tf.maximum(tf.maximum(-source[..., 0], source[..., 0] - width),
-                        tf.maximum(-source[..., 1], source[..., 1] - height))
-    pad = tf.maximum(tf.cast(tf.math.ceil(tf.reduce_max(beyond)), tf.int32) + 1, 1)
+    n, height, width, channels = shape[0], shape[1], shape[2], shape[3]
+    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    ys, xs = tf.meshgrid(tf.range(h), tf.range(w), indexing="ij")
+    grid = tf.stack([tf.reshape(xs, [-1]), tf.reshape(ys, [-1]), tf.ones([height * width])], axis=0)
+    source = tf.matmul(tf.cast(matrices, tf.float32), grid[tf.newaxis])  # [N, 3, H*W]
+    x = _fold(source[:, 0] / source[:, 2], w, fill_mode)
+    y = _fold(source[:, 1] / source[:, 2], h, fill_mode)
+    x0, y0 = tf.floor(x), tf.floor(y)
+    ax, ay = (x - x0)[..., tf.newaxis], (y - y0)[..., tf.newaxis]
+    pixels = tf.reshape(images, [-1, channels])
+    first = tf.reshape(tf.range(n) * height * width, [-1, 1])
 
-    def crop() -> tf.Tensor:
-        padded = _mirror_pad(images, pad)
-        p = tf.cast(pad, tf.float32)
-        y1 = (matrices[:, 1, 2] + p) / (height + 2.0 * p)
-        x1 = (matrices[:, 0, 2] + p) / (width + 2.0 * p)
-        y2 = y1 + matrices[:, 1, 1] * height / (height + 2.0 * p)
-        x2 = x1 + matrices[:, 0, 0] * width / (width + 2.0 * p)
-        return tf.image.crop_and_resize(padded, tf.stack([y1, x1, y2, x2], axis=1), tf.range(shape[0]),
-                                        shape[1:3])
+    def tap(yy: tf.Tensor, xx: tf.Tensor) -> tf.Tensor:
+        if fill_mode == "wrap":
+            yy, xx = tf.math.floormod(yy, h), tf.math.floormod(xx, w)
+        inside = (xx >= 0.0) & (xx <= w - 1.0) & (yy >= 0.0) & (yy <= h - 1.0)
+        xi = tf.cast(tf.clip_by_value(xx, 0.0, w - 1.0), tf.int32)
+        yi = tf.cast(tf.clip_by_value(yy, 0.0, h - 1.0), tf.int32)
+        values = tf.gather(pixels, first + yi * width + xi)
+        return values * tf.cast(inside, values.dtype)[..., tf.newaxis]  # outside: the fill value, 0
 
-    fits = pad <= tf.minimum(shape[1], shape[2])
-    return tf.cond(fits, crop, lambda: warp(images, matrices, "reflect"))
+    top = (1.0 - ax) * tap(y0, x0) + ax * tap(y0, x0 + 1.0)
+    bottom = (1.0 - ax) * tap(y0 + 1.0, x0) + ax * tap(y0 + 1.0, x0 + 1.0)
+    return tf.reshape((1.0 - ay) * top + ay * bottom, shape)
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def _xla_works() -> bool:
+    """Whether this TensorFlow build can XLA-compile the sampler on the CPU (tried once per process)."""
+    if "ok" not in _COMPILED:
+        try:
+            probe = tf.function(lambda im, m: sample_bilinear(im, m, "nearest"), jit_compile=True)
+            probe(tf.zeros([1, 2, 2, 1]), tf.eye(3)[tf.newaxis])
+            _COMPILED["ok"] = True
+        except (tf.errors.OpError, ValueError, NotImplementedError) as exc:  # a build without XLA
+            _COMPILED["ok"] = False
+            logger.warning("XLA is unavailable (%s); augmentation warps with the slower "
+                           "ImageProjectiveTransformV3 op", str(exc).splitlines()[0][:120])
+    return _COMPILED["ok"]
+
+
+def _compiled(key: str, fn: Any) -> Any:
+    """`fn` compiled by XLA (cached under `key`), or `fn` itself in a build without XLA."""
+    if not _xla_works():
+        return fn
+    if key not in _COMPILED:
+        _COMPILED[key] = tf.function(fn, jit_compile=True, reduce_retracing=True)
+    return _COMPILED[key]
+
+
+def warp_fast(images: tf.Tensor, matrices: tf.Tensor, fill_mode: str = "reflect") -> tf.Tensor:
+    """`warp` at a third of the CPU cost: `sample_bilinear` compiled by XLA (the op itself when XLA is missing).
+
+    Compiled functions are cached per fill mode; XLA compiles once per batch shape (a few per run: the full
+    batches and the last one), in tf.data maps and inside compiled training steps alike.
+    """
+    if fill_mode not in FILL_MODES:
+        raise ValueError(f"fill_mode must be one of {FILL_MODES}, got {fill_mode!r}")
+    if not _xla_works():
+        return warp(images, matrices, fill_mode)
+    return _compiled(f"warp-{fill_mode}", lambda im, m: sample_bilinear(im, m, fill_mode))(images, matrices)
+
+
+def _contrast_brightness(images: tf.Tensor, factor: tf.Tensor, offset: tf.Tensor) -> tf.Tensor:
+    """(x - mean) * factor + mean, clipped, then + offset, clipped: per image factors and offsets [N, 1, 1, 1]."""
+    mean = tf.reduce_mean(images, axis=[1, 2], keepdims=True)
+    out = tf.clip_by_value(images * factor + mean * (1.0 - factor), 0.0, 255.0)
+    return tf.clip_by_value(out + offset, 0.0, 255.0)
 
 
 class _StatelessAugment(keras.layers.Layer):
@@ -179,11 +247,7 @@ class RandomGeometry(_StatelessAugment):
             zoom = 1.0 + _uniform(s[2], [n], self.zoom)
             size = tf.cast(tf.stack([width, height]), tf.float32)
             shift = _uniform(s[3], [n, 2], self.translation) * size
-            matrices = affine_matrices(height, width, flip, angle, zoom, shift)
-            if self.rotation > 0 or self.fill_mode != "reflect":
-                out = warp(images, matrices, self.fill_mode)
-            else:
-                out = warp_axis_aligned(images, matrices)
+            out = warp_fast(images, affine_matrices(height, width, flip, angle, zoom, shift), self.fill_mode)
         return out[0] if single else out
 
     def get_config(self) -> dict[str, Any]:
@@ -208,14 +272,12 @@ class RandomColour(_StatelessAugment):
         images, single = _as_batch(images)
         n = tf.shape(images)[0]
         s = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
-        out = images
-        if self.contrast > 0:
-            factor = 1.0 + _uniform(s[0], [n, 1, 1, 1], self.contrast)
-            mean = tf.reduce_mean(out, axis=[1, 2], keepdims=True)
-            # (x - mean) * factor + mean, in two passes over the pixels instead of three
-            out = tf.clip_by_value(out * factor + mean * (1.0 - factor), 0.0, 255.0)
-        if self.brightness > 0:
-            out = tf.clip_by_value(out + _uniform(s[1], [n, 1, 1, 1], self.brightness) * 255.0, 0.0, 255.0)
+        # A factor of 1 and an offset of 0 change nothing, so one compiled kernel (three passes over the pixels,
+        # fused) serves every combination of keys.
+        factor = 1.0 + _uniform(s[0], [n, 1, 1, 1], self.contrast) if self.contrast > 0 else tf.ones([n, 1, 1, 1])
+        offset = (_uniform(s[1], [n, 1, 1, 1], self.brightness) * 255.0 if self.brightness > 0
+                  else tf.zeros([n, 1, 1, 1]))
+        out = _compiled("colour", _contrast_brightness)(tf.cast(images, tf.float32), factor, offset)
         return out[0] if single else out
 
     def get_config(self) -> dict[str, Any]:

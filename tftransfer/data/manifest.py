@@ -155,7 +155,7 @@ def load_manifest(path: str | Path, val_split: float = 0.2, strict: bool = False
                         f"{listing}{more}")
     keys = [Path(r.path).as_posix() for r in rows]
     skipped: list[tuple[str, str]] = []
-    good = _probe_listed(path, resolved, keys, opts, skipped)
+    good, headers = _probe_listed(path, resolved, keys, opts, skipped)
     index = {name: i for i, name in enumerate(class_names)}
     idx = np.flatnonzero(good)
     labels = np.array([index[rows[i].label] for i in idx], dtype=np.int64)
@@ -163,7 +163,7 @@ def load_manifest(path: str | Path, val_split: float = 0.2, strict: bool = False
     given = f"manifest split column ({path.name})" if np.any(fixed != UNASSIGNED) else ""
     name = path.stem + (f"#domain={','.join(domains)}" if domains else "")
     return _build_source(name, str(path), class_names, labels, [keys[i] for i in idx], fixed, opts,
-                         paths=[str(resolved[i]) for i in idx],
+                         paths=[str(resolved[i]) for i in idx], headers=headers[idx],
                          domains=[rows[i].domain for i in idx] if has_domains else None,
                          skipped=skipped, given=given)
 

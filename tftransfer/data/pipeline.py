@@ -33,7 +33,13 @@ import tensorflow as tf
 
 from tftransfer.config import AugmentConfig, DataConfig
 from tftransfer.data.augment import RandomColour, RandomGeometry, augment_with_seed, stateless_layers
-from tftransfer.data.images import DECODE_VERSION, decode_and_resize, resize_image
+from tftransfer.data.images import (
+    DECODE_VERSION,
+    decode_and_resize,
+    decode_and_resize_known,
+    jpeg_scale_index,
+    resize_image,
+)
 from tftransfer.data.sources import DataSource, Split, shard_split
 from tftransfer.errors import DataError
 
@@ -127,7 +133,23 @@ def _loader(split: Split, image_size: int) -> Callable[[tf.Tensor], tuple[tf.Ten
         images = tf.constant(split.images)
         return lambda i: (resize_image(tf.cast(tf.gather(images, i), tf.float32), image_size), tf.gather(labels, i))
     paths = tf.constant(split.paths, dtype=tf.string)
-    return lambda i: (decode_and_resize(tf.io.read_file(tf.gather(paths, i)), image_size), tf.gather(labels, i))
+    if split.headers is None:
+        return lambda i: (decode_and_resize(tf.io.read_file(tf.gather(paths, i)), image_size), tf.gather(labels, i))
+    # The listing read every header: the decode choices are constants, and a choice the same for every file
+    # (no EXIF rotation, no JPEG large enough to decode at reduced scale) is no op at all.
+    width, height, orientation, jpeg = (split.headers[:, c] for c in range(split.headers.shape[1]))
+    scales = np.array([jpeg_scale_index(w, h, j, image_size) for w, h, j in zip(width, height, jpeg)], np.int32)
+    scale_of = tf.constant(scales) if np.any(scales != 0) else None
+    orientation_of = tf.constant(orientation, tf.int32) if np.any(orientation != 1) else None
+
+    def load(i: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        pixels = decode_and_resize_known(
+            tf.io.read_file(tf.gather(paths, i)), image_size,
+            None if scale_of is None else tf.gather(scale_of, i),
+            None if orientation_of is None else tf.gather(orientation_of, i))
+        return pixels, tf.gather(labels, i)
+
+    return load
 
 
 def _order(n: int, shuffle_buffer: int | None, seed: int) -> tf.data.Dataset:

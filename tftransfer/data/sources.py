@@ -35,6 +35,7 @@ __all__ = ["DECODABLE_FORMATS", "IMAGE_EXTENSIONS", "DataSource", "Split", "Sour
 VAL_DIR_NAMES = ("val", "validation", "valid")
 SPLIT_NAMES = ("train", "val", "test")
 TRAIN, VAL, TEST, UNASSIGNED = 0, 1, 2, -1
+HEADER_COLUMNS = ("width", "height", "orientation", "jpeg")  # Split.headers
 # Names a split may have in folders and manifest columns.
 SPLIT_ALIASES = {"train": TRAIN, "training": TRAIN, "val": VAL, "valid": VAL, "validation": VAL, "dev": VAL,
                  "test": TEST, "testing": TEST}
@@ -45,6 +46,9 @@ class Split:
     """One split's examples: `paths` (files) or `images` (uint8 [N, H, W, 3]), with int labels and stable keys.
 
     `domains` names each example's domain when the source has them (a manifest's domain column), else None.
+    `headers` holds what the listing's probe read from each file's header, int32 [N, 4]: stored width, height,
+    EXIF orientation and 1 for a JPEG (see HEADER_COLUMNS); the pipeline then needs not parse them again per
+    decode. None when unknown (the decoder reads them from the bytes, as the serving graph does).
     """
 
     labels: np.ndarray
@@ -52,6 +56,7 @@ class Split:
     paths: list[str] | None = None
     images: np.ndarray | None = None
     domains: list[str] | None = None
+    headers: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -62,7 +67,8 @@ class Split:
         return Split(labels=np.asarray(self.labels)[idx], keys=[self.keys[i] for i in idx],
                      paths=[self.paths[i] for i in idx] if self.paths is not None else None,
                      images=self.images[idx] if self.images is not None else None,
-                     domains=[self.domains[i] for i in idx] if self.domains is not None else None)
+                     domains=[self.domains[i] for i in idx] if self.domains is not None else None,
+                     headers=self.headers[idx] if self.headers is not None else None)
 
     def select_domains(self, domains: Sequence[str]) -> Split:
         """The examples whose domain is one of `domains` (e.g. the target rows of a domain-adaptation manifest)."""
@@ -199,6 +205,7 @@ def shard_split(split: Split, num_workers: int, index: int) -> Split:
 def _build_source(name: str, root: str, class_names: list[str], labels: np.ndarray, keys: list[str],
                   fixed: np.ndarray, opts: SourceOptions, *, paths: list[str] | None = None,
                   images: np.ndarray | None = None, domains: list[str] | None = None,
+                  headers: np.ndarray | None = None,
                   skipped: list[tuple[str, str]] | None = None, ignored: int = 0,
                   given: str = "") -> DataSource:
     """Splits the examples and checks the result: `fixed` holds split codes the data gives (or UNASSIGNED).
@@ -220,7 +227,7 @@ def _build_source(name: str, root: str, class_names: list[str], labels: np.ndarr
     method = "; ".join(m for m in (given, f"{how}, {', '.join(drawn)}" if drawn and len(free) else "") if m)
     if not method:
         method = "all examples in train"
-    split = Split(labels=labels, keys=list(keys), paths=paths, images=images, domains=domains)
+    split = Split(labels=labels, keys=list(keys), paths=paths, images=images, domains=domains, headers=headers)
     parts = {code: split.subset(np.flatnonzero(codes == code)) for code in (TRAIN, VAL, TEST)}
     has_val = VAL in present or val_fraction > 0
     has_test = TEST in present or test_fraction > 0
@@ -256,9 +263,17 @@ def check_image_files(paths: Sequence[Path]) -> list[str | None]:
     return [p.problem for p in probe_images(paths)]
 
 
+def file_headers(probes: Sequence[ImageProbe]) -> np.ndarray:
+    """Split.headers rows for probed files: width, height, EXIF orientation, is-JPEG (int32 [N, 4])."""
+    rows = [(p.width, p.height, p.orientation if p.orientation in range(1, 9) else 1,
+             int(p.format in ("JPEG", "MPO"))) for p in probes]
+    return np.asarray(rows, dtype=np.int32).reshape(len(rows), len(HEADER_COLUMNS))
+
+
 def _probe_listed(root: Path, files: Sequence[Path], keys: Sequence[str], opts: SourceOptions,
-                  skipped: list[tuple[str, str]]) -> np.ndarray:
-    """Probes the files; returns a mask of the good ones, appends the bad ones to `skipped`, honours strict."""
+                  skipped: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    """Probes the files; returns a mask of the good ones and every file's headers row (see Split.headers),
+    appends the bad ones to `skipped`, honours strict."""
     probes = probe_images(files, fingerprints=opts.probes is not None, what=str(root))
     good = np.ones(len(files), dtype=bool)
     for i, (key, probe) in enumerate(zip(keys, probes)):
@@ -270,7 +285,7 @@ def _probe_listed(root: Path, files: Sequence[Path], keys: Sequence[str], opts: 
     if skipped and opts.strict:
         listing = "\n".join(f"  {p}: {why}" for p, why in skipped)
         raise DataError(f"{len(skipped)} bad files in {root} (data.strict is on):\n{listing}")
-    return good
+    return good, file_headers(probes)
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -365,7 +380,7 @@ def _load_folder(root: Path, opts: SourceOptions) -> DataSource:
                     _describe_ignored(ignored))
     keys = [p.relative_to(root).as_posix() for p in files]
     skipped: list[tuple[str, str]] = []
-    good = _probe_listed(root, files, keys, opts, skipped)
+    good, headers = _probe_listed(root, files, keys, opts, skipped)
     readable = Counter(d for d, ok in zip(class_dirs, good) if ok)
     for _, split_dir in split_dirs:
         for name in class_names:
@@ -379,8 +394,8 @@ def _load_folder(root: Path, opts: SourceOptions) -> DataSource:
         given = "folders: " + " and ".join(f"{d.name}/" for _, d in split_dirs)
     return _build_source(root.name or str(root), str(root), class_names, np.asarray(labels, np.int64)[idx],
                          [keys[i] for i in idx], np.asarray(codes, np.int8)[idx], opts,
-                         paths=[str(files[i]) for i in idx], skipped=skipped, ignored=sum(ignored.values()),
-                         given=given)
+                         paths=[str(files[i]) for i in idx], headers=headers[idx], skipped=skipped,
+                         ignored=sum(ignored.values()), given=given)
 
 
 # ---------------------------------------------------------------------------------------------------------------
