@@ -143,7 +143,10 @@ def _xla_works() -> bool:
     if "ok" not in _COMPILED:
         try:
             probe = tf.function(lambda im, m: sample_bilinear(im, m, "nearest"), jit_compile=True)
-            probe(tf.zeros([1, 2, 2, 1]), tf.eye(3)[tf.newaxis])
+            # First asked while a tf.data map or a training step is being traced: run the probe now, eagerly,
+            # rather than into that graph (where a failure would only show when the graph runs).
+            with tf.init_scope():
+                probe(tf.zeros([1, 2, 2, 1]), tf.eye(3)[tf.newaxis])
             _COMPILED["ok"] = True
         except (tf.errors.OpError, ValueError, NotImplementedError) as exc:  # a build without XLA
             _COMPILED["ok"] = False
