@@ -43,6 +43,9 @@ class AugmentConfig:
     translation: float = _opt(0.0, "max random shift as a fraction of the size", min=0.0, max=0.5)
     contrast: float = _opt(0.0, "max random contrast change factor", min=0.0, max=1.0)
     brightness: float = _opt(0.0, "max random brightness change as a fraction of the 0-255 range", min=0.0, max=1.0)
+    placement: str = _opt("auto", "where augmentation runs: pipeline = the tf.data pipeline on the CPU; model = "
+                                  "inside the training step (on the GPU, XLA-compiled with runtime.jit); auto = "
+                                  "model on a GPU, else pipeline", choices=("auto", "pipeline", "model"))
 
 
 @dataclass(frozen=True)

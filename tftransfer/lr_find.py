@@ -142,10 +142,16 @@ def plot_range_test(test: RangeTest, path: Path) -> Path:
 def run_lr_find(cfg: ExperimentConfig, phases: tuple[str, ...] = ("head", "finetune"), steps: int = 100,
                 min_lr: float = 1e-7, max_lr: float = 1.0, overwrite: bool = False) -> dict[str, Any]:
     """`tftransfer lr-find`: range tests into runs/<name>-lr-find/ (JSON, PNG, TensorBoard scalars)."""
+    from tftransfer.device_augment import AugmentingModel, device_augmenter
     from tftransfer.train import _head_on_features, feature_cache_spec, prepare_experiment
 
     exp = prepare_experiment(cfg)
     cfg = exp.cfg
+    # With placement model the training batches come un-augmented: the ramp trains through the augmenter as fit does.
+    augmenter = None
+    if exp.data.augment_in_model and exp.data.augmenter is not None:
+        augmenter = device_augmenter(exp.data.augmenter)
+    on_images = exp.model if augmenter is None else AugmentingModel(exp.model, augmenter)
     run = create_run_dir(cfg.runs_dir, f"{cfg.name}-lr-find", overwrite=overwrite)
     results: dict[str, Any] = {}
     num_classes = len(exp.source.class_names)
@@ -157,10 +163,10 @@ def run_lr_find(cfg: ExperimentConfig, phases: tuple[str, ...] = ("head", "finet
                                            feature_cache_spec(cfg, exp.spec, exp.image_size), cfg.runtime.seed)
                 model, train = inputs.model, inputs.train
             else:
-                model, train = exp.model, exp.data.train
+                model, train = on_images, exp.data.train
         else:
             unfreeze_top_blocks(exp.model, exp.blocks, max(cfg.phases.finetune.unfreeze_blocks, 1))
-            model, train = exp.model, exp.data.train
+            model, train = on_images, exp.data.train
         test = range_test(model, train, num_classes, phase, min_lr, max_lr, steps)
         plot_range_test(test, run.path / f"lr_find_{phase}.png")
         with tf.summary.create_file_writer(str(run.logs / f"lr_find_{phase}")).as_default():

@@ -70,6 +70,18 @@ def resolve_jit(requested: str, has_gpu: bool) -> bool:
     return requested == "on"
 
 
+def resolve_augment_placement(requested: str, has_gpu: bool, compilable: bool = True) -> str:
+    """auto -> model on GPU (the augmenter runs in the training step there, freeing the CPU pipeline), else
+    pipeline (on a CPU the step and the pipeline share the same cores, and the pipeline overlaps with the step).
+
+    An augmenter XLA cannot compile (`compilable` False: Keras' RandAugment) stays in the pipeline under auto,
+    where it would otherwise switch XLA off for the whole training step.
+    """
+    if requested == "auto":
+        return "model" if has_gpu and compilable else "pipeline"
+    return requested
+
+
 def resolve_strategy(requested: str, gpus: int) -> str:
     """auto -> multiworker under TF_CONFIG, a TPU when TPU_NAME is set, mirrored over local GPUs, else default."""
     if requested != "auto":

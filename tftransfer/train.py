@@ -45,10 +45,12 @@ from tftransfer.config import (
     flatten,
     save_config,
 )
+from tftransfer.data.augment import AUGMENT_VERSION, stateless_layers
 from tftransfer.data.balance import class_weight_for
 from tftransfer.data.images import DECODE_VERSION
-from tftransfer.data.pipeline import Datasets, make_datasets, make_split_dataset, take_pixels
+from tftransfer.data.pipeline import Datasets, build_augmenter, make_datasets, make_split_dataset, take_pixels
 from tftransfer.data.sources import DataSource, source_from_config
+from tftransfer.device_augment import AugmentingModel, device_augmenter
 from tftransfer.errors import ConfigError, RunDirError, TfTransferError
 from tftransfer.features import (
     build_chain,
@@ -69,7 +71,7 @@ from tftransfer.model import (
     build_model,
     get_backbone,
 )
-from tftransfer.runtime import RuntimeInfo, configure_runtime
+from tftransfer.runtime import RuntimeInfo, configure_runtime, resolve_augment_placement
 from tftransfer.workdir import RunDir, create_run_dir, write_json
 
 logger = logging.getLogger(__name__)
@@ -303,7 +305,8 @@ def _head_on_features(model: keras.Model, head: HeadConfig, data: Datasets, cach
     if data.augmenter is not None and views == 1:
         logger.info("phase head trains on cached features of un-augmented images "
                     "(set phases.head.feature_cache_views > 1 for augmented views, or feature_cache=false)")
-    parts = {**cache.key_parts, "augment": str(data.augmenter.get_config()) if views > 1 else None,
+    parts = {**cache.key_parts,
+             "augment": f"{AUGMENT_VERSION} {data.augmenter.get_config()}" if views > 1 else None,
              "seed": seed if views > 1 else None}
     # View 1 is always the clean image; further views go through the training augmenter.
     train_views = [data.ordered_train(augment=False)] + [data.ordered_train(augment=True)] * (views - 1)
@@ -334,8 +337,12 @@ def _head_on_features(model: keras.Model, head: HeadConfig, data: Datasets, cach
 def _adaptive_inputs(name: str, phase: PhaseConfig, model: keras.Model, inputs: PhaseInputs, cfg: ExperimentConfig,
                      data: Datasets, target: TargetDomain | None, l2sp_reference: dict[int, np.ndarray] | None,
                      class_weight: dict[int, float] | None, epochs_before: int, total_epochs: int,
-                     method: AdaptMethod | None) -> PhaseInputs:
-    """The phase's inputs re-wrapped for the AdaptiveTrainer when it adapts to a target or uses L2-SP."""
+                     method: AdaptMethod | None, augmenter: keras.Layer | None = None) -> PhaseInputs:
+    """The phase's inputs re-wrapped for the AdaptiveTrainer when it adapts to a target or uses L2-SP.
+
+    `augmenter` (placement model) is handed to the trainer for a phase on images: it then augments the source and
+    target batches in its training step, and the target stream stays un-augmented like the source's.
+    """
     l2sp = None
     if isinstance(phase, FinetuneConfig) and (phase.l2_sp_alpha > 0 or phase.l2_sp_beta > 0):
         l2sp = L2SPSpec(phase.l2_sp_alpha, phase.l2_sp_beta, l2sp_reference or {})
@@ -355,7 +362,7 @@ def _adaptive_inputs(name: str, phase: PhaseConfig, model: keras.Model, inputs: 
                               num_target=len(target) if target is not None else 0, class_weight=class_weight,
                               label_smoothing=phase.label_smoothing, progress_offset=epochs_before * steps,
                               total_steps=total_epochs * steps, l2sp=l2sp, head_variables=head_vars,
-                              name=f"adaptive_{name}")
+                              augmenter=None if on_features else augmenter, name=f"adaptive_{name}")
     train, callbacks, note = inputs.train, [], inputs.note
     if target is not None:
         seed = cfg.runtime.seed
@@ -365,7 +372,8 @@ def _adaptive_inputs(name: str, phase: PhaseConfig, model: keras.Model, inputs: 
                                     shuffle_buffer=data.shuffle_buffer)
             ordered = feature_ordered(inputs.target_features, inputs.target_index, data.batch_size)
         else:
-            stream = target_stream(target, data.image_size, cfg.data, seed=seed, augmenter=data.augmenter)
+            stream = target_stream(target, data.image_size, cfg.data, seed=seed,
+                                   augmenter=None if data.augment_in_model else data.augmenter)
             ordered = target_ordered(target, data.image_size, cfg.data)
         if method is not None:
             train = tf.data.Dataset.zip((inputs.train, stream))
@@ -432,6 +440,24 @@ def _extra_weights(model: keras.Model) -> list[np.ndarray] | None:
     return method.get_weights() if method is not None and method.weights else None
 
 
+def _why_no_xla(model: keras.Model) -> str:
+    """Why Keras will not XLA-compile `model`: the layers it marks as not compilable, or op determinism."""
+    def unsupported(layer: keras.Layer) -> set[str]:
+        return {type(sub).__name__ for sub in layer._flatten_layers() if not sub.supports_jit}
+
+    layers = unsupported(model)
+    if layers:
+        augmenter = getattr(model, "augmenter", None)  # an AugmentingModel's or an AdaptiveTrainer's
+        hint = ("; data.augment.placement=pipeline keeps XLA for the model"
+                if augmenter is not None and unsupported(augmenter) else "")
+        return f"layers without XLA support: {', '.join(sorted(layers))}{hint}"
+    from tensorflow.python.framework.config import is_op_determinism_enabled  # what Keras itself checks
+
+    if is_op_determinism_enabled():
+        return "runtime.deterministic=true: Keras does not use XLA under op determinism"
+    return "unknown reason"
+
+
 def _phase_from_dict(data: dict[str, Any]) -> PhaseResult:
     return PhaseResult(**{**data, "freeze": FreezeReport(**data["freeze"])})
 
@@ -447,7 +473,8 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
     With `feature_cache` (and phases.head.feature_cache on), phase 1 trains the head on cached pooled features.
     `evaluate_phase(model)`, when given, measures the full model at the end of each phase. With `run`, every
     epoch is checkpointed; `resume` (whose weights are already in `model`) continues from such a checkpoint.
-    With a `target` (and cfg.adapt.method) or L2-SP, phases train through the AdaptiveTrainer.
+    With a `target` (and cfg.adapt.method) or L2-SP, phases train through the AdaptiveTrainer. When
+    `data.augment_in_model`, phases on images augment inside the training step (tftransfer.device_augment).
     """
     head: HeadConfig = cfg.phases.head
     finetune: FinetuneConfig = cfg.phases.finetune
@@ -476,6 +503,8 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
     else:
         logger.info("phase finetune skipped: phases.finetune.unfreeze_blocks is 0")
     total_epochs = sum(phase.epochs for _, phase, _ in plan)  # DANN's lambda ramps over the whole run
+    # One for both phases, so its seed stream continues across them; built here, in the strategy's scope.
+    augmenter = device_augmenter(data.augmenter) if data.augment_in_model and data.augmenter is not None else None
     for name, phase, set_trainable in plan:
         if phase.epochs == 0:
             logger.info("phase %s skipped: 0 epochs", name)
@@ -493,7 +522,11 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
         else:
             inputs = PhaseInputs(model, data.train, data.val, data.steps_per_epoch)
         inputs = _adaptive_inputs(name, phase, model, inputs, cfg, data, target, l2sp_reference, class_weight,
-                                  epoch, total_epochs, method)
+                                  epoch, total_epochs, method, augmenter)
+        if augmenter is not None and not inputs.on_features:
+            if not isinstance(inputs.model, AdaptiveTrainer):  # the trainer augments in its own train_step
+                inputs = replace(inputs, model=AugmentingModel(inputs.model, augmenter, name=f"augmenting_{name}"))
+            inputs = replace(inputs, note=f"{inputs.note}; augmented in the training step")
         if resume is not None and method is not None and not method_restored:
             saved = resume.extra_weights()
             if saved:
@@ -505,6 +538,12 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
                     f"{report.trainable_params:,}", f"{report.non_trainable_params:,}",
                     f"; unfrozen blocks {report.unfrozen_blocks}" if report.unfrozen_blocks else "")
         compile_inputs(inputs, phase, len(data.class_names), jit_compile)
+        if jit_compile and not inputs.model.jit_compile:
+            # Keras turns XLA off by itself (with only a Python warning) for a layer it marks as not compilable,
+            # e.g. the random geometry layers inside RandAugment when it runs in the step, or under determinism.
+            logger.warning("phase %s runs without XLA: Keras refused jit_compile for %s (%s)", name,
+                           inputs.model.name, _why_no_xla(inputs.model))
+            jit_compile = False
         recorder.phase = name
         has_val = inputs.val is not None
         best = BestWeights() if phase.restore_best and has_val else None
@@ -637,6 +676,7 @@ class Experiment:
     model: keras.Model
     target: TargetDomain | None = None
     l2sp_reference: dict[int, np.ndarray] | None = None
+    augment_placement: str | None = None  # the resolved data.augment.placement; None when nothing augments
 
 
 def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
@@ -661,7 +701,20 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
         model = build_model(cfg.model, spec, len(source.class_names), image_size, backbone=backbone)
     logger.info("data: %d train / %d val examples, %d classes (%s)", len(source.train),
                 len(source.val) if source.val is not None else 0, len(source.class_names), source.split_method)
-    data = make_datasets(cfg.data, source, image_size, seed=cfg.runtime.seed)
+    requested = cfg.data.augment.placement
+    preview = build_augmenter(cfg.data.augment, cfg.runtime.seed)  # tftransfer's layers compile; Keras' may not
+    placement = resolve_augment_placement(requested, info.device == "gpu",
+                                          compilable=preview is None or stateless_layers(preview) is not None)
+    data = make_datasets(cfg.data, source, image_size, seed=cfg.runtime.seed,
+                         augment_in_model=placement == "model")
+    if data.augmenter is None:
+        augment_placement = None
+    else:
+        augment_placement = placement
+        where = {"model": f"inside the training step (on the {info.device.upper()})",
+                 "pipeline": "in the tf.data pipeline (on the CPU)"}[placement]
+        logger.info("training augmentation runs %s: data.augment.placement %s%s", where, requested,
+                    f" -> {placement}" if requested != placement else "")
     target = None
     if cfg.adapt.target:
         target = load_target(cfg.adapt.target, source.class_names, cfg.data, max_images=cfg.adapt.max_target_images,
@@ -671,7 +724,8 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
     if finetune.l2_sp_alpha > 0 and finetune.epochs > 0 and finetune.unfreeze_blocks > 0:
         # The starting point L2-SP pulls toward: the pretrained values, taken before anything trains or resumes.
         reference = {id(v): np.array(v.numpy(), np.float32) for v in get_backbone(model).trainable_weights}
-    return Experiment(cfg, spec, image_size, source, info, blocks, data, model, target, reference)
+    return Experiment(cfg, spec, image_size, source, info, blocks, data, model, target, reference,
+                      augment_placement)
 
 
 def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int = 0,
@@ -700,7 +754,7 @@ def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int 
         run = create_run_dir(cfg.runs_dir, cfg.name, overwrite=overwrite)
         save_config(cfg, run.config)
         write_json(run.split, source.split_record())
-    write_json(run.path / "runtime.json", info.to_dict())
+    write_json(run.path / "runtime.json", {**info.to_dict(), "augment_placement": exp.augment_placement})
     run.labels.write_text("\n".join(source.class_names) + "\n")
     if source.skipped:
         run.skipped.write_text("".join(f"{path}\t{why}\n" for path, why in source.skipped))
@@ -756,7 +810,8 @@ def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int 
                 "run_dir": str(run.path), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "tftransfer_version": tftransfer.__version__, "tensorflow_version": tf.__version__,
                 "keras_version": keras.__version__, "python_version": platform.python_version(),
-                "runtime": {**info.to_dict(), "jit_compile": fitted.jit_compile}},
+                "runtime": {**info.to_dict(), "jit_compile": fitted.jit_compile,
+                            "augment_placement": exp.augment_placement}},
         "phases": phase_entries,
         "final": {"val": final_val,
                   "eval_images_per_second": final_val.get("images_per_second") if final_val else None},

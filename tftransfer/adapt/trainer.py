@@ -4,7 +4,8 @@ It wraps the classifier's own layers (shared, so training it trains the classifi
 `encoder` (inputs -> aligned features) and `classifier` (features -> logits). With a target, every step sees a
 source batch and a target batch drawn together ((xs, ys), (xt, target_index)), runs both through the network in
 one call, and logs each loss (task, adaptation, the method's own scalars, L2-SP) as a train metric, so `fit`,
-callbacks, TensorBoard, checkpoints and tf.distribute keep working.
+callbacks, TensorBoard, checkpoints and tf.distribute keep working. With an `augmenter` (data.augment.placement
+model) the training step augments the source and target images itself; inference never augments.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import tensorflow as tf
 
 from tftransfer.adapt.losses import prediction_entropy
 from tftransfer.adapt.methods import AdaptMethod
+from tftransfer.device_augment import augment_float32
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,8 @@ class AdaptiveTrainer(keras.Model):
                  method: AdaptMethod | None = None, weight: float = 1.0, num_target: int = 0,
                  class_weight: dict[int, float] | None = None, label_smoothing: float = 0.0,
                  progress_offset: int = 0, total_steps: int = 1, l2sp: L2SPSpec | None = None,
-                 head_variables: Sequence[Any] = (), **kwargs: Any) -> None:
+                 head_variables: Sequence[Any] = (), augmenter: keras.Layer | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.encoder = encoder
         self.classifier = classifier
@@ -75,6 +78,8 @@ class AdaptiveTrainer(keras.Model):
         if l2sp is not None:
             self.trackers["l2_sp_loss"] = keras.metrics.Mean(name="l2_sp_loss")
         self.accuracy_metric = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        # Tracked after the networks, and weightless: the trainable variables keep their order without it.
+        self.augmenter = augmenter
         self.built = True
 
     @property
@@ -115,7 +120,10 @@ class AdaptiveTrainer(keras.Model):
         values: dict[str, tf.Tensor] = {}
         with tf.GradientTape() as tape:
             if self.method is not None:
-                features, logits = self._forward(tf.concat([xs, xt], 0), training=True)
+                x = tf.concat([xs, xt], 0)
+                if self.augmenter is not None:  # one call for both domains: one warp per step, not two
+                    x = augment_float32(self.augmenter, x)
+                features, logits = self._forward(x, training=True)
                 source_logits = logits[:n_source]
                 step = tf.cast(self.optimizer.iterations, tf.float32) + float(self.progress_offset)
                 adapt_loss, values = self.method.alignment(
@@ -123,6 +131,8 @@ class AdaptiveTrainer(keras.Model):
                     step / float(self.total_steps), training=True)
                 values["adapt_loss"] = adapt_loss
             else:
+                if self.augmenter is not None:
+                    xs = augment_float32(self.augmenter, xs)
                 _, source_logits = self._forward(xs, training=True)
                 adapt_loss = tf.constant(0.0)
             task = tf.reduce_mean(self._task_losses(ys, source_logits))

@@ -37,6 +37,9 @@ import tensorflow as tf
 logger = logging.getLogger(__name__)
 
 FILL_MODES = ("reflect", "wrap", "constant", "nearest")
+# Names how the layers compute their views, for cache keys: features of augmented views made by another version
+# of this code are stale.
+AUGMENT_VERSION = "xla-gather-1"
 
 
 def _as_batch(images: tf.Tensor) -> tuple[tf.Tensor, bool]:

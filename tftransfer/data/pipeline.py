@@ -4,7 +4,8 @@ Element order is always deterministic (parallel maps keep their input order), so
 order. Images are resized in the pipeline (so batches have one shape and the cache holds small tensors) with the same
 function the serving signature uses; the model's own Resizing layer is then an identity for pipeline batches and
 only does work for raw inputs of other sizes. Augmentation runs in the pipeline on the CPU, after the cache, so
-every epoch sees new random views; validation and test are never augmented.
+every epoch sees new random views (or, with data.augment.placement model, in the training step: see
+tftransfer.device_augment); validation and test are never augmented.
 
 A shuffled split is shuffled as indices, before anything is decoded: every epoch visits the examples in the order
 `Dataset.range(n).shuffle(min(shuffle_buffer, n), seed, reshuffle_each_iteration=True)` gives (the order a shuffle
@@ -63,9 +64,10 @@ class Datasets:
     source: DataSource
     batch_size: int
     shuffle_buffer: int = 2048
-    augmenter: keras.Sequential | None = None
+    augmenter: keras.Sequential | None = None  # kept whatever the placement: phase 1's feature views use it
     test: tf.data.Dataset | None = None
     test_examples: int = 0
+    augment_in_model: bool = False  # `train` is un-augmented; the training step applies `augmenter` instead
 
     def ordered_train(self, augment: bool = False) -> tf.data.Dataset:
         """The training split in source order (not shuffled), augmented or not: for feature extraction."""
@@ -365,21 +367,24 @@ def make_split_dataset(split: Split, image_size: int, batch_size: int, *, shuffl
 
 
 def make_datasets(cfg: DataConfig, source: DataSource, image_size: int, seed: int = 0, *,
-                  shard: tuple[int, int] | None = None) -> Datasets:
+                  shard: tuple[int, int] | None = None, augment_in_model: bool = False) -> Datasets:
     """Train, validation and test pipelines for a resolved source.
 
     `shard=(num_workers, index)` keeps this worker's share of the training files before any decoding (for
     multi-worker training); tf.data's own auto-sharding is then switched off for that dataset.
+    `augment_in_model` (the resolved data.augment.placement is model) leaves the training batches un-augmented:
+    the training step augments them instead.
     """
     augmenter = build_augmenter(cfg.augment, seed)
+    augment_in_model = augment_in_model and augmenter is not None
     train_split = shard_split(source.train, *shard) if shard is not None else source.train
     if cfg.balanced_sampling:
         counts = train_split.class_counts(len(source.class_names))
         logger.info("balanced sampling over %d classes (train counts %d-%d)", int(np.sum(counts > 0)),
                     int(counts[counts > 0].min(initial=0)), int(counts.max(initial=0)))
     train = make_split_dataset(train_split, image_size, cfg.batch_size, shuffle=True, cache=cfg.cache,
-                               shuffle_buffer=cfg.shuffle_buffer, seed=seed, augmenter=augmenter,
-                               balanced=cfg.balanced_sampling,
+                               shuffle_buffer=cfg.shuffle_buffer, seed=seed,
+                               augmenter=None if augment_in_model else augmenter, balanced=cfg.balanced_sampling,
                                name="train" if shard is None else f"train-shard{shard[1]}of{shard[0]}")
     if shard is not None:
         options = tf.data.Options()
@@ -396,7 +401,8 @@ def make_datasets(cfg: DataConfig, source: DataSource, image_size: int, seed: in
                     steps_per_epoch=max(1, math.ceil(len(train_split) / cfg.batch_size)),
                     image_size=image_size, class_names=source.class_names, source=source,
                     batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer, augmenter=augmenter,
-                    test=evals.get("test"), test_examples=len(source.test) if source.test is not None else 0)
+                    test=evals.get("test"), test_examples=len(source.test) if source.test is not None else 0,
+                    augment_in_model=augment_in_model)
 
 
 def take_pixels(ds: tf.data.Dataset, max_examples: int) -> np.ndarray:
