@@ -8,19 +8,23 @@ tftransfer's phase 2) and `compile_for_phase` compiles it, with `jit_compile` fo
 one synthetic in-memory batch already on the device (`train_on_batch`, which waits for the step's result), so it
 measures the accelerator, not the input: images/s = batch size / median step time after `--warmup` steps.
 
-Each precision runs on two models (`--models`): `built`, the model exactly as `build_model` returns it, and
+Each precision runs on three models (`--models`): `built`, the model exactly as `build_model` returns it;
 `no_resize`, the same layers (so the same weights and trainable flags) fed from a fixed-size input that skips the
-model's first layer, the antialiased `Resizing`. That layer is an identity for pipeline batches (they are already
-`image_size`), but TensorFlow implements antialiased resizing with the `ScaleAndTranslate` op, which has a CPU
-kernel only: no GPU kernel (so every step copies the batch to the host and back) and no XLA kernel (so
-`jit_compile=True` fails to compile the train step; `fit_phases` then falls back to no XLA). The difference between
-the two models is what skipping that layer for already-sized batches would gain.
+model's first layer, the resize; and `augment_in_step` (see below). The resize is `SkipSameSizeResizing`, an
+identity for batches already at `image_size`; TensorFlow's antialiased resize op (`ScaleAndTranslate`) has a CPU
+kernel only (no GPU kernel, so a step holding it copies the batch to the host and back; no XLA kernel, so
+`jit_compile=True` could not compile the step), and `no_resize` checks that the skip leaves none of that cost.
+`augment_in_step` is the built model wrapped as `data.augment.placement: model` trains it
+(`device_augment.AugmentingModel` with the hymenoptera config's augmentation: flip, rotation, zoom, contrast): the
+difference from `built` is what augmenting on the GPU inside the step costs. `jit_compile_used` records whether
+Keras really compiled with XLA (it drops XLA by itself for layers it marks as not compilable).
 
 The input pipeline is then timed separately on real images: tftransfer's `make_datasets` on the hymenoptera
 training photos (245 JPEGs up to 2592 px, the hymenoptera config's augmentation) at the same size and batch,
 images/s over full passes, with `data.cache: none` (every image decoded every pass: what a data set larger than
-RAM costs) and with `data.cache: memory` (decoded once, later passes augment only). Comparing it with the fastest
-training case says whether the pipeline keeps the GPU fed.
+RAM costs), with `data.cache: memory` (decoded once, later passes augment only) and with `data.cache: memory` and
+placement model (`memory_augment_in_step`: the pipeline only gathers cached batches; the step augments). Comparing
+it with the fastest training case says whether the pipeline keeps the GPU fed.
 
 It refuses to run (exit status 2) when TensorFlow sees no GPU, unless `--allow-cpu` is given;
 `--allow-cpu --quick` (32 px, batch 2, 2 timed steps, 1 pipeline pass) checks the script on a CPU machine, and
@@ -60,7 +64,7 @@ CASES = {  # name -> (runtime.precision, XLA)
     "mixed_float16": ("mixed_float16", False),
     "mixed_float16_xla": ("mixed_float16", True),
 }
-MODELS = ("built", "no_resize")
+MODELS = ("built", "no_resize", "augment_in_step")
 QUICK = {"image_size": 32, "batch_size": 2, "warmup": 1, "steps": 2, "pipeline_passes": 1}
 
 
@@ -168,6 +172,8 @@ def time_training(case: str, model_kind: str, args: argparse.Namespace) -> dict[
         report = unfreeze_top_blocks(model, blocks, n)
         if model_kind == "no_resize":
             model = without_resize(model, args.image_size)
+        if model_kind == "augment_in_step":
+            model = augmenting(model, args.seed)
         compile_for_phase(model, phase, steps_per_epoch=args.warmup + args.steps, num_classes=args.num_classes,
                           jit_compile=info.jit_compile)
     device = "/GPU:0" if info.gpus else "/CPU:0"
@@ -190,10 +196,13 @@ def time_training(case: str, model_kind: str, args: argparse.Namespace) -> dict[
             step_seconds.append(seconds)
     median = statistics.median(step_seconds)
     optimizer = model.optimizer
+    plain = getattr(model, "inner", model)  # the AugmentingModel's classifier
     result = {
         "model": model_kind, "precision": info.precision, "jit_compile": info.jit_compile, "device": info.device,
-        "compute_dtype": model.get_layer("backbone").compute_dtype,
-        "logits_dtype": str(model.outputs[0].dtype),
+        # what Keras really compiled with: it drops XLA by itself for layers it marks as not compilable
+        "jit_compile_used": bool(getattr(model, "jit_compile", False)),
+        "compute_dtype": plain.get_layer("backbone").compute_dtype,
+        "logits_dtype": str(plain.outputs[0].dtype),
         "optimizer": type(optimizer).__name__,
         "trainable_params": report.trainable_params, "unfrozen_blocks": len(report.unfrozen_blocks),
         "blocks": len(blocks),
@@ -209,16 +218,30 @@ def time_training(case: str, model_kind: str, args: argparse.Namespace) -> dict[
     return result
 
 
-def time_pipeline(args: argparse.Namespace, cache: str) -> dict[str, Any]:
+def augmenting(model, seed: int):
+    """`model` as placement model trains it: the hymenoptera config's augmenter inside the training step."""
+    from tftransfer.config import load_config
+    from tftransfer.data.pipeline import build_augmenter
+    from tftransfer.device_augment import AugmentingModel, device_augmenter
+
+    augmenter = build_augmenter(load_config(CONFIG).data.augment, seed)
+    return AugmentingModel(model, device_augmenter(augmenter))
+
+
+PIPELINE_MODES = {"none": ("none", False), "memory": ("memory", False), "memory_augment_in_step": ("memory", True)}
+
+
+def time_pipeline(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     """tftransfer's training pipeline on hymenoptera: images/s over full passes after one untimed pass."""
     from tftransfer.config import load_config
     from tftransfer.data.pipeline import make_datasets
     from tftransfer.data.sources import source_from_config
 
+    cache, in_step = PIPELINE_MODES[mode]
     cfg = load_config(CONFIG, overrides=[f"data.path={args.data}", f"data.image_size={args.image_size}",
                                          f"data.batch_size={args.batch_size}", f"data.cache={cache}"])
     source = source_from_config(cfg.data)
-    data = make_datasets(cfg.data, source, args.image_size, seed=args.seed)
+    data = make_datasets(cfg.data, source, args.image_size, seed=args.seed, augment_in_model=in_step)
 
     def one_pass() -> tuple[int, float]:
         t0, n = time.perf_counter(), 0
@@ -229,7 +252,7 @@ def time_pipeline(args: argparse.Namespace, cache: str) -> dict[str, Any]:
     first_n, first_s = one_pass()
     passes = [one_pass() for _ in range(args.pipeline_passes)]
     images, seconds = sum(n for n, _ in passes), sum(s for _, s in passes)
-    return {"cache": cache, "train_images": first_n, "first_pass_seconds": first_s,
+    return {"cache": cache, "augment_in_step": in_step, "train_images": first_n, "first_pass_seconds": first_s,
             "first_pass_images_per_second": first_n / first_s if first_s else None,
             "pass_seconds": [s for _, s in passes],
             "images_per_second": images / seconds if seconds else None,
@@ -282,8 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{res['median_step_seconds']:.4f} s, first step {res['first_step_seconds']:.1f} s, "
                       f"optimizer {res['optimizer']})", flush=True)
             except Exception as exc:  # noqa: BLE001 - XLA may fail to compile a model; keep the other cases
-                # An expected outcome for XLA on the built model (ScaleAndTranslate has no XLA kernel), so it is
-                # recorded, not a failure of the script.
+                # XLA may be unable to compile some backbone's ops: recorded, not a failure of the script.
                 res = {"error": traceback.format_exc(), "error_summary": _summary(exc)}
                 print(f"{key}: error: {res['error_summary']}", flush=True)
             res["wall_seconds"] = time.perf_counter() - started
@@ -301,11 +323,11 @@ def main(argv: list[str] | None = None) -> int:
             import keras
 
             keras.mixed_precision.set_global_policy("float32")
-            for cache in ("none", "memory"):
-                print(f"=== pipeline: data.cache={cache} ===", flush=True)
+            for cache in PIPELINE_MODES:
+                print(f"=== pipeline: {cache} ===", flush=True)
                 try:
                     res = time_pipeline(args, cache)
-                    print(f"pipeline cache={cache}: {res['images_per_second']:.1f} images/s "
+                    print(f"pipeline {cache}: {res['images_per_second']:.1f} images/s "
                           f"(first pass {res['first_pass_images_per_second']:.1f})", flush=True)
                 except Exception:  # noqa: BLE001
                     failed = True
@@ -333,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     for cache, res in payload["pipeline"].items():
         if isinstance(res, dict) and res.get("images_per_second"):
             ratio = res.get("ratio_to_fastest_training")
-            print(f"pipeline data.cache={cache:<7}{res['images_per_second']:>9.1f} images/s"
+            print(f"pipeline {cache:<24}{res['images_per_second']:>9.1f} images/s"
                   + (f"  ({ratio:.2f}x the fastest training case)" if ratio else ""))
     if args.quick:
         print("(quick mode: a smoke check, not a benchmark)")
