@@ -59,9 +59,14 @@ def shared_data() -> Path:
 
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():
-    """Each test starts from float32 and a cleared Keras session (runtime settings are process-wide)."""
+    """Each test starts from float32, a cleared Keras session and no op determinism (runtime settings are
+    process-wide: a test that ran with runtime.deterministic=true would otherwise stop Keras from using XLA in every
+    later test)."""
     import keras
+
+    from tftransfer.runtime import set_op_determinism
 
     keras.mixed_precision.set_global_policy("float32")
     keras.backend.clear_session()
+    set_op_determinism(False)
     yield

@@ -45,18 +45,6 @@ def _source(n: int = 40):
 
 
 @pytest.fixture
-def no_op_determinism():
-    """Keras never XLA-compiles under op determinism, which an earlier test in the process may have switched on."""
-    from tensorflow.python.framework import config as tf_config
-
-    was = tf_config.is_op_determinism_enabled()
-    tf_config.disable_op_determinism()
-    yield
-    if was:
-        tf_config.enable_op_determinism()
-
-
-@pytest.fixture
 def fitted_models(monkeypatch) -> list[keras.Model]:
     """Every model keras.Model.fit is called on, in order."""
     seen: list[keras.Model] = []
@@ -205,7 +193,7 @@ def test_fit_with_placement_model_trains_and_exports(tmp_path, fitted_models):
     assert not any(isinstance(layer, RandomGeometry) for layer in result.model._flatten_layers())
 
 
-def test_placement_model_compiles_with_xla(caplog, no_op_determinism, fitted_models, warp_calls):
+def test_placement_model_compiles_with_xla(caplog, fitted_models, warp_calls):
     """runtime.jit=on on the CPU: the image phases XLA-compile with the warp and colour kernels inside the step."""
     cfg = load_config(overrides=[
         "data.batch_size=16", "data.augment.preset=custom", "data.augment.flip=true", "data.augment.rotation=0.1",
@@ -224,7 +212,7 @@ def test_placement_model_compiles_with_xla(caplog, no_op_determinism, fitted_mod
     assert not [r for r in caplog.records if "XLA" in r.getMessage()], caplog.text
 
 
-def test_keras_refusing_xla_is_logged_not_hidden(caplog, no_op_determinism, fitted_models):
+def test_keras_refusing_xla_is_logged_not_hidden(caplog, fitted_models):
     """RandAugment's geometric layers are not XLA-compilable: the phase runs without XLA and says so."""
     cfg = load_config(overrides=["data.batch_size=16", "data.augment.preset=randaugment",
                                  "data.augment.placement=model", "phases.head.epochs=1",

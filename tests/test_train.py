@@ -196,3 +196,17 @@ def test_default_run_name_is_a_safe_folder_name():
     cfg = load_config(overrides=["data.path=data/office.csv#domain=webcam", "model.backbone=resnet50"])
     assert default_run_name(cfg) == "resnet50_office.csv_domain_webcam"
     assert default_run_name(load_config(overrides=["data.path=builtin:digits"])) == "mobilenetv2_digits"
+
+
+def test_runtime_deterministic_false_switches_op_determinism_back_off():
+    # Process-wide: a deterministic run must not leave a later run in the same process deterministic (and, with
+    # it, without XLA: Keras never compiles under op determinism).
+    from tensorflow.python.framework import config as tf_config
+
+    from tftransfer.config import RuntimeConfig
+    from tftransfer.runtime import configure_runtime
+
+    configure_runtime(RuntimeConfig(deterministic=True))
+    assert tf_config.is_op_determinism_enabled()
+    configure_runtime(RuntimeConfig(deterministic=False))
+    assert not tf_config.is_op_determinism_enabled()

@@ -70,6 +70,18 @@ def resolve_jit(requested: str, has_gpu: bool) -> bool:
     return requested == "on"
 
 
+def set_op_determinism(enabled: bool) -> None:
+    """Switches TensorFlow's op determinism on or off: process-wide, so a later run in the same process (the Python
+    API) with runtime.deterministic=false is not left deterministic, and XLA-less, by an earlier one."""
+    if enabled:
+        tf.config.experimental.enable_op_determinism()
+        return
+    from tensorflow.python.framework import config as tf_config  # TF has no public switch back off
+
+    if tf_config.is_op_determinism_enabled():
+        tf_config.disable_op_determinism()
+
+
 def resolve_augment_placement(requested: str, has_gpu: bool, compilable: bool = True) -> str:
     """auto -> model on GPU (the augmenter runs in the training step there, freeing the CPU pipeline), else
     pipeline (on a CPU the step and the pipeline share the same cores, and the pipeline overlaps with the step).
@@ -145,8 +157,7 @@ def configure_runtime(cfg: RuntimeConfig) -> RuntimeInfo:
     strategy_name = resolve_strategy(cfg.strategy, gpus)
     distribution = STRATEGIES[strategy_name]()
     keras.utils.set_random_seed(cfg.seed)
-    if cfg.deterministic:
-        tf.config.experimental.enable_op_determinism()
+    set_op_determinism(cfg.deterministic)
     capability = _gpu_compute_capability()
     precision = resolve_precision(cfg.precision, capability)
     keras.mixed_precision.set_global_policy(precision)
