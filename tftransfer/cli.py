@@ -285,6 +285,7 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
               help="Also adapt each method to the source itself and report its source accuracy.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @_user_errors
+@_with_probe_progress
 def domain_command(model: Path, source: str | None, target: str | None, target_unlabeled: bool, corruptions: str,
                    severities: tuple[int, ...], adapt: str, adapt_severities: tuple[int, ...], out_dir: Path | None,
                    batch_size: int | None, max_images: int, permutations: int, folds: int, tsne: bool,
@@ -311,6 +312,7 @@ def domain_command(model: Path, source: str | None, target: str | None, target_u
 @click.option("--max-images", type=click.IntRange(min=1), default=2000, show_default=True,
               help="Random subsample of the target above this many images.")
 @_user_errors
+@_with_probe_progress
 def adapt_command(model: Path, target: str, method: str, name: str | None, overwrite: bool, max_images: int) -> None:
     """Write MODEL (a run directory) adapted to TARGET's images as a new run that `tftransfer export` ships."""
     from tftransfer.domain.run import run_adapt
@@ -351,6 +353,7 @@ def _echo_domain(report: dict[str, Any], out: Path) -> None:
 @click.option("--min-lr", type=click.FloatRange(min=0, min_open=True), default=1e-7, show_default=True)
 @click.option("--max-lr", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
 @_user_errors
+@_with_probe_progress
 def lr_find_command(config_path: Path | None, overrides: tuple[str, ...], overwrite: bool, phases: tuple[str, ...],
                     steps: int, min_lr: float, max_lr: float, **flags: Any) -> None:
     """Learning-rate range test: loss against an exponentially growing rate, with a suggested rate per phase."""
@@ -396,6 +399,7 @@ TFLITE_CHOICES = ("float32", "float16", "dynamic", "int8")
 @click.option("--tfds-data-dir", default="", help="TFDS data_dir for tfds:<name> data.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar over the data.")
 @_user_errors
+@_with_probe_progress
 def evaluate_command(model: Path, data: str, split: str, val_split: float | None, test_split: float | None,
                      output: Path | None, overwrite: bool, top_k: int, mistakes: int, temperature: bool,
                      batch_size: int, image_size: int | None, tfds_data_dir: str, progress: bool) -> None:
@@ -484,6 +488,7 @@ def export_command(run_dir: Path, tflite: str | None, model_dir: Path | None, ve
 @click.option("--min-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Skip images narrower or shorter than this many pixels.")
 @_user_errors
+@_with_probe_progress
 def predict_command(model: Path, images: tuple[str, ...], top_k: int, batch_size: int, csv_path: Path | None,
                     json_path: Path | None, image_size: int | None, min_size: int) -> None:
     """Classify IMAGES (files, folders, globs) with MODEL (a run directory or an exported SavedModel)."""
