@@ -275,6 +275,23 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def show_progress_logs() -> None:
+    """Prints tftransfer's progress lines like the CLI does and silences a Keras warning that is noise here."""
+    import logging
+    import warnings
+
+    # run_fit reports progress through the "tftransfer" logger.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[tftransfer] %(message)s"))
+    logging.getLogger("tftransfer").addHandler(handler)
+    logging.getLogger("tftransfer").setLevel(logging.INFO)
+    # TensorFlow's export code installs a root handler mid-run; without this every line would print twice.
+    logging.getLogger("tftransfer").propagate = False
+    # Keras 3.15 warns on every fit(tf.data.Dataset) that its default shuffle=True is ignored; the guide's call
+    # is right as written (the dataset shuffles itself).
+    warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the chosen approaches in order and writes the JSON; returns the exit status."""
     args = parse_args(argv)
@@ -285,21 +302,9 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
-    import logging
-    import warnings
-
     import keras
 
-    # run_fit reports progress through the "tftransfer" logger; show it like the CLI does.
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("[tftransfer] %(message)s"))
-    logging.getLogger("tftransfer").addHandler(handler)
-    logging.getLogger("tftransfer").setLevel(logging.INFO)
-    # TensorFlow's export code installs a root handler mid-run; without this every line would print twice.
-    logging.getLogger("tftransfer").propagate = False
-    # Keras 3.15 warns on every fit(tf.data.Dataset) that its default shuffle=True is ignored; the guide's call
-    # is right as written (the dataset shuffles itself), so the warning is noise here.
-    warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
+    show_progress_logs()
 
     quick_epochs = 1 if args.quick else None
     keras_head = args.head_epochs or quick_epochs or GUIDE["default_epochs"]

@@ -27,7 +27,6 @@ the speed-up (Keras phase-1 seconds / tftransfer phase-1 seconds, cold and warm)
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import statistics
@@ -35,7 +34,6 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +47,7 @@ from hymenoptera_two_phase import (  # noqa: E402
     machine_info,
     missing_inputs,
     run_keras_guide,
+    show_progress_logs,
     write_json,
 )
 
@@ -211,12 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(names)) != len(names) or set(names) & {"keras_guide", "tftransfer_cold", "tftransfer_warm"}:
         p.error("variant names must be unique and differ from the baseline runs")
 
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("[tftransfer] %(message)s"))
-    logging.getLogger("tftransfer").addHandler(handler)
-    logging.getLogger("tftransfer").setLevel(logging.INFO)
-    logging.getLogger("tftransfer").propagate = False
-    warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
+    show_progress_logs()
 
     read_bytes = _read_all_files(data)
     print(f"read {read_bytes / 1e6:.1f} MB of {data} into the page cache", flush=True)
