@@ -138,24 +138,25 @@ def sample_bilinear(images: tf.Tensor, matrices: tf.Tensor, fill_mode: str = "re
     return tf.reshape((1.0 - ay) * top + ay * bottom, shape)
 
 
-_COMPILED: dict[str, Any] = {}
+_COMPILED: dict[str, Any] = {}  # key -> XLA-compiled tf.function
+_XLA_OK: dict[str, bool] = {}  # "cpu" -> whether XLA compiles here, once known
 
 
 def _xla_works() -> bool:
     """Whether this TensorFlow build can XLA-compile the sampler on the CPU (tried once per process)."""
-    if "ok" not in _COMPILED:
+    if "cpu" not in _XLA_OK:
         try:
             probe = tf.function(lambda im, m: sample_bilinear(im, m, "nearest"), jit_compile=True)
             # First asked while a tf.data map or a training step is being traced: run the probe now, eagerly,
             # rather than into that graph (where a failure would only show when the graph runs).
             with tf.init_scope():
                 probe(tf.zeros([1, 2, 2, 1]), tf.eye(3)[tf.newaxis])
-            _COMPILED["ok"] = True
+            _XLA_OK["cpu"] = True
         except (tf.errors.OpError, ValueError, NotImplementedError) as exc:  # a build without XLA
-            _COMPILED["ok"] = False
+            _XLA_OK["cpu"] = False
             logger.warning("XLA is unavailable (%s); augmentation warps with the slower "
                            "ImageProjectiveTransformV3 op", str(exc).splitlines()[0][:120])
-    return _COMPILED["ok"]
+    return _XLA_OK["cpu"]
 
 
 def _compiled(key: str, fn: Any) -> Any:
