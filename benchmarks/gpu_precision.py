@@ -239,9 +239,10 @@ def time_pipeline(args: argparse.Namespace, mode: str) -> dict[str, Any]:
 
     cache, in_step = PIPELINE_MODES[mode]
     cfg = load_config(CONFIG, overrides=[f"data.path={args.data}", f"data.image_size={args.image_size}",
-                                         f"data.batch_size={args.batch_size}", f"data.cache={cache}"])
+                                         f"data.batch_size={args.batch_size}", f"data.cache={cache}",
+                                         f"data.augment.placement={'model' if in_step else 'pipeline'}"])
     source = source_from_config(cfg.data)
-    data = make_datasets(cfg.data, source, args.image_size, seed=args.seed, augment_in_model=in_step)
+    data = make_datasets(cfg.data, source, args.image_size, seed=args.seed)
 
     def one_pass() -> tuple[int, float]:
         t0, n = time.perf_counter(), 0

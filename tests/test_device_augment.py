@@ -104,16 +104,19 @@ def _epoch(ds: tf.data.Dataset) -> np.ndarray:
 def test_placement_model_leaves_train_batches_unaugmented():
     cfg = load_config(overrides=["data.batch_size=8", "data.augment.rotation=0.1", "data.augment.contrast=0.2"])
     source = _source()
-    in_model = make_datasets(cfg.data, source, 32, seed=3, augment_in_model=True)
+    in_model = make_datasets(cfg.data, source, 32, seed=3, has_gpu=True)  # auto: in the step on a GPU
     unaugmented = load_config(overrides=["data.batch_size=8", "data.augment.preset=none"]).data
     plain = make_datasets(unaugmented, source, 32, seed=3)
-    in_pipeline = make_datasets(cfg.data, source, 32, seed=3)
+    in_pipeline = make_datasets(cfg.data, source, 32, seed=3)  # auto: in the pipeline on a CPU
     assert in_model.augment_in_model and not in_pipeline.augment_in_model
     assert in_model.augmenter is not None  # still there for phase 1's augmented feature views
     np.testing.assert_array_equal(_epoch(in_model.train), _epoch(plain.train))
     assert not np.allclose(_epoch(in_pipeline.train), _epoch(plain.train))  # the comparison can fail
     # nothing to move into the model when nothing augments
-    assert not make_datasets(unaugmented, source, 32, augment_in_model=True).augment_in_model
+    assert not make_datasets(unaugmented, source, 32, has_gpu=True).augment_in_model
+    # under auto, an augmenter XLA cannot compile in the step (Keras' RandAugment) stays in the pipeline on a GPU
+    randaugment = load_config(overrides=["data.augment.preset=randaugment"]).data
+    assert make_datasets(randaugment, source, 32, has_gpu=True).augment_placement == "pipeline"
 
 
 def test_wrapper_augments_in_training_only_and_shares_the_models_variables():
@@ -199,7 +202,7 @@ def test_placement_model_compiles_with_xla(caplog, fitted_models, warp_calls):
         "data.batch_size=16", "data.augment.preset=custom", "data.augment.flip=true", "data.augment.rotation=0.1",
         "data.augment.zoom=0.1", "data.augment.contrast=0.2", "data.augment.placement=model", "phases.head.epochs=1",
         "phases.head.feature_cache=false", "phases.finetune.epochs=1", "phases.finetune.unfreeze_blocks=1"])
-    data = make_datasets(cfg.data, _source(), 32, seed=0, augment_in_model=True)
+    data = make_datasets(cfg.data, _source(), 32, seed=0)
     model, blocks = _tiny_model()
     from tftransfer.train import fit_phases
 
@@ -217,7 +220,7 @@ def test_keras_refusing_xla_is_logged_not_hidden(caplog, fitted_models):
     cfg = load_config(overrides=["data.batch_size=16", "data.augment.preset=randaugment",
                                  "data.augment.placement=model", "phases.head.epochs=1",
                                  "phases.head.feature_cache=false", "phases.finetune.epochs=0"])
-    data = make_datasets(cfg.data, _source(), 32, seed=0, augment_in_model=True)
+    data = make_datasets(cfg.data, _source(), 32, seed=0)
     model, blocks = _tiny_model()
     from tftransfer.train import fit_phases
 
@@ -269,7 +272,7 @@ def test_resume_restores_the_optimizer_into_the_augmenting_model(tmp_path, monke
     cfg = load_config(overrides=["data.batch_size=16", "data.augment.placement=model", "data.augment.rotation=0.05",
                                  "phases.head.epochs=0", "phases.finetune.epochs=2",
                                  "phases.finetune.unfreeze_blocks=1", "phases.finetune.restore_best=false"])
-    data = make_datasets(cfg.data, _source(), 32, seed=0, augment_in_model=True)
+    data = make_datasets(cfg.data, _source(), 32, seed=0)
     run = create_run_dir(tmp_path / "runs", "r")
     model, blocks = _tiny_model()
     fitted: list[keras.Model] = []

@@ -14,10 +14,13 @@ so on a GPU the warps run there (inside the XLA-compiled step with runtime.jit) 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import tensorflow as tf
+
+if TYPE_CHECKING:
+    from tftransfer.data.pipeline import Datasets
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,13 @@ def device_augmenter(augmenter: keras.Sequential) -> keras.Sequential:
     # the AdaptiveTrainer's call cannot take its ((source), (target)) training batches.
     copy.build((None, None, None, 3))
     return copy
+
+
+def step_augmenter(data: Datasets) -> keras.Sequential | None:
+    """The training step's augmenter (a `device_augmenter` copy) when `data` leaves augmentation to it, else None."""
+    if not data.augment_in_model or data.augmenter is None:
+        return None
+    return device_augmenter(data.augmenter)
 
 
 def augment_float32(augmenter: keras.Layer, images: Any) -> tf.Tensor:

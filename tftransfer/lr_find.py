@@ -142,15 +142,13 @@ def plot_range_test(test: RangeTest, path: Path) -> Path:
 def run_lr_find(cfg: ExperimentConfig, phases: tuple[str, ...] = ("head", "finetune"), steps: int = 100,
                 min_lr: float = 1e-7, max_lr: float = 1.0, overwrite: bool = False) -> dict[str, Any]:
     """`tftransfer lr-find`: range tests into runs/<name>-lr-find/ (JSON, PNG, TensorBoard scalars)."""
-    from tftransfer.device_augment import AugmentingModel, device_augmenter
+    from tftransfer.device_augment import AugmentingModel, step_augmenter
     from tftransfer.train import _head_on_features, feature_cache_spec, prepare_experiment
 
     exp = prepare_experiment(cfg)
     cfg = exp.cfg
     # With placement model the training batches come un-augmented: the ramp trains through the augmenter as fit does.
-    augmenter = None
-    if exp.data.augment_in_model and exp.data.augmenter is not None:
-        augmenter = device_augmenter(exp.data.augmenter)
+    augmenter = step_augmenter(exp.data)
     on_images = exp.model if augmenter is None else AugmentingModel(exp.model, augmenter)
     run = create_run_dir(cfg.runs_dir, f"{cfg.name}-lr-find", overwrite=overwrite)
     results: dict[str, Any] = {}

@@ -45,12 +45,12 @@ from tftransfer.config import (
     flatten,
     save_config,
 )
-from tftransfer.data.augment import AUGMENT_VERSION, stateless_layers
+from tftransfer.data.augment import AUGMENT_VERSION
 from tftransfer.data.balance import class_weight_for
 from tftransfer.data.images import DECODE_VERSION
-from tftransfer.data.pipeline import Datasets, build_augmenter, make_datasets, make_split_dataset, take_pixels
+from tftransfer.data.pipeline import Datasets, make_datasets, make_split_dataset, take_pixels
 from tftransfer.data.sources import DataSource, source_from_config
-from tftransfer.device_augment import AugmentingModel, device_augmenter
+from tftransfer.device_augment import AugmentingModel, step_augmenter
 from tftransfer.errors import ConfigError, RunDirError, TfTransferError
 from tftransfer.features import (
     build_chain,
@@ -71,7 +71,7 @@ from tftransfer.model import (
     build_model,
     get_backbone,
 )
-from tftransfer.runtime import RuntimeInfo, configure_runtime, resolve_augment_placement
+from tftransfer.runtime import RuntimeInfo, configure_runtime
 from tftransfer.workdir import RunDir, create_run_dir, write_json
 
 logger = logging.getLogger(__name__)
@@ -504,7 +504,7 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
         logger.info("phase finetune skipped: phases.finetune.unfreeze_blocks is 0")
     total_epochs = sum(phase.epochs for _, phase, _ in plan)  # DANN's lambda ramps over the whole run
     # One for both phases, so its seed stream continues across them; built here, in the strategy's scope.
-    augmenter = device_augmenter(data.augmenter) if data.augment_in_model and data.augmenter is not None else None
+    augmenter = step_augmenter(data)
     for name, phase, set_trainable in plan:
         if phase.epochs == 0:
             logger.info("phase %s skipped: 0 epochs", name)
@@ -676,7 +676,6 @@ class Experiment:
     model: keras.Model
     target: TargetDomain | None = None
     l2sp_reference: dict[int, np.ndarray] | None = None
-    augment_placement: str | None = None  # the resolved data.augment.placement; None when nothing augments
 
 
 def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
@@ -701,16 +700,9 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
         model = build_model(cfg.model, spec, len(source.class_names), image_size, backbone=backbone)
     logger.info("data: %d train / %d val examples, %d classes (%s)", len(source.train),
                 len(source.val) if source.val is not None else 0, len(source.class_names), source.split_method)
-    requested = cfg.data.augment.placement
-    preview = build_augmenter(cfg.data.augment, cfg.runtime.seed)  # tftransfer's layers compile; Keras' may not
-    placement = resolve_augment_placement(requested, info.device == "gpu",
-                                          compilable=preview is None or stateless_layers(preview) is not None)
-    data = make_datasets(cfg.data, source, image_size, seed=cfg.runtime.seed,
-                         augment_in_model=placement == "model")
-    if data.augmenter is None:
-        augment_placement = None
-    else:
-        augment_placement = placement
+    data = make_datasets(cfg.data, source, image_size, seed=cfg.runtime.seed, has_gpu=info.device == "gpu")
+    placement, requested = data.augment_placement, cfg.data.augment.placement
+    if placement is not None:
         where = {"model": f"inside the training step (on the {info.device.upper()})",
                  "pipeline": "in the tf.data pipeline (on the CPU)"}[placement]
         logger.info("training augmentation runs %s: data.augment.placement %s%s", where, requested,
@@ -724,8 +716,7 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
     if finetune.l2_sp_alpha > 0 and finetune.epochs > 0 and finetune.unfreeze_blocks > 0:
         # The starting point L2-SP pulls toward: the pretrained values, taken before anything trains or resumes.
         reference = {id(v): np.array(v.numpy(), np.float32) for v in get_backbone(model).trainable_weights}
-    return Experiment(cfg, spec, image_size, source, info, blocks, data, model, target, reference,
-                      augment_placement)
+    return Experiment(cfg, spec, image_size, source, info, blocks, data, model, target, reference)
 
 
 def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int = 0,
@@ -754,7 +745,7 @@ def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int 
         run = create_run_dir(cfg.runs_dir, cfg.name, overwrite=overwrite)
         save_config(cfg, run.config)
         write_json(run.split, source.split_record())
-    write_json(run.path / "runtime.json", {**info.to_dict(), "augment_placement": exp.augment_placement})
+    write_json(run.path / "runtime.json", {**info.to_dict(), "augment_placement": exp.data.augment_placement})
     run.labels.write_text("\n".join(source.class_names) + "\n")
     if source.skipped:
         run.skipped.write_text("".join(f"{path}\t{why}\n" for path, why in source.skipped))
@@ -811,7 +802,7 @@ def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int 
                 "tftransfer_version": tftransfer.__version__, "tensorflow_version": tf.__version__,
                 "keras_version": keras.__version__, "python_version": platform.python_version(),
                 "runtime": {**info.to_dict(), "jit_compile": fitted.jit_compile,
-                            "augment_placement": exp.augment_placement}},
+                            "augment_placement": exp.data.augment_placement}},
         "phases": phase_entries,
         "final": {"val": final_val,
                   "eval_images_per_second": final_val.get("images_per_second") if final_val else None},

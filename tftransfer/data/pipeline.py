@@ -43,6 +43,7 @@ from tftransfer.data.images import (
 )
 from tftransfer.data.sources import DataSource, Split, shard_split
 from tftransfer.errors import DataError
+from tftransfer.runtime import resolve_augment_placement
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,12 @@ class Datasets:
     augmenter: keras.Sequential | None = None  # kept whatever the placement: phase 1's feature views use it
     test: tf.data.Dataset | None = None
     test_examples: int = 0
-    augment_in_model: bool = False  # `train` is un-augmented; the training step applies `augmenter` instead
+    augment_placement: str | None = None  # resolved data.augment.placement (None: nothing augments)
+
+    @property
+    def augment_in_model(self) -> bool:
+        """`train` is un-augmented: the training step applies `augmenter` instead (tftransfer.device_augment)."""
+        return self.augment_placement == "model"
 
     def ordered_train(self, augment: bool = False) -> tf.data.Dataset:
         """The training split in source order (not shuffled), augmented or not: for feature extraction."""
@@ -367,16 +373,19 @@ def make_split_dataset(split: Split, image_size: int, batch_size: int, *, shuffl
 
 
 def make_datasets(cfg: DataConfig, source: DataSource, image_size: int, seed: int = 0, *,
-                  shard: tuple[int, int] | None = None, augment_in_model: bool = False) -> Datasets:
+                  shard: tuple[int, int] | None = None, has_gpu: bool = False) -> Datasets:
     """Train, validation and test pipelines for a resolved source.
 
     `shard=(num_workers, index)` keeps this worker's share of the training files before any decoding (for
     multi-worker training); tf.data's own auto-sharding is then switched off for that dataset.
-    `augment_in_model` (the resolved data.augment.placement is model) leaves the training batches un-augmented:
-    the training step augments them instead.
+    data.augment.placement is resolved here, against the augmenter it would move (`has_gpu`: the run trains on
+    one); with placement model the training batches stay un-augmented and the training step augments them.
     """
     augmenter = build_augmenter(cfg.augment, seed)
-    augment_in_model = augment_in_model and augmenter is not None
+    placement = None
+    if augmenter is not None:  # tftransfer's layers XLA-compile in a training step; Keras' RandAugment does not
+        placement = resolve_augment_placement(cfg.augment.placement, has_gpu,
+                                              compilable=stateless_layers(augmenter) is not None)
     train_split = shard_split(source.train, *shard) if shard is not None else source.train
     if cfg.balanced_sampling:
         counts = train_split.class_counts(len(source.class_names))
@@ -384,7 +393,8 @@ def make_datasets(cfg: DataConfig, source: DataSource, image_size: int, seed: in
                     int(counts[counts > 0].min(initial=0)), int(counts.max(initial=0)))
     train = make_split_dataset(train_split, image_size, cfg.batch_size, shuffle=True, cache=cfg.cache,
                                shuffle_buffer=cfg.shuffle_buffer, seed=seed,
-                               augmenter=None if augment_in_model else augmenter, balanced=cfg.balanced_sampling,
+                               augmenter=None if placement == "model" else augmenter,
+                               balanced=cfg.balanced_sampling,
                                name="train" if shard is None else f"train-shard{shard[1]}of{shard[0]}")
     if shard is not None:
         options = tf.data.Options()
@@ -402,7 +412,7 @@ def make_datasets(cfg: DataConfig, source: DataSource, image_size: int, seed: in
                     image_size=image_size, class_names=source.class_names, source=source,
                     batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer, augmenter=augmenter,
                     test=evals.get("test"), test_examples=len(source.test) if source.test is not None else 0,
-                    augment_in_model=augment_in_model)
+                    augment_placement=placement)
 
 
 def take_pixels(ds: tf.data.Dataset, max_examples: int) -> np.ndarray:
