@@ -212,8 +212,8 @@ def bench_pipelines(builders: dict[str, Callable[[], Any]], passes: int,
 
 def bench_model(exp: Any, passes: int, n_batches: int) -> dict[str, Any]:
     """Frozen-model inference and the phase-2 training step on in-memory batches of the augmented pipeline."""
-    from tftransfer.freezing import freeze_backbone, unfreeze_top_blocks
-    from tftransfer.train import compile_for_phase
+    from tftransfer.model.freezing import freeze_backbone, unfreeze_top_blocks
+    from tftransfer.training.schedule import compile_for_phase
 
     cfg = exp.cfg
     batches: list[tuple[Any, Any]] = []
@@ -308,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         print("data_pipeline: shared data not found, nothing run:\n  " + "\n  ".join(missing), file=sys.stderr)
         return 2
 
-    from tftransfer.config import load_config
-    from tftransfer.train import prepare_experiment
+    from tftransfer.config.experiment import load_config
+    from tftransfer.jobs.fit import prepare_experiment
 
     load_before = load_average()
     cfg = load_config(CONFIG, overrides=[f"data.path={data}", f"data.image_size={IMAGE_SIZE}",

@@ -151,12 +151,12 @@ def time_training(case: str, model_kind: str, args: argparse.Namespace) -> dict[
     import numpy as np
     import tensorflow as tf
 
-    from tftransfer.backbones import blocks_for, build_backbone, get_backbone_spec
-    from tftransfer.config import FinetuneConfig, ModelConfig, RuntimeConfig
-    from tftransfer.freezing import unfreeze_top_blocks
-    from tftransfer.model import build_model
+    from tftransfer.config.experiment import FinetuneConfig, ModelConfig, RuntimeConfig
+    from tftransfer.model.backbones import blocks_for, build_backbone, get_backbone_spec
+    from tftransfer.model.classifier import build_model
+    from tftransfer.model.freezing import unfreeze_top_blocks
     from tftransfer.runtime import configure_runtime
-    from tftransfer.train import compile_for_phase
+    from tftransfer.training.schedule import compile_for_phase
 
     precision, xla = CASES[case]
     keras.backend.clear_session()
@@ -220,9 +220,9 @@ def time_training(case: str, model_kind: str, args: argparse.Namespace) -> dict[
 
 def augmenting(model, seed: int):
     """`model` as placement model trains it: the hymenoptera config's augmenter inside the training step."""
-    from tftransfer.config import load_config
+    from tftransfer.config.experiment import load_config
     from tftransfer.data.pipeline import build_augmenter
-    from tftransfer.device_augment import AugmentingModel, device_augmenter
+    from tftransfer.training.augment_step import AugmentingModel, device_augmenter
 
     augmenter = build_augmenter(load_config(CONFIG).data.augment, seed)
     return AugmentingModel(model, device_augmenter(augmenter))
@@ -233,9 +233,9 @@ PIPELINE_MODES = {"none": ("none", False), "memory": ("memory", False), "memory_
 
 def time_pipeline(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     """tftransfer's training pipeline on hymenoptera: images/s over full passes after one untimed pass."""
-    from tftransfer.config import load_config
+    from tftransfer.config.experiment import load_config
     from tftransfer.data.pipeline import make_datasets
-    from tftransfer.data.sources import source_from_config
+    from tftransfer.data.specs import source_from_config
 
     cache, in_step = PIPELINE_MODES[mode]
     cfg = load_config(CONFIG, overrides=[f"data.path={args.data}", f"data.image_size={args.image_size}",

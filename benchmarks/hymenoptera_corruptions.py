@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     if not data.is_dir() or not WEIGHTS.is_file():
         print(f"missing inputs: {data} / {WEIGHTS}")
         return 2
-    from tftransfer.config import load_config
-    from tftransfer.domain.run import run_domain
-    from tftransfer.train import run_fit
+    from tftransfer.config.experiment import load_config
+    from tftransfer.jobs.domain import run_domain
+    from tftransfer.jobs.fit import run_fit
 
     with tempfile.TemporaryDirectory(prefix="tftransfer-corruptions-") as tmp:
         cfg = load_config(REPO / "configs" / "mobilenetv2_hymenoptera.yaml", values={

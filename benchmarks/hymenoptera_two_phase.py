@@ -191,8 +191,8 @@ def run_keras_guide(data: Path, weights: Path, image_size: int, head_epochs: int
 def run_tftransfer(data: Path, weights: Path, workdir: Path, head_epochs: int | None, finetune_epochs: int | None,
                    seed: int, quick: bool) -> dict[str, Any]:
     """tftransfer's `fit` job on configs/mobilenetv2_hymenoptera.yaml; the config's epochs unless overridden."""
-    from tftransfer.config import config_to_dict, load_config
-    from tftransfer.train import run_fit
+    from tftransfer.config.experiment import config_to_dict, load_config
+    from tftransfer.jobs.fit import run_fit
 
     started = time.perf_counter()
     overrides = [f"model.weights={weights}", f"data.path={data}", f"runs_dir={workdir / 'runs'}",

@@ -47,8 +47,8 @@ def one_run(values: dict[str, Any]) -> dict[str, Any]:
     """Fits one config; its target accuracy, source val accuracy, per-phase figures and wall time."""
     import keras
 
-    from tftransfer.config import load_config
-    from tftransfer.train import run_fit
+    from tftransfer.config.experiment import load_config
+    from tftransfer.jobs.fit import run_fit
 
     keras.backend.clear_session()
     started = time.perf_counter()

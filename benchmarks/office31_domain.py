@@ -25,9 +25,9 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "office31_domain.jso
 
 def one_task(source: str, target: str, work: Path) -> dict[str, Any]:
     """Fit on `source`, report on `target`; the figures the docs record."""
-    from tftransfer.config import load_config
-    from tftransfer.domain.run import run_domain
-    from tftransfer.train import run_fit
+    from tftransfer.config.experiment import load_config
+    from tftransfer.jobs.domain import run_domain
+    from tftransfer.jobs.fit import run_fit
 
     cfg = load_config(values={
         "name": source, "runs_dir": str(work / "runs"), "export.enabled": False,

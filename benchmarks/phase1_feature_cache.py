@@ -75,7 +75,7 @@ INVESTIGATE: list[tuple[str, list[str]]] = [
 def tftransfer_config(data: Path, weights: Path, work: Path, cache: Path, epochs: int, seed: int, name: str,
                       extra: list[str]):
     """The baseline phase-1 config (the guide's size, epochs and rate) plus `extra` overrides."""
-    from tftransfer.config import load_config
+    from tftransfer.config.experiment import load_config
 
     return load_config(CONFIG, overrides=[
         f"model.weights={weights}", f"data.path={data}", f"runs_dir={work / 'runs'}", f"name={name}",
@@ -87,7 +87,7 @@ def tftransfer_config(data: Path, weights: Path, work: Path, cache: Path, epochs
 def run_tftransfer_phase1(data: Path, weights: Path, work: Path, cache: Path, epochs: int, seed: int, name: str,
                           extra: list[str]) -> dict[str, Any]:
     """Phase 1 through tftransfer's run_fit: head only, no export; run folder deleted afterwards."""
-    from tftransfer.train import run_fit
+    from tftransfer.jobs.fit import run_fit
 
     cfg = tftransfer_config(data, weights, work, cache, epochs, seed, name, extra)
     started = time.perf_counter()

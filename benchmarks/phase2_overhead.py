@@ -34,7 +34,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "phase2_overhead.jso
 
 
 def _config(data: Path, weights: Path, work: Path, epochs: int):
-    from tftransfer.config import load_config
+    from tftransfer.config.experiment import load_config
 
     return load_config(CONFIG, overrides=[
         f"model.weights={weights}", f"data.path={data}", f"runs_dir={work / 'runs'}", "data.image_size=224",
@@ -48,8 +48,9 @@ def _throughput(epoch_seconds: list[float], examples: int) -> float:
 
 def run_tftransfer(data: Path, weights: Path, work: Path, epochs: int) -> dict[str, Any]:
     """fit_phases with a run directory: TensorBoard, per-epoch checkpoints, history, logging all on."""
-    from tftransfer.train import fit_phases, prepare_experiment
-    from tftransfer.workdir import create_run_dir
+    from tftransfer.jobs.fit import prepare_experiment
+    from tftransfer.runs.layout import create_run_dir
+    from tftransfer.training.phases import fit_phases
 
     exp = prepare_experiment(_config(data, weights, work, epochs))
     run = create_run_dir(exp.cfg.runs_dir, "overhead")
@@ -63,8 +64,8 @@ def run_plain(data: Path, weights: Path, work: Path, epochs: int) -> dict[str, A
     """The same model and pipeline, trainable flags set by hand, a bare compile + fit with an epoch timer."""
     import keras
 
-    from tftransfer.model import get_backbone
-    from tftransfer.train import prepare_experiment
+    from tftransfer.jobs.fit import prepare_experiment
+    from tftransfer.model.classifier import get_backbone
 
     exp = prepare_experiment(_config(data, weights, work, epochs))
     model, backbone = exp.model, get_backbone(exp.model)

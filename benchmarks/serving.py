@@ -99,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import tensorflow as tf
 
-    from tftransfer import backbones
-    from tftransfer.config import ModelConfig
+    from tftransfer.config.experiment import ModelConfig
     from tftransfer.data.images import decode_and_resize
-    from tftransfer.export import export_saved_model, load_exported
-    from tftransfer.model import build_model
+    from tftransfer.model import backbones
+    from tftransfer.model.classifier import build_model
+    from tftransfer.serving.savedmodel import export_saved_model, load_exported
 
     files = sorted(p for p in args.data.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
     encoded = [p.read_bytes() for p in files]

@@ -12,12 +12,12 @@ import pytest
 from click.testing import CliRunner
 from conftest import COLOURS, make_colour_folder, write_solid_images
 
-from tftransfer.adapt.data import load_target
-from tftransfer.adapt.methods import METHODS
 from tftransfer.cli import main
-from tftransfer.config import ADAPT_METHODS, RECIPES, DataConfig, load_config
-from tftransfer.errors import ConfigError
-from tftransfer.train import run_fit
+from tftransfer.config.experiment import ADAPT_METHODS, RECIPES, DataConfig, load_config
+from tftransfer.core.errors import ConfigError
+from tftransfer.jobs.fit import run_fit
+from tftransfer.training.adaptation.methods import METHODS
+from tftransfer.training.adaptation.target import load_target
 
 
 def _domains(root: Path, shift: tuple[float, float] = (0.25, 100.0)) -> tuple[Path, Path]:
@@ -126,8 +126,8 @@ def test_l2sp_keeps_fine_tuned_weights_near_the_pretrained_ones(tmp_path):
         cfg = _cfg(tmp_path, data, None, "none", f"name={name}", "phases.head.epochs=1", "phases.finetune.epochs=3",
                    "phases.finetune.learning_rate=0.01", f"phases.finetune.l2_sp_alpha={alpha}",
                    "model.bottleneck=0", "runtime.seed=3")
-        from tftransfer.model import get_backbone
-        from tftransfer.train import prepare_experiment
+        from tftransfer.jobs.fit import prepare_experiment
+        from tftransfer.model.classifier import get_backbone
 
         exp = prepare_experiment(cfg)
         start = [w.copy() for w in get_backbone(exp.model).get_weights()]
@@ -215,9 +215,9 @@ def test_cli_adapt_flags_reach_the_config(tmp_path):
 
 
 def test_interrupted_dann_run_resumes_with_its_domain_classifier(tmp_path, monkeypatch):
-    from tftransfer.adapt import trainer as trainer_module
-    from tftransfer.checkpoint import load_latest
-    from tftransfer.train import TrainingError
+    from tftransfer.training.adaptation import trainer as trainer_module
+    from tftransfer.training.checkpoint import load_latest
+    from tftransfer.training.phases import TrainingError
 
     source, target = _domains(tmp_path)
     cfg = _cfg(tmp_path, source, target, "dann", "phases.head.epochs=2", "phases.finetune.epochs=3")

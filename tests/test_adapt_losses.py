@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tftransfer.adapt.losses import (
+from tftransfer.training.adaptation.losses import (
     GradientReversal,
     coral_loss,
     dann_lambda,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tftransfer.config import load_config
-from tftransfer.train import run_fit
+from tftransfer.config.experiment import load_config
+from tftransfer.jobs.fit import run_fit
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "office31_adapt.yaml"
 WEIGHTS = "weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"

@@ -10,10 +10,10 @@ import keras
 import numpy as np
 import pytest
 
-from tftransfer import backbones
-from tftransfer.backbones import BackboneSpec, Block
-from tftransfer.errors import BackboneError
-from tftransfer.layers import Preprocess
+from tftransfer.core.errors import BackboneError
+from tftransfer.model import backbones
+from tftransfer.model.backbones import BackboneSpec, Block
+from tftransfer.model.layers import Preprocess
 
 # The biggest graphs take 2-5 s each just to build on a 2-core CPU (all 41 take ~65 s); the block logic they
 # exercise is the same as their smaller siblings', which stay in the fast run.

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tftransfer.config import ExperimentConfig, config_to_dict, load_config, save_config
-from tftransfer.errors import ConfigError
+from tftransfer.config.experiment import ExperimentConfig, config_to_dict, load_config, save_config
+from tftransfer.core.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from conftest import COLOURS, make_colour_folder, write_solid_images
 
-from tftransfer.config import AugmentConfig, DataConfig
+from tftransfer.config.experiment import AugmentConfig, DataConfig
+from tftransfer.core.errors import DataError
 from tftransfer.data.pipeline import build_augmenter, make_datasets
-from tftransfer.data.sources import hash_fraction, load_image_folder, load_source
-from tftransfer.errors import DataError
+from tftransfer.data.sources import hash_fraction, load_image_folder
+from tftransfer.data.specs import load_source
 
 
 def test_folder_with_hash_split(colour_folder):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tftransfer.config import AugmentConfig
+from tftransfer.config.experiment import AugmentConfig
 from tftransfer.data.augment import (
     RandomColour,
     RandomGeometry,

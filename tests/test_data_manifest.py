@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from conftest import COLOURS, write_solid_images
 
+from tftransfer.core.errors import DataError
 from tftransfer.data.manifest import load_manifest, write_manifest
 from tftransfer.data.pipeline import make_split_dataset
-from tftransfer.data.sources import load_source
-from tftransfer.errors import DataError
+from tftransfer.data.specs import load_source
 
 
 def _images(root: Path) -> list[dict[str, str]]:

@@ -11,12 +11,12 @@ import pytest
 import tensorflow as tf
 from conftest import make_colour_folder
 
-from tftransfer.config import AugmentConfig, DataConfig, load_config
+from tftransfer.config.experiment import AugmentConfig, DataConfig, load_config
+from tftransfer.core.errors import ConfigError, DataError
 from tftransfer.data import pipeline
 from tftransfer.data.balance import class_weight_for, class_weights, imbalance_ratio
 from tftransfer.data.pipeline import AUGMENT_PRESETS, build_augmenter, make_datasets, make_split_dataset
 from tftransfer.data.sources import load_arrays, load_image_folder
-from tftransfer.errors import ConfigError, DataError
 
 
 def _labels(ds) -> np.ndarray:

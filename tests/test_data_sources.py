@@ -7,7 +7,8 @@ import pytest
 from conftest import COLOURS, make_colour_folder, write_solid_images
 from PIL import Image
 
-from tftransfer.config import DataConfig
+from tftransfer.config.experiment import DataConfig
+from tftransfer.core.errors import ConfigError, DataError
 from tftransfer.data.sources import (
     TEST,
     TRAIN,
@@ -16,11 +17,9 @@ from tftransfer.data.sources import (
     load_arrays,
     load_image_folder,
     load_npz,
-    load_source,
     shard_split,
-    source_from_config,
 )
-from tftransfer.errors import ConfigError, DataError
+from tftransfer.data.specs import load_source, source_from_config
 
 
 def _keys(n: int, prefix: str = "c") -> list[str]:

@@ -12,16 +12,16 @@ import pytest
 import tensorflow as tf
 from conftest import COLOURS, make_colour_folder, write_solid_images
 
-from tftransfer import backbones
-from tftransfer.config import AugmentConfig, ModelConfig, load_config
+from tftransfer.config.experiment import AugmentConfig, ModelConfig, load_config
+from tftransfer.core.errors import ConfigError
 from tftransfer.data.augment import RandomGeometry
 from tftransfer.data.pipeline import build_augmenter, make_datasets
 from tftransfer.data.sources import load_arrays
-from tftransfer.device_augment import AugmentingModel, device_augmenter
-from tftransfer.errors import ConfigError
-from tftransfer.freezing import freeze_backbone, unfreeze_top_blocks
-from tftransfer.model import build_model, get_backbone
+from tftransfer.model import backbones
+from tftransfer.model.classifier import build_model, get_backbone
+from tftransfer.model.freezing import freeze_backbone, unfreeze_top_blocks
 from tftransfer.runtime import resolve_augment_placement
+from tftransfer.training.augment_step import AugmentingModel, device_augmenter
 
 
 def _tiny_model(num_classes: int = 3) -> tuple[keras.Model, list[backbones.Block]]:
@@ -158,7 +158,7 @@ def test_wrapper_keeps_float32_pixels_under_mixed_precision(monkeypatch):
     assert len(seen) == 1 and seen[0].dtype == tf.float32 and out.dtype == tf.float32
     np.testing.assert_array_equal(seen[0].numpy(), x)  # never rounded to float16 on the way
     # compiled like the plain model: loss scaling, and the same optimizer state to checkpoint and restore
-    from tftransfer.train import compile_for_phase
+    from tftransfer.training.schedule import compile_for_phase
 
     phase = load_config().phases.finetune
     for m in (model, wrapped):
@@ -181,7 +181,7 @@ def test_fit_with_placement_model_trains_and_exports(tmp_path, fitted_models):
         "phases.head.feature_cache_views=2", "phases.finetune.epochs=1", "phases.finetune.unfreeze_blocks=1",
         "phases.finetune.warmup_epochs=0", f"runs_dir={tmp_path / 'runs'}", f"export.dir={tmp_path / 'saved'}",
         f"runtime.cache_dir={tmp_path / 'cache'}", "name=device"])
-    from tftransfer.train import run_fit
+    from tftransfer.jobs.fit import run_fit
 
     result = run_fit(cfg)
     assert [type(m).__name__ for m in fitted_models][-1] == "AugmentingModel"
@@ -204,7 +204,7 @@ def test_placement_model_compiles_with_xla(caplog, fitted_models, warp_calls):
         "phases.head.feature_cache=false", "phases.finetune.epochs=1", "phases.finetune.unfreeze_blocks=1"])
     data = make_datasets(cfg.data, _source(), 32, seed=0)
     model, blocks = _tiny_model()
-    from tftransfer.train import fit_phases
+    from tftransfer.training.phases import fit_phases
 
     with caplog.at_level(logging.WARNING):
         result = fit_phases(model, cfg, data, blocks, jit_compile=True)
@@ -222,7 +222,7 @@ def test_keras_refusing_xla_is_logged_not_hidden(caplog, fitted_models):
                                  "phases.head.feature_cache=false", "phases.finetune.epochs=0"])
     data = make_datasets(cfg.data, _source(), 32, seed=0)
     model, blocks = _tiny_model()
-    from tftransfer.train import fit_phases
+    from tftransfer.training.phases import fit_phases
 
     with caplog.at_level(logging.WARNING):
         result = fit_phases(model, cfg, data, blocks, jit_compile=True)
@@ -233,30 +233,33 @@ def test_keras_refusing_xla_is_logged_not_hidden(caplog, fitted_models):
 
 
 def test_adaptive_trainer_augments_source_and_target_in_its_step(tmp_path, monkeypatch, fitted_models, warp_calls):
-    from tftransfer import train
+    from tftransfer.jobs.fit import run_fit
+    from tftransfer.training import phases as phases_module
+    from tftransfer.training.adaptation.target import target_stream
+    from tftransfer.training.adaptation.trainer import AdaptiveTrainer
 
     source = make_colour_folder(tmp_path / "source", per_class=10)
     for index, (name, colour) in enumerate(COLOURS.items()):
         write_solid_images(tmp_path / "target" / name, tuple(int(c * 0.25 + 100) for c in colour), 6,
                            seed=50 + index)
     streams = []
-    real_stream = train.target_stream
+    real_stream = target_stream
 
     def spy_stream(*args, **kwargs):
         streams.append(kwargs.get("augmenter"))
         return real_stream(*args, **kwargs)
 
-    monkeypatch.setattr(train, "target_stream", spy_stream)
+    monkeypatch.setattr(phases_module, "target_stream", spy_stream)
     cfg = load_config(overrides=[
         f"data.path={source}", f"adapt.target={tmp_path / 'target'}", "adapt.method=coral", "model.backbone=tiny",
         "model.weights=none", "data.image_size=32", "data.batch_size=8", "model.bottleneck=8",
         "data.augment.placement=model", "data.augment.rotation=0.05", "phases.head.epochs=1",
         "phases.head.feature_cache=false", "phases.finetune.epochs=0", f"runs_dir={tmp_path / 'runs'}",
         "export.enabled=false", f"runtime.cache_dir={tmp_path / 'cache'}", "name=coral"])
-    result = train.run_fit(cfg)
+    result = run_fit(cfg)
     assert streams == [None]  # the target stream is un-augmented: the step augments it
     trainer = fitted_models[0]
-    assert isinstance(trainer, train.AdaptiveTrainer) and trainer.augmenter is not None
+    assert isinstance(trainer, AdaptiveTrainer) and trainer.augmenter is not None
     assert warp_calls and not any(warp_calls)  # traced into the trainer's step
     history = json.loads((result.run_dir / "history.json").read_text())
     assert len(history) == 1 and np.isfinite(history[0]["coral_loss"])
@@ -265,9 +268,9 @@ def test_adaptive_trainer_augments_source_and_target_in_its_step(tmp_path, monke
 
 def test_resume_restores_the_optimizer_into_the_augmenting_model(tmp_path, monkeypatch):
     """A run stopped after epoch 1 of phase 2 resumes with the optimizer state it saved, in the same order."""
-    from tftransfer import checkpoint as ckpt
-    from tftransfer.train import fit_phases
-    from tftransfer.workdir import create_run_dir
+    from tftransfer.runs.layout import create_run_dir
+    from tftransfer.training import checkpoint as ckpt
+    from tftransfer.training.phases import fit_phases
 
     cfg = load_config(overrides=["data.batch_size=16", "data.augment.placement=model", "data.augment.rotation=0.05",
                                  "phases.head.epochs=0", "phases.finetune.epochs=2",

@@ -53,8 +53,8 @@ def test_mirrored_over_two_logical_cpus(tmp_path):
 
 
 def test_multiworker_is_refused_with_the_reason(monkeypatch):
-    from tftransfer.config import RuntimeConfig
-    from tftransfer.errors import ConfigError
+    from tftransfer.config.experiment import RuntimeConfig
+    from tftransfer.core.errors import ConfigError
     from tftransfer.runtime import configure_runtime
 
     monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, '
@@ -65,8 +65,8 @@ def test_multiworker_is_refused_with_the_reason(monkeypatch):
 
 @pytest.mark.parametrize("bad", ["runtime.strategy=pipeline", "runtime.cpu_replicas=-1"])
 def test_bad_strategy_settings_are_config_errors(bad):
-    from tftransfer.config import load_config
-    from tftransfer.errors import ConfigError
+    from tftransfer.config.experiment import load_config
+    from tftransfer.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=bad.split("=")[0]):
         load_config(overrides=[bad])

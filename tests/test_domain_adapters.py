@@ -6,12 +6,13 @@ import keras
 import numpy as np
 import pytest
 
-from tftransfer.backbones import get_backbone_spec
-from tftransfer.config import ModelConfig
+from tftransfer.config.experiment import ModelConfig
+from tftransfer.core.errors import ConfigError
 from tftransfer.domain import adapters, batchnorm
 from tftransfer.domain.shift import batchnorm_drift, entropy
-from tftransfer.errors import ConfigError
-from tftransfer.model import build_model
+from tftransfer.evaluation.inference import batches_of, predict_probabilities
+from tftransfer.model.backbones import get_backbone_spec
+from tftransfer.model.classifier import build_model
 
 SIZE = 8
 EPS = 1e-3  # Keras BatchNormalization's default epsilon
@@ -138,7 +139,7 @@ def test_adabn_equals_batch_statistics_over_the_whole_target_at_once():
                                atol=1e-4)
     # Fixed point: measured again in the adapted network, every layer's input has its new stored statistics.
     layers = batchnorm.batchnorm_layers(batchnorm.get_backbone(adapted))
-    for layer, moments in zip(layers, batchnorm.input_moments(adapted, layers, adapters.batches_of(images, 3))):
+    for layer, moments in zip(layers, batchnorm.input_moments(adapted, layers, batches_of(images, 3))):
         np.testing.assert_allclose(moments.variance, batchnorm.stored_moments(layer)[1], rtol=1e-4, atol=1e-6)
     drift = batchnorm_drift(adapted, [images])
     assert max(row["target"]["kl"] for row in drift) < 1e-6
@@ -222,7 +223,7 @@ def test_episodic_tent_predicts_like_bn_batch_and_online_tent_learns():
 def test_tent_collapse_guard_stops_and_falls_back():
     model = handmade_model(seed=2)
     images = target_images(40, seed=5)
-    reference = adapters.predict_probs(model, images, 8)
+    reference = predict_probabilities(model, images, 8)
     # A rate this bold drives every prediction to one class within a few batches.
     result = adapters.adapt("tent", model, images, batch_size=8, seed=0, learning_rate=5.0, steps=5,
                             reference_probs=reference)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tftransfer.core.errors import ConfigError
 from tftransfer.domain import corruptions as C
-from tftransfer.errors import ConfigError
 
 REQUIRED = {"gaussian_noise", "shot_noise", "impulse_noise", "gaussian_blur", "defocus_blur", "motion_blur",
             "brightness", "contrast", "saturation", "jpeg_compression", "pixelate", "fog"}

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from conftest import COLOURS, make_colour_folder, write_solid_images
 
 from tftransfer.cli import main
-from tftransfer.config import load_config
-from tftransfer.domain.report import render_markdown
-from tftransfer.domain.run import run_domain
-from tftransfer.errors import DataError, RunDirError
+from tftransfer.config.experiment import load_config
+from tftransfer.core.errors import DataError, RunDirError
+from tftransfer.jobs.domain import run_domain
+from tftransfer.reporting.domain import render_markdown
 
 FAST = {"model.backbone": "tiny", "model.weights": "none", "data.image_size": 32, "data.batch_size": 8,
         "phases.head.epochs": 8, "phases.head.learning_rate": 0.05, "phases.finetune.epochs": 2,
@@ -25,7 +25,7 @@ FAST = {"model.backbone": "tiny", "model.weights": "none", "data.image_size": 32
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny run fitted on solid-colour folders (train/ and val/), and its data folder."""
-    from tftransfer.train import run_fit
+    from tftransfer.jobs.fit import run_fit
 
     root = tmp_path_factory.mktemp("domain")
     data = make_colour_folder(root / "colours", per_class=12, splits=True)

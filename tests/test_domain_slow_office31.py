@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tftransfer.config import load_config
-from tftransfer.domain.run import run_domain
-from tftransfer.train import run_fit
+from tftransfer.config.experiment import load_config
+from tftransfer.jobs.domain import run_domain
+from tftransfer.jobs.fit import run_fit
 
 WEIGHTS = "weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
 

@@ -135,8 +135,8 @@ def test_evaluate_and_export_refuse_unusable_models(fitted, tmp_path):
 
 
 def test_cli_choices_mirror_the_library_registries():
-    from tftransfer.evaluate import SPLIT_CHOICES
-    from tftransfer.tflite import TFLITE_MODES
+    from tftransfer.data.selection import SPLIT_CHOICES
+    from tftransfer.serving.tflite import TFLITE_MODES
 
     assert cli.SPLIT_CHOICES == SPLIT_CHOICES
     assert cli.TFLITE_CHOICES == tuple(TFLITE_MODES)

@@ -1,4 +1,4 @@
-"""Tests for tftransfer.export: versioned TF Serving layout, signatures, parity and reloading elsewhere."""
+"""Tests for tftransfer.serving.savedmodel: versioned TF Serving layout, signatures, parity and reloading elsewhere."""
 
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tftransfer import export
+from tftransfer.core.errors import RunDirError
 from tftransfer.data.images import decode_and_resize
-from tftransfer.errors import RunDirError
-from tftransfer.export import (
-    check_parity,
+from tftransfer.model.layers import Preprocess
+from tftransfer.serving.contract import SIGNATURES
+from tftransfer.serving.parity import check_parity, check_parity_fresh_process
+from tftransfer.serving.savedmodel import (
     export_saved_model,
     load_exported,
     next_version,
@@ -30,7 +31,6 @@ from tftransfer.export import (
     signature_defs_text,
     signature_summary,
 )
-from tftransfer.layers import Preprocess
 
 IMAGE_SIZE = 32
 # A non-ASCII name checks that labels survive the graph constant and labels.txt as UTF-8.
@@ -184,7 +184,7 @@ def test_version_appearing_at_rename_takes_next_number(
             Path(dst, "other.txt").write_text("theirs")
         rename(src, dst)
 
-    monkeypatch.setattr(export.os, "rename", racing_rename)
+    monkeypatch.setattr(os, "rename", racing_rename)
     version_dir = export_saved_model(model, model_dir, CLASS_NAMES, IMAGE_SIZE)
 
     assert raced == [model_dir / "1"]
@@ -337,7 +337,7 @@ def test_labels_files_and_graph_constant(version_dir: Path, loaded) -> None:
     assert (version_dir / "labels.txt").read_text(encoding="utf-8") == expected_text
     assert (version_dir / "assets" / "labels.txt").read_text(encoding="utf-8") == expected_text
 
-    for name in export.SIGNATURES:
+    for name in SIGNATURES:
         constants = _string_constants(loaded.signatures[name].graph.as_graph_def())
         assert list(CLASS_NAMES) in constants, name
 
@@ -413,7 +413,7 @@ def test_fresh_process_parity_catches_a_model_that_differs(
     other.set_weights([w + 0.5 for w in model.get_weights()])
     pixels = np.random.default_rng(3).uniform(0, 255, (4, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
 
-    parity = export.check_parity_fresh_process(other, version_dir, pixels, encoded_images, tolerance=1e-4)
+    parity = check_parity_fresh_process(other, version_dir, pixels, encoded_images, tolerance=1e-4)
 
     assert parity["fresh_process"] and not parity["ok"]
     assert parity["max_abs_diff"] > 1e-3
@@ -421,4 +421,4 @@ def test_fresh_process_parity_catches_a_model_that_differs(
     assert parity["serving_default"]["max_abs_diff"] > 1e-3  # the bytes path was compared too
     assert parity["tftransfer_layers_imported"] is False  # the export runs on TensorFlow alone
     assert parity["signatures_text"] == signature_defs_text(version_dir)
-    assert set(parity["signatures"]) >= set(export.SIGNATURES)
+    assert set(parity["signatures"]) >= set(SIGNATURES)

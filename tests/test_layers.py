@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from tftransfer.layers import InferenceBackbone, Preprocess
+from tftransfer.model.layers import InferenceBackbone, Preprocess
 
 
 def _bn_model() -> keras.Model:

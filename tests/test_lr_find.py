@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from tftransfer.cli import main
-from tftransfer.lr_find import ExponentialRamp, smooth, suggest_lr
+from tftransfer.training.lr_range import ExponentialRamp, smooth, suggest_lr
 
 
 def test_exponential_ramp_spans_the_range():

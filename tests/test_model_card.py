@@ -11,16 +11,12 @@ import pytest
 import tensorflow as tf
 from conftest import make_colour_folder
 
-from tftransfer import backbones
-from tftransfer.config import ExperimentConfig, ModelConfig, save_config
-from tftransfer.data.sources import load_source
-from tftransfer.export import (
-    MODEL_CARD_FILE,
-    PIXELS_SIGNATURE,
-    SERVING_SIGNATURE,
-    build_model_card,
-    export_saved_model,
-)
+from tftransfer.config.experiment import ExperimentConfig, ModelConfig, save_config
+from tftransfer.data.specs import load_source
+from tftransfer.model import backbones
+from tftransfer.serving.contract import PIXELS_SIGNATURE, SERVING_SIGNATURE
+from tftransfer.serving.model_card import MODEL_CARD_FILE, build_model_card
+from tftransfer.serving.savedmodel import export_saved_model
 
 NAMES = ["cyan", "magenta", "yellow"]
 

@@ -1,4 +1,4 @@
-"""tftransfer.predict: loading run directories and SavedModels, classifying files, folders and globs."""
+"""tftransfer.jobs.predict: loading run directories and SavedModels, classifying files, folders and globs."""
 
 from __future__ import annotations
 
@@ -15,17 +15,12 @@ from click.testing import CliRunner
 from conftest import write_solid_images
 
 from tftransfer.cli import main
-from tftransfer.config import ExperimentConfig, save_config
-from tftransfer.errors import DataError, RunDirError
-from tftransfer.export import export_saved_model
-from tftransfer.predict import (
-    collect_images,
-    format_csv,
-    format_json,
-    format_table,
-    load_classifier,
-    predict_files,
-)
+from tftransfer.config.experiment import ExperimentConfig, save_config
+from tftransfer.core.errors import DataError, RunDirError
+from tftransfer.data.files import collect_images
+from tftransfer.jobs.predict import format_csv, format_json, format_table, predict_files
+from tftransfer.serving.classifier import load_classifier
+from tftransfer.serving.savedmodel import export_saved_model
 
 NAMES = ["red", "green", "blue"]
 SIZE = 32

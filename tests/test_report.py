@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tftransfer.report import (
+from tftransfer.reporting.run_summary import (
     plot_confusion_matrix,
     plot_history,
     plot_reliability_diagram,

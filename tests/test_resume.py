@@ -12,8 +12,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from tftransfer.checkpoint import list_checkpoints, load_latest
 from tftransfer.cli import main
+from tftransfer.training.checkpoint import list_checkpoints, load_latest
 
 HEAD, FINETUNE = 2, 25
 

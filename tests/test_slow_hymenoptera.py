@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tftransfer.config import load_config
-from tftransfer.export import load_exported, predict_exported_bytes
-from tftransfer.train import run_fit
+from tftransfer.config.experiment import load_config
+from tftransfer.jobs.fit import run_fit
+from tftransfer.serving.savedmodel import load_exported, predict_exported_bytes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 WEIGHTS = "weights/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"

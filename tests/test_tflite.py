@@ -9,16 +9,17 @@ import numpy as np
 import pytest
 from conftest import make_colour_folder
 
-from tftransfer import backbones
-from tftransfer.config import ModelConfig
-from tftransfer.data.sources import load_source
-from tftransfer.export import export_saved_model, export_tflite
-from tftransfer.model import build_model
-from tftransfer.tflite import (
+from tftransfer.config.experiment import ModelConfig
+from tftransfer.data.specs import load_source
+from tftransfer.model import backbones
+from tftransfer.model.classifier import build_model
+from tftransfer.serving.savedmodel import export_saved_model
+from tftransfer.serving.tflite import (
     TFLITE_MODES,
     build_fixed_size_model,
     compare_with_reference,
     convert_to_tflite,
+    export_tflite,
     load_interpreter,
     predict_tflite,
     representative_from_pixels,

@@ -6,14 +6,15 @@ import keras
 import numpy as np
 import pytest
 
-from tftransfer import backbones
-from tftransfer.config import ModelConfig, load_config
+from tftransfer.config.experiment import ModelConfig, load_config
 from tftransfer.data.pipeline import make_datasets
 from tftransfer.data.sources import load_arrays
-from tftransfer.freezing import freeze_backbone, unfreeze_top_blocks
-from tftransfer.model import build_model, get_backbone
+from tftransfer.model import backbones
+from tftransfer.model.classifier import build_model, get_backbone
+from tftransfer.model.freezing import freeze_backbone, unfreeze_top_blocks
 from tftransfer.runtime import resolve_jit, resolve_precision
-from tftransfer.train import PhaseSchedule, SparseCrossentropy, fit_phases
+from tftransfer.training.phases import fit_phases
+from tftransfer.training.schedule import PhaseSchedule, SparseCrossentropy
 
 
 def _tiny_model(num_classes: int = 3):
@@ -114,7 +115,7 @@ def _synthetic_source():
 
 def _head_only_fit(tmp_path, feature_cache: bool):
     from tftransfer.runtime import configure_runtime
-    from tftransfer.train import FeatureCacheSpec
+    from tftransfer.training.phases import FeatureCacheSpec
 
     cfg = load_config(overrides=["phases.head.epochs=3", "phases.finetune.unfreeze_blocks=0", "data.batch_size=8",
                                  "data.augment.flip=false", "model.dropout=0", "phases.head.restore_best=false",
@@ -143,10 +144,11 @@ def test_cached_and_uncached_head_training_agree(tmp_path):
 def test_xla_failure_falls_back_without_xla(monkeypatch):
     import tensorflow as tf
 
-    from tftransfer import train
+    from tftransfer.training import phases as phases_module
+    from tftransfer.training.schedule import compile_for_phase
 
     requested = []  # the jit_compile each (re)compile asked for
-    real_compile, real_fit = train.compile_for_phase, keras.Model.fit
+    real_compile, real_fit = compile_for_phase, keras.Model.fit
 
     def spy_compile(model, phase, steps, num_classes, jit_compile):
         requested.append(jit_compile)
@@ -158,7 +160,7 @@ def test_xla_failure_falls_back_without_xla(monkeypatch):
                                                              "compile graph with XLA")
         return real_fit(self, *args, **kwargs)
 
-    monkeypatch.setattr(train, "compile_for_phase", spy_compile)
+    monkeypatch.setattr(phases_module, "compile_for_phase", spy_compile)
     monkeypatch.setattr(keras.Model, "fit", flaky_fit)
     cfg = load_config(overrides=["phases.head.epochs=1", "phases.finetune.epochs=1", "data.batch_size=16",
                                  "phases.head.feature_cache=false"])
@@ -191,7 +193,7 @@ def test_class_weight_auto_reaches_fit(monkeypatch):
 
 
 def test_default_run_name_is_a_safe_folder_name():
-    from tftransfer.train import default_run_name
+    from tftransfer.jobs.fit import default_run_name
 
     cfg = load_config(overrides=["data.path=data/office.csv#domain=webcam", "model.backbone=resnet50"])
     assert default_run_name(cfg) == "resnet50_office.csv_domain_webcam"
@@ -203,7 +205,7 @@ def test_runtime_deterministic_false_switches_op_determinism_back_off():
     # it, without XLA: Keras never compiles under op determinism).
     from tensorflow.python.framework import config as tf_config
 
-    from tftransfer.config import RuntimeConfig
+    from tftransfer.config.experiment import RuntimeConfig
     from tftransfer.runtime import configure_runtime
 
     configure_runtime(RuntimeConfig(deterministic=True))

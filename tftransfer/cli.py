@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 import os
 import sys
@@ -14,8 +15,25 @@ from typing import IO, Any
 import click
 
 from tftransfer import __version__
-from tftransfer.config import ADAPT_METHODS, RECIPES
-from tftransfer.errors import TfTransferError
+from tftransfer.config.experiment import ADAPT_METHODS, RECIPES, load_config
+from tftransfer.core.errors import TfTransferError
+from tftransfer.core.lazy import lazy, resolve
+from tftransfer.data.probe import report_progress
+from tftransfer.data.selection import SPLIT_CHOICES
+
+# Jobs import TensorFlow: they are named here and imported when a command runs, so --help and config errors are fast.
+run_fit = lazy("tftransfer.jobs.fit:run_fit")
+run_lr_find = lazy("tftransfer.jobs.lr_find:run_lr_find")
+with_suggestions = lazy("tftransfer.jobs.lr_find:with_suggestions")
+run_seeds = lazy("tftransfer.jobs.seeds:run_seeds")
+render_seeds = lazy("tftransfer.jobs.seeds:render_seeds")
+run_domain = lazy("tftransfer.jobs.domain:run_domain")
+run_adapt = lazy("tftransfer.jobs.adapt:run_adapt")
+run_evaluation = lazy("tftransfer.jobs.evaluate:run_evaluation")
+export_run = lazy("tftransfer.jobs.export:export_run")
+predict_files = lazy("tftransfer.jobs.predict:predict_files")
+inspect_data = lazy("tftransfer.data.inspect:inspect_data")
+format_report = lazy("tftransfer.data.inspect:format_report")
 
 # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) buries the messages a user needs.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -61,8 +79,6 @@ def _probe_progress(enabled: bool | None = None, file: IO[str] | None = None) ->
     if not enabled:
         yield
         return
-    from tftransfer.data.probe import report_progress
-
     out = file if file is not None else click.get_text_stream("stderr")
     bar_stack = contextlib.ExitStack()
     bar: Any = None
@@ -129,8 +145,7 @@ def main(verbose: bool) -> None:
 @_user_errors
 def backbones_command(details: bool, names: tuple[str, ...]) -> None:
     """List supported backbones: input size, preprocessing, and with --details or NAMES params and blocks."""
-    from tftransfer import backbones
-
+    backbones = importlib.import_module("tftransfer.model.backbones")
     specs = [backbones.get_backbone_spec(n) for n in names] if names else \
         [backbones.get_backbone_spec(n) for n in backbones.list_backbones()]
     if details or names:
@@ -195,8 +210,6 @@ def _experiment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _config_from_options(config_path: Path | None, overrides: tuple[str, ...], flags: dict[str, Any],
                          recipe: str | None = None) -> Any:
-    from tftransfer.config import load_config
-
     values = {key: value for flag, value in flags.items() if value is not None for key in _CONFIG_FLAGS[flag]}
     return load_config(config_path, overrides=overrides, values=values, recipe=recipe)
 
@@ -222,8 +235,6 @@ def _config_from_options(config_path: Path | None, overrides: tuple[str, ...], f
 def fit_command(config_path: Path | None, overrides: tuple[str, ...], overwrite: bool, resume_dir: Path | None,
                 lr_find: bool, progress: bool, recipe: str | None, seeds: int, **flags: Any) -> None:
     """Fine-tune a backbone in two phases, evaluate it and export a SavedModel for TF Serving."""
-    from tftransfer.train import run_fit
-
     verbose = 1 if progress else 0
     if resume_dir is not None:
         given = [f"--{n.replace('_', '-')}" for n, v in flags.items() if v is not None]
@@ -235,14 +246,10 @@ def fit_command(config_path: Path | None, overrides: tuple[str, ...], overwrite:
         return
     cfg = _config_from_options(config_path, overrides, flags, recipe)
     if lr_find:
-        from tftransfer.lr_find import run_lr_find, with_suggestions
-
         found = run_lr_find(cfg, overwrite=overwrite)
         click.echo(f"lr-find: {found['suggested']} ({found['run_dir']})")
         cfg = with_suggestions(cfg, found["suggested"])
     if seeds > 1:
-        from tftransfer.seeds import render_seeds, run_seeds
-
         summary = run_seeds(cfg, seeds, overwrite=overwrite, verbose=verbose)
         click.echo(render_seeds(summary))
         click.echo(f"seeds summary: {Path(cfg.runs_dir) / summary['name'] / 'seeds.json'}")
@@ -293,8 +300,6 @@ def domain_command(model: Path, source: str | None, target: str | None, target_u
     """How MODEL (a run directory) fares on another domain: shift measures, corruptions, cheap adaptation."""
     if target is None and not corruptions:
         raise click.UsageError("nothing to measure: give --target DATA and/or --corruptions all")
-    from tftransfer.domain.run import run_domain
-
     result = run_domain(model, source, target, target_unlabeled=target_unlabeled, corruptions=corruptions,
                         severities=severities, adapt=adapt, adapt_severities=adapt_severities, out_dir=out_dir,
                         batch_size=batch_size, max_images=max_images, seed=seed, folds=folds,
@@ -315,8 +320,6 @@ def domain_command(model: Path, source: str | None, target: str | None, target_u
 @_with_probe_progress
 def adapt_command(model: Path, target: str, method: str, name: str | None, overwrite: bool, max_images: int) -> None:
     """Write MODEL (a run directory) adapted to TARGET's images as a new run that `tftransfer export` ships."""
-    from tftransfer.domain.run import run_adapt
-
     out = run_adapt(model, target, method=method, name=name, overwrite=overwrite, max_images=max_images)
     click.echo(f"adapted run: {out}\nship it with: tftransfer export {out}")
 
@@ -359,8 +362,6 @@ def lr_find_command(config_path: Path | None, overrides: tuple[str, ...], overwr
     """Learning-rate range test: loss against an exponentially growing rate, with a suggested rate per phase."""
     if min_lr >= max_lr:
         raise click.BadParameter("--min-lr must be below --max-lr")
-    from tftransfer.lr_find import run_lr_find
-
     cfg = _config_from_options(config_path, overrides, flags)
     found = run_lr_find(cfg, phases=phases or ("head", "finetune"), steps=steps, min_lr=min_lr, max_lr=max_lr,
                         overwrite=overwrite)
@@ -369,9 +370,8 @@ def lr_find_command(config_path: Path | None, overrides: tuple[str, ...], overwr
     click.echo(f"plots and lr_find.json: {found['run_dir']}")
 
 
-# Mirrors of library registries (tftransfer.evaluate.SPLIT_SELECTORS, tftransfer.tflite.TFLITE_MODES) so --help
-# needs no TensorFlow import; tests/test_evaluate_cli.py keeps them equal.
-SPLIT_CHOICES = ("auto", "all", "train", "val", "test")
+# A mirror of tftransfer.serving.tflite.TFLITE_MODES (that module imports TensorFlow, and --help must not);
+# tests/test_evaluate_cli.py keeps the two equal.
 TFLITE_CHOICES = ("float32", "float16", "dynamic", "int8")
 
 
@@ -404,8 +404,6 @@ def evaluate_command(model: Path, data: str, split: str, val_split: float | None
                      output: Path | None, overwrite: bool, top_k: int, mistakes: int, temperature: bool,
                      batch_size: int, image_size: int | None, tfds_data_dir: str, progress: bool) -> None:
     """Evaluate MODEL (a run directory or an exported SavedModel) on DATA: metrics.json, summary.md, plots."""
-    from tftransfer.evaluate import run_evaluation
-
     result = run_evaluation(model, data, split=split, output=output, overwrite=overwrite, val_split=val_split,
                             test_split=test_split, top_k=top_k, mistakes=mistakes, temperature=temperature,
                             batch_size=batch_size, image_size=image_size, tfds_data_dir=tfds_data_dir,
@@ -449,8 +447,6 @@ def _echo_evaluation(result: dict[str, Any], out: Path) -> None:
 def export_command(run_dir: Path, tflite: str | None, model_dir: Path | None, version: int | None,
                    top_k: int | None) -> None:
     """Export a finished RUN as the next SavedModel version, check it in a fresh process, optionally TFLite."""
-    from tftransfer.export import export_run
-
     result = export_run(run_dir, model_dir=model_dir, version=version, tflite=tflite, top_k=top_k)
     parity = result.parity
     status = "OK" if parity["ok"] else "FAILED"
@@ -492,13 +488,11 @@ def export_command(run_dir: Path, tflite: str | None, model_dir: Path | None, ve
 def predict_command(model: Path, images: tuple[str, ...], top_k: int, batch_size: int, csv_path: Path | None,
                     json_path: Path | None, image_size: int | None, min_size: int) -> None:
     """Classify IMAGES (files, folders, globs) with MODEL (a run directory or an exported SavedModel)."""
-    from tftransfer.predict import FORMATS, predict_files
-
     result = predict_files(model, images, top_k=top_k, batch_size=batch_size, min_side=min_size,
                            image_size=image_size)
     outputs = [(fmt, path) for fmt, path in (("csv", csv_path), ("json", json_path)) if path is not None]
     for fmt, path in outputs or [("table", Path("-"))]:
-        text = FORMATS[fmt](result)
+        text = resolve("tftransfer.jobs.predict:FORMATS")[fmt](result)
         if str(path) == "-":
             click.echo(text, nl=False)
         else:
@@ -554,8 +548,6 @@ def inspect_command(data: str, json_path: Path | None, val_split: float | None, 
 
     DATA is anything --data takes: an image folder, a .csv/.jsonl manifest, an .npz, tfds:NAME or builtin:NAME.
     """
-    from tftransfer.data.inspect import format_report, inspect_data
-
     with _probe_progress(enabled=False if no_progress else None):
         report = inspect_data(data, val_split=val_split, test_split=test_split, stratify=stratify,
                               tfds_data_dir=tfds_data_dir, near_duplicate_bits=near_bits, json_path=json_path)

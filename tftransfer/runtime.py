@@ -17,8 +17,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tftransfer.config import RuntimeConfig
-from tftransfer.errors import ConfigError
+from tftransfer.config.experiment import RuntimeConfig
+from tftransfer.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

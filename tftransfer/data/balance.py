@@ -8,14 +8,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tftransfer.errors import ConfigError
-
-if TYPE_CHECKING:
-    from tftransfer.config import DataConfig
+from tftransfer.config.experiment import DataConfig
+from tftransfer.core.errors import ConfigError
 
 
 def class_weights(labels: Sequence[int] | np.ndarray, num_classes: int) -> dict[int, float]:

@@ -20,9 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from tftransfer.config.experiment import DataConfig
 from tftransfer.data.balance import imbalance_ratio
 from tftransfer.data.probe import PROGRESS_EVERY, ImageProbe, count_colours, dhash, extension_mismatch, probe_images
-from tftransfer.data.sources import DataSource, load_source
+from tftransfer.data.sources import DataSource
+from tftransfer.data.specs import load_source
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +286,6 @@ def inspect_data(spec: str, *, val_split: float | None = None, test_split: float
 
     Writes the report as JSON to `json_path` when given, and returns it.
     """
-    from tftransfer.config import DataConfig
 
     defaults = DataConfig()
     probes: dict[str, ImageProbe] = {}

@@ -22,16 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
+from tftransfer.core.errors import DataError
 from tftransfer.data.probe import ImageProbe
 from tftransfer.data.sources import (
     SPLIT_ALIASES,
     UNASSIGNED,
     DataSource,
     SourceOptions,
-    _build_source,
-    _probe_listed,
+    build_source,
+    probe_listed,
 )
-from tftransfer.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -155,14 +155,14 @@ def load_manifest(path: str | Path, val_split: float = 0.2, strict: bool = False
                         f"{listing}{more}")
     keys = [Path(r.path).as_posix() for r in rows]
     skipped: list[tuple[str, str]] = []
-    good, headers = _probe_listed(path, resolved, keys, opts, skipped)
+    good, headers = probe_listed(path, resolved, keys, opts, skipped)
     index = {name: i for i, name in enumerate(class_names)}
     idx = np.flatnonzero(good)
     labels = np.array([index[rows[i].label] for i in idx], dtype=np.int64)
     fixed = np.array([SPLIT_ALIASES.get(rows[i].split, UNASSIGNED) for i in idx], dtype=np.int8)
     given = f"manifest split column ({path.name})" if np.any(fixed != UNASSIGNED) else ""
     name = path.stem + (f"#domain={','.join(domains)}" if domains else "")
-    return _build_source(name, str(path), class_names, labels, [keys[i] for i in idx], fixed, opts,
+    return build_source(name, str(path), class_names, labels, [keys[i] for i in idx], fixed, opts,
                          paths=[str(resolved[i]) for i in idx], headers=headers[idx],
                          domains=[rows[i].domain for i in idx] if has_domains else None,
                          skipped=skipped, given=given)

@@ -5,7 +5,7 @@ order. Images are resized in the pipeline (so batches have one shape and the cac
 function the serving signature uses; the model's own Resizing layer is then an identity for pipeline batches and
 only does work for raw inputs of other sizes. Augmentation runs in the pipeline on the CPU, after the cache, so
 every epoch sees new random views (or, with data.augment.placement model, in the training step: see
-tftransfer.device_augment); validation and test are never augmented.
+tftransfer.training.augment_step); validation and test are never augmented.
 
 A shuffled split is shuffled as indices, before anything is decoded: every epoch visits the examples in the order
 `Dataset.range(n).shuffle(min(shuffle_buffer, n), seed, reshuffle_each_iteration=True)` gives (the order a shuffle
@@ -32,7 +32,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer.config import AugmentConfig, DataConfig
+from tftransfer.config.experiment import AugmentConfig, DataConfig
+from tftransfer.core.cache import cache_key
+from tftransfer.core.errors import DataError
 from tftransfer.data.augment import RandomColour, RandomGeometry, augment_with_seed, stateless_layers
 from tftransfer.data.images import (
     DECODE_VERSION,
@@ -41,8 +43,7 @@ from tftransfer.data.images import (
     jpeg_scale_index,
     resize_image,
 )
-from tftransfer.data.sources import DataSource, Split, shard_split
-from tftransfer.errors import DataError
+from tftransfer.data.sources import DataSource, Split, shard_split, split_fingerprint
 from tftransfer.runtime import resolve_augment_placement
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class Datasets:
 
     @property
     def augment_in_model(self) -> bool:
-        """`train` is un-augmented: the training step applies `augmenter` instead (tftransfer.device_augment)."""
+        """`train` is un-augmented: the training step applies `augmenter` instead (tftransfer.training.augment_step)."""
         return self.augment_placement == "model"
 
     def ordered_train(self, augment: bool = False) -> tf.data.Dataset:
@@ -268,7 +269,6 @@ def _allocate(store: tf.Variable, n: tf.Tensor, image_size: int) -> tf.Tensor:
 
 def cache_file_prefix(cache_dir: str | Path, split: Split, image_size: int, name: str) -> Path:
     """Where a split's tf.data file cache lives: named by its content and size, so a stale cache is never read."""
-    from tftransfer.features import cache_key, split_fingerprint
 
     key = cache_key({"split": split_fingerprint(split), "image_size": image_size, "resize": "bilinear-aa",
                      "decode": DECODE_VERSION})

@@ -42,7 +42,6 @@ PROGRESS_EVERY = 500  # files between progress log lines when probing big folder
 PROGRESS_STEPS = 100  # callback calls per probing pass at most (about every 1%), plus the first and the last
 
 ProgressCallback = Callable[[int, int, str], None]
-"""Called as (done, total, what): once with done=0 when a pass over `total` files starts, then as files finish."""
 
 # A context variable rather than a module global: concurrent callers (threads, tasks) each keep their own display.
 _progress: contextvars.ContextVar[ProgressCallback | None] = contextvars.ContextVar("tftransfer_probe_progress",

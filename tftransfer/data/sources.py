@@ -16,21 +16,17 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tftransfer.core.cache import default_cache_dir
+from tftransfer.core.errors import ConfigError, DataError
 from tftransfer.data.probe import DECODABLE_FORMATS, IMAGE_EXTENSIONS, ImageProbe, probe_images
-from tftransfer.errors import ConfigError, DataError
-
-if TYPE_CHECKING:
-    from tftransfer.config import DataConfig
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DECODABLE_FORMATS", "IMAGE_EXTENSIONS", "DataSource", "Split", "SourceOptions", "assign_splits",
-           "hash_fraction", "load_arrays", "load_image_folder", "load_npz", "load_source", "load_tfds",
-           "shard_split", "source_from_config"]
+           "hash_fraction", "load_arrays", "load_image_folder", "load_npz", "load_tfds", "shard_split"]
 
 VAL_DIR_NAMES = ("val", "validation", "valid")
 SPLIT_NAMES = ("train", "val", "test")
@@ -202,7 +198,7 @@ def shard_split(split: Split, num_workers: int, index: int) -> Split:
     return split.subset(np.arange(index, len(split), num_workers))
 
 
-def _build_source(name: str, root: str, class_names: list[str], labels: np.ndarray, keys: list[str],
+def build_source(name: str, root: str, class_names: list[str], labels: np.ndarray, keys: list[str],
                   fixed: np.ndarray, opts: SourceOptions, *, paths: list[str] | None = None,
                   images: np.ndarray | None = None, domains: list[str] | None = None,
                   headers: np.ndarray | None = None,
@@ -270,7 +266,7 @@ def file_headers(probes: Sequence[ImageProbe]) -> np.ndarray:
     return np.asarray(rows, dtype=np.int32).reshape(len(rows), len(HEADER_COLUMNS))
 
 
-def _probe_listed(root: Path, files: Sequence[Path], keys: Sequence[str], opts: SourceOptions,
+def probe_listed(root: Path, files: Sequence[Path], keys: Sequence[str], opts: SourceOptions,
                   skipped: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
     """Probes the files; returns a mask of the good ones and every file's headers row (see Split.headers),
     appends the bad ones to `skipped`, honours strict."""
@@ -334,10 +330,10 @@ def load_image_folder(root: str | Path, val_split: float = 0.2, strict: bool = F
     """
     opts = SourceOptions(val_split=val_split, test_split=test_split, stratify=stratify, strict=strict,
                          probes=probes)
-    return _load_folder(Path(root), opts)
+    return load_folder(Path(root), opts)
 
 
-def _load_folder(root: Path, opts: SourceOptions) -> DataSource:
+def load_folder(root: Path, opts: SourceOptions) -> DataSource:
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
     if not root.is_dir():
@@ -380,7 +376,7 @@ def _load_folder(root: Path, opts: SourceOptions) -> DataSource:
                     _describe_ignored(ignored))
     keys = [p.relative_to(root).as_posix() for p in files]
     skipped: list[tuple[str, str]] = []
-    good, headers = _probe_listed(root, files, keys, opts, skipped)
+    good, headers = probe_listed(root, files, keys, opts, skipped)
     readable = Counter(d for d, ok in zip(class_dirs, good) if ok)
     for _, split_dir in split_dirs:
         for name in class_names:
@@ -392,7 +388,7 @@ def _load_folder(root: Path, opts: SourceOptions) -> DataSource:
     given = ""
     if has_splits:
         given = "folders: " + " and ".join(f"{d.name}/" for _, d in split_dirs)
-    return _build_source(root.name or str(root), str(root), class_names, np.asarray(labels, np.int64)[idx],
+    return build_source(root.name or str(root), str(root), class_names, np.asarray(labels, np.int64)[idx],
                          [keys[i] for i in idx], np.asarray(codes, np.int8)[idx], opts,
                          paths=[str(files[i]) for i in idx], headers=headers[idx], skipped=skipped,
                          ignored=sum(ignored.values()), given=given)
@@ -420,7 +416,7 @@ def load_arrays(images: np.ndarray, labels: np.ndarray, class_names: list[str], 
     if labels.min(initial=0) < 0 or labels.max(initial=0) >= len(class_names):
         raise DataError(f"{name}: labels must be in [0, {len(class_names)})")
     keys = [f"{name}/{i}" for i in range(len(images))]
-    return _build_source(name, name, list(class_names), labels, keys, np.full(len(labels), UNASSIGNED, np.int8),
+    return build_source(name, name, list(class_names), labels, keys, np.full(len(labels), UNASSIGNED, np.int8),
                          opts, images=images)
 
 
@@ -514,7 +510,6 @@ def _tfds_split_files(name: str, split: str, data_dir: str | None, version: str,
 
     import tensorflow_datasets as tfds
 
-    from tftransfer.features import default_cache_dir
 
     folder = default_cache_dir() / "tfds" / f"{name}-{version}" / split
     if not (folder / "labels.npy").is_file():
@@ -584,84 +579,46 @@ def load_tfds(name: str, data_dir: str = "", val_split: float = 0.2, *, test_spl
     given = "TFDS splits: train / " + " / ".join(n for n in (val_name, test_name) if n) if val_name else ""
     if variable:
         paths = [path for p in parts.values() for path in p[0]]
-        return _build_source(name, f"tfds:{name}", class_names, labels, keys, fixed, opts, paths=paths, given=given)
+        return build_source(name, f"tfds:{name}", class_names, labels, keys, fixed, opts, paths=paths, given=given)
     images = _to_uint8_rgb(np.concatenate([p[0] for p in parts.values()]), f"tfds:{name}")
-    return _build_source(name, f"tfds:{name}", class_names, labels, keys, fixed, opts, images=images, given=given)
+    return build_source(name, f"tfds:{name}", class_names, labels, keys, fixed, opts, images=images, given=given)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Spec resolution: registries of schemes (`tfds:`) and file suffixes (`.csv`); anything else is a folder
 
 
-def _parse_filters(spec: str, fragment: str) -> dict[str, list[str]]:
-    filters: dict[str, list[str]] = {}
-    for part in filter(None, fragment.split("&")):
-        key, sep, value = part.partition("=")
-        if not sep or not value:
-            raise DataError(f"{spec}: bad filter {part!r}; use e.g. data.csv#domain=webcam")
-        filters[key.strip()] = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = sorted(set(filters) - {"domain"})
-    if unknown:
-        raise DataError(f"{spec}: unknown filter {unknown}; only #domain=NAME[,NAME] is supported")
-    return filters
 
 
-def _load_manifest_spec(path: str, fragment: str, opts: SourceOptions) -> DataSource:
-    from tftransfer.data.manifest import load_manifest
-
-    filters = _parse_filters(f"{path}#{fragment}", fragment)
-    return load_manifest(path, opts.val_split, opts.strict, test_split=opts.test_split, stratify=opts.stratify,
-                         domains=filters.get("domain"), probes=opts.probes)
 
 
-def _load_npz_spec(path: str, fragment: str, opts: SourceOptions) -> DataSource:
-    if fragment:
-        raise DataError(f"{path}#{fragment}: .npz files take no #filters")
-    return load_npz(path, opts.val_split, test_split=opts.test_split, stratify=opts.stratify)
 
 
-def _load_builtin_spec(key: str, opts: SourceOptions) -> DataSource:
-    if key not in BUILTIN_SOURCES:
-        raise DataError(f"unknown built-in data set 'builtin:{key}'; available: "
-                        + ", ".join(f"builtin:{k}" for k in BUILTIN_SOURCES))
-    return BUILTIN_SOURCES[key](opts)
 
 
-def _load_tfds_spec(name: str, opts: SourceOptions) -> DataSource:
-    return load_tfds(name, opts.tfds_data_dir, opts.val_split, test_split=opts.test_split, stratify=opts.stratify)
 
 
-SCHEMES: dict[str, Callable[[str, SourceOptions], DataSource]] = {
-    "builtin": _load_builtin_spec,
-    "tfds": _load_tfds_spec,
-}
-FILE_SUFFIXES: dict[str, Callable[[str, str, SourceOptions], DataSource]] = {
-    ".csv": _load_manifest_spec,
-    ".jsonl": _load_manifest_spec,
-    ".npz": _load_npz_spec,
-}
 
 
-def load_source(spec: str, val_split: float = 0.2, strict: bool = False, tfds_data_dir: str = "", *,
-                test_split: float = 0.0, stratify: bool = False,
-                probes: dict[str, ImageProbe] | None = None) -> DataSource:
-    """Resolves a `--data` spec: an image folder, a `.csv`/`.jsonl` manifest (optionally `#domain=NAME`), an
-    `.npz` file, `tfds:<name>` or `builtin:<name>`."""
-    if not spec:
-        raise DataError("no data given: pass --data PATH (an image folder) or set data.path in the config")
-    opts = SourceOptions(val_split=val_split, test_split=test_split, stratify=stratify, strict=strict,
-                         tfds_data_dir=tfds_data_dir, probes=probes)
-    scheme, sep, rest = spec.partition(":")
-    if sep and scheme in SCHEMES:
-        return SCHEMES[scheme](rest, opts)
-    path, _, fragment = spec.partition("#")
-    loader = FILE_SUFFIXES.get(Path(path).suffix.lower())
-    if loader is not None:
-        return loader(path, fragment, opts)
-    return _load_folder(Path(spec), opts)
 
 
-def source_from_config(cfg: DataConfig, probes: dict[str, ImageProbe] | None = None) -> DataSource:
-    """load_source with every data.* key that shapes the source (path, splits, stratify, strict, TFDS dir)."""
-    return load_source(cfg.path, cfg.val_split, cfg.strict, cfg.tfds_data_dir, test_split=cfg.test_split,
-                       stratify=cfg.stratify, probes=probes)
+
+
+
+
+
+logger = logging.getLogger(__name__)
+
+
+def split_fingerprint(split: Split) -> str:
+    """Identifies a split's examples and their content: keys plus file size/mtime, or the array bytes."""
+    digest = hashlib.sha256()
+    digest.update(np.asarray(split.labels, np.int64).tobytes())
+    if split.images is not None:
+        digest.update(np.ascontiguousarray(split.images).tobytes())
+    for i, key in enumerate(split.keys):
+        digest.update(key.encode())
+        if split.paths is not None:
+            stat = os.stat(split.paths[i])
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()

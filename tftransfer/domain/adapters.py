@@ -35,11 +35,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tftransfer.core.errors import ConfigError
+from tftransfer.core.numerics import stable_softmax
 from tftransfer.domain import batchnorm
 from tftransfer.domain.shift import entropy
-from tftransfer.errors import ConfigError
-from tftransfer.evaluate import stable_softmax
-from tftransfer.features import POOL_LAYER, build_head_model
+from tftransfer.evaluation.inference import batches_of, predict_probabilities
+from tftransfer.model.features import POOL_LAYER, build_head_model
 
 logger = logging.getLogger(__name__)
 
@@ -107,20 +108,6 @@ def copy_model(model: keras.Model) -> keras.Model:
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
     return clone
-
-
-def batches_of(images: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Splits images into ceil(N / batch_size) nearly equal batches (no tiny last batch for batch statistics)."""
-    if len(images) == 0:
-        raise ValueError("no images")
-    count = max(1, math.ceil(len(images) / batch_size))
-    return np.array_split(images, count)
-
-
-def predict_probs(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Softmax probabilities of a logits model over in-memory images."""
-    logits = [np.asarray(model.predict_on_batch(batch)) for batch in batches_of(images, batch_size)]
-    return stable_softmax(np.concatenate(logits))
 
 
 def _parent_layers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
@@ -269,7 +256,7 @@ def _adabn(model: keras.Model, images: np.ndarray, *, batch_size: int = 32, seed
     if aligned and source_images is None:
         raise ConfigError("adabn-aligned needs source images (the domain report passes the source's)")
     adapted, info = adabn_model(model, images, batch_size, source_images=source_images if aligned else None)
-    probs = predict_probs(adapted, images, batch_size)
+    probs = predict_probabilities(adapted, images, batch_size)
     info.pop("changes")  # per-layer detail is for adabn_model callers; the report keeps the summary
     return AdaptationResult("adabn-aligned" if aligned else "adabn", probs, time.perf_counter() - started,
                             model=adapted, info=info)
@@ -338,7 +325,7 @@ def _bn_batch(model: keras.Model, images: np.ndarray, *, batch_size: int = 32, s
     started = time.perf_counter()
     stats_model, layers = build_batch_stats_model(model)
     shuffled, order = _shuffled(np.asarray(images, np.float32), seed)
-    probs = _unshuffle(predict_probs(stats_model, shuffled, batch_size), order)
+    probs = _unshuffle(predict_probabilities(stats_model, shuffled, batch_size), order)
     info = {"layers": len(layers), "batch_size": int(batch_size), "batches": len(batches_of(shuffled, batch_size)),
             "order": f"random, seed {seed}"}
     return AdaptationResult("bn-batch", probs, time.perf_counter() - started, info=info)
@@ -428,7 +415,7 @@ def _tent(model: keras.Model, images: np.ndarray, *, batch_size: int = 32, seed:
             return AdaptationResult("tent", np.asarray(reference_probs, np.float32), time.perf_counter() - started,
                                     info=info)
         info["fallback"] = "batch statistics without TENT updates"
-        probs = predict_probs(stats_model, shuffled, batch_size)
+        probs = predict_probabilities(stats_model, shuffled, batch_size)
     else:
         probs = np.concatenate(outputs)
     return AdaptationResult("tent", _unshuffle(probs, order), time.perf_counter() - started, info=info)

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer.errors import TfTransferError
+from tftransfer.core.errors import TfTransferError
 
 logger = logging.getLogger(__name__)
 

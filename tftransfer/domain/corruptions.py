@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from tftransfer.errors import ConfigError
+from tftransfer.core.errors import ConfigError
 
 SEVERITIES = (1, 2, 3, 4, 5)
 REFERENCE_SIZE = 224

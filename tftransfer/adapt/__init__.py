@@ -1,1 +1,0 @@
-"""Training-time domain adaptation: gradient reversal (DANN), CORAL, MMD and pseudo-labelling building blocks."""

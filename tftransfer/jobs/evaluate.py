@@ -1,0 +1,221 @@
+"""Prediction over a tf.data pipeline and JSON-ready classification metrics, calibration included."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+import tftransfer
+from tftransfer.config.experiment import load_config
+from tftransfer.core.errors import ConfigError, DataError, RunDirError
+from tftransfer.core.io import write_json
+from tftransfer.data.files import make_indexed_dataset
+from tftransfer.data.selection import align_classes, select_split
+from tftransfer.data.sources import DataSource, Split
+from tftransfer.data.specs import load_source
+from tftransfer.evaluation.metrics import (
+    calibration_metrics,
+    classification_metrics,
+    confident_mistakes,
+    fit_temperature,
+    measure_latency,
+)
+from tftransfer.reporting import run_summary as report
+from tftransfer.runs.finished import load_run_source
+from tftransfer.runs.layout import RunDir
+from tftransfer.serving.classifier import Classifier, load_classifier, predict_batches
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The `tftransfer evaluate` job
+
+EVALUATION_SCHEMA_VERSION = 1
+EVALUATION_KIND = "evaluation"
+
+
+@dataclass
+class EvaluationResult:
+    """Where an evaluation wrote its files, and its metrics.json content."""
+
+    output_dir: Path
+    metrics: dict[str, Any]
+
+
+def load_evaluation_source(data: str, split: str, classifier: Classifier, val_split: float | None = None,
+                           test_split: float | None = None, tfds_data_dir: str = "") -> DataSource:
+    """Lists `data` for evaluation. "auto" and "all" draw no hash split; "train", "val" and "test" draw the one
+    the classifier's run used (its val_split, test_split, stratify), so `--split val` on the run's data is exactly
+    its validation split. Explicit fractions override.
+    """
+    if split in ("auto", "all"):
+        return load_source(data, 0.0, False, tfds_data_dir, test_split=0.0)
+    cfg = _run_data_config(classifier)
+    val = val_split if val_split is not None else (cfg.val_split if cfg is not None else 0.2)
+    test = test_split if test_split is not None else (cfg.test_split if cfg is not None else 0.0)
+    stratify = bool(getattr(cfg, "stratify", False))
+    return load_source(data, val, False, tfds_data_dir, test_split=test, stratify=stratify)
+
+
+def _run_data_config(classifier: Classifier) -> Any:
+    """The data section of the classifier's run config, or None without a (loadable) run."""
+
+    if classifier.run_dir is None:
+        return None
+    try:
+        return load_config(RunDir(classifier.run_dir).config).data
+    except ConfigError as exc:
+        logger.warning("cannot read the data settings of %s: %s", classifier.run_dir, exc)
+        return None
+
+
+def _safe_label(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "data"
+
+
+def default_evaluation_dir(classifier: Classifier, data_label: str) -> Path:
+    """<run>/eval/<data>-<split> for a run; evaluations/<name>-v<version>/<data>-<split> for an export."""
+    if classifier.kind == "run":
+        return classifier.path / "eval" / data_label
+    return Path("evaluations") / _safe_label(f"{classifier.path.parent.name}-v{classifier.path.name}") / data_label
+
+
+def _predict_split(classifier: Classifier, examples: Split, labels: np.ndarray, batch_size: int, progress: bool
+                   ) -> tuple[np.ndarray, np.ndarray, list[str], float]:
+    """(labels, probabilities, file names, seconds) of the examples TensorFlow could decode, in data order."""
+    dataset = make_indexed_dataset(classifier.image_size, batch_size, paths=examples.paths, images=examples.images)
+    for _, pixels in dataset.take(1):
+        # Untimed warm-up on a full batch: the first call traces the model, which is not throughput.
+        classifier.predict(pixels.numpy())
+    indices, probs, seconds = predict_batches(classifier, dataset, len(examples), progress=progress)
+    names = examples.paths if examples.paths is not None else examples.keys
+    if len(indices) < len(examples):
+        lost = sorted(set(range(len(examples))) - set(indices.tolist()))
+        logger.warning("%d images could not be decoded by TensorFlow and were left out: %s", len(lost),
+                       ", ".join(str(names[i]) for i in lost[:10]))
+    return labels[indices], probs, [str(names[i]) for i in indices], seconds
+
+
+def _run_validation_set(classifier: Classifier) -> tuple[Split, np.ndarray, str] | None:
+    """The validation split of the classifier's run, re-listed from its data, with labels in model ids."""
+    assert classifier.run_dir is not None
+    source = load_run_source(classifier.run_dir)
+    if source is None or source.val is None or len(source.val) == 0:
+        return None
+    mapping = align_classes(classifier.class_names, source.class_names, source.root)
+    return source.val, mapping[source.val.labels], source.root
+
+
+def _calibration(classifier: Classifier, y: np.ndarray, probs: np.ndarray, eval_root: str, eval_split: Split,
+                 batch_size: int, ece_bins: int) -> dict[str, Any]:
+    """Fits a temperature on the run's validation split (or, lacking one, the evaluated data) and reports both."""
+    val = _run_validation_set(classifier) if classifier.run_dir is not None else None
+    if val is not None and not (Path(val[2]).resolve() == Path(eval_root).resolve()
+                                and sorted(val[0].keys) == sorted(eval_split.keys)):
+        split, labels, root = val
+        y_fit, p_fit, _, _ = _predict_split(classifier, split, labels, batch_size, progress=False)
+        fitted_on, in_sample = f"validation split of run {classifier.run_dir} ({root})", False
+    else:
+        y_fit, p_fit = y, probs
+        in_sample = True
+        fitted_on = ("the evaluated data, which is the run's validation split" if val is not None
+                     else "the evaluated data (no separate validation data was available)")
+    temperature = fit_temperature(y_fit, p_fit)
+    result = calibration_metrics(y, probs, temperature, ece_bins=ece_bins)
+    result.update(fitted_on=fitted_on, fit_examples=int(len(y_fit)), in_sample=in_sample)
+    logger.info("temperature %.3f (fitted on %s): ECE %.4f -> %.4f, NLL %.4f -> %.4f", temperature, fitted_on,
+                result["before"]["ece"], result["after"]["ece"], result["before"]["log_loss"],
+                result["after"]["log_loss"])
+    return result
+
+
+def run_evaluation(model: str | Path, data: str, *, split: str = "auto", output: str | Path | None = None,
+                   overwrite: bool = False, val_split: float | None = None, test_split: float | None = None,
+                   top_k: int = 5, mistakes: int = 10,
+                   temperature: bool = True, batch_size: int = 32, image_size: int | None = None,
+                   latency_runs: int = 20, ece_bins: int = 15, tfds_data_dir: str = "", progress: bool = False
+                   ) -> EvaluationResult:
+    """The `tftransfer evaluate` job: a run directory or SavedModel on any data source -> metrics, summary, plots.
+
+    Writes metrics.json (schema: docs/metrics_schema.md), summary.md, confusion_matrix.png and reliability.png to
+    `output` (default `default_evaluation_dir`), and for a run directory the plots as TensorBoard images under
+    <run>/logs/eval/<data>-<split>.
+    """
+    import keras
+
+
+    started = time.perf_counter()
+    classifier = load_classifier(model, image_size=image_size, batch_size=batch_size)
+    source = load_evaluation_source(data, split, classifier, val_split, test_split, tfds_data_dir)
+    examples, split_name = select_split(source, split)
+    mapping = align_classes(classifier.class_names, source.class_names, f"{data} ({split_name})")
+    label = _safe_label(f"{source.name}-{split_name}")
+    out = Path(output) if output is not None else default_evaluation_dir(classifier, label)
+    if (out / "metrics.json").exists() and not overwrite:
+        raise RunDirError(f"{out} already holds an evaluation; pass --overwrite to replace it or --output DIR")
+    logger.info("evaluating %s (%s) on %d %s examples of %s", classifier.path, classifier.kind, len(examples),
+                split_name, data)
+
+    y, probs, files, seconds = _predict_split(classifier, examples, mapping[examples.labels], batch_size, progress)
+    if len(y) == 0:
+        raise DataError(f"none of the {len(examples)} examples of {data} could be decoded")
+    metrics = classification_metrics(y, probs, classifier.class_names, top_k=top_k, ece_bins=ece_bins)
+    sample = next(iter(make_indexed_dataset(classifier.image_size, max(latency_runs, 1),
+                                            paths=examples.paths, images=examples.images)))[1].numpy()
+    latency = measure_latency(classifier.predict, sample, runs=latency_runs)
+    calibration = _calibration(classifier, y, probs, source.root, examples, batch_size, ece_bins) \
+        if temperature else None
+
+    result = {
+        "schema_version": EVALUATION_SCHEMA_VERSION,
+        "kind": EVALUATION_KIND,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {"path": str(classifier.path), "kind": classifier.kind, "name": classifier.name,
+                  "class_names": classifier.class_names, "image_size": classifier.image_size,
+                  "run_dir": str(classifier.run_dir) if classifier.run_dir else None},
+        "data": {"spec": data, "name": source.name, "root": source.root, "split": split_name,
+                 "split_method": source.split_method, "class_names": source.class_names,
+                 "num_examples": int(len(y)), "listed_examples": len(examples),
+                 "skipped_files": [{"file": f, "reason": r} for f, r in source.skipped]},
+        "metrics": metrics,
+        "calibration": calibration,
+        "timing": {"batch_size": batch_size, "seconds": seconds,
+                   "images_per_second": len(y) / seconds if seconds > 0 else None,
+                   "latency": latency},
+        "mistakes": confident_mistakes(y, probs, files, classifier.class_names, n=mistakes),
+        "versions": {"tftransfer": tftransfer.__version__, "tensorflow": tf.__version__, "keras": keras.__version__},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _write_evaluation_plots(report, out, metrics)
+    result["timing"]["total_seconds"] = time.perf_counter() - started
+    write_json(out / "metrics.json", result)
+    report.write_evaluation_summary(result, out)
+    if classifier.kind == "run":
+        report.write_tensorboard_images(
+            RunDir(classifier.path).logs / "eval" / label,
+            {name: out / name for name in (report.CONFUSION_MATRIX_PNG, report.RELIABILITY_PNG)
+             if (out / name).is_file()},
+            scalars={"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "ece": metrics["ece"],
+                     "log_loss": metrics["log_loss"]})
+    logger.info("accuracy %.4f, macro-F1 %.4f, ECE %.4f on %d images (%.1f images/s); wrote %s",
+                metrics["accuracy"], metrics["macro_f1"], metrics["ece"], len(y),
+                result["timing"]["images_per_second"] or 0.0, out)
+    return EvaluationResult(out, result)
+
+
+def _write_evaluation_plots(report: Any, out: Path, metrics: dict[str, Any]) -> None:
+    """Confusion matrix and reliability diagram; a plotting failure must not cost the evaluation its metrics."""
+    try:
+        report.plot_confusion_matrix(metrics["confusion_matrix"], metrics["class_names"],
+                                     out / report.CONFUSION_MATRIX_PNG)
+        report.plot_reliability_diagram(metrics["reliability"], out / report.RELIABILITY_PNG)
+    except Exception:  # noqa: BLE001
+        logger.exception("could not draw the plots in %s", out)

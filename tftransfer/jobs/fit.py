@@ -1,0 +1,310 @@
+"""fit: moved from tftransfer.training.phases."""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import re
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tftransfer
+from tftransfer.config.experiment import ExperimentConfig, load_config, save_config
+from tftransfer.core.cache import default_cache_dir, file_hash
+from tftransfer.core.errors import ConfigError, RunDirError
+from tftransfer.core.io import read_json, write_json
+from tftransfer.data.images import DECODE_VERSION
+from tftransfer.data.pipeline import Datasets, make_datasets, make_split_dataset, take_pixels
+from tftransfer.data.sources import DataSource
+from tftransfer.data.specs import source_from_config
+from tftransfer.evaluation.metrics import evaluate_model
+from tftransfer.model import backbones
+from tftransfer.model.classifier import build_model, get_backbone
+from tftransfer.reporting import run_summary as report
+from tftransfer.runs.layout import RunDir, create_run_dir
+from tftransfer.runtime import RuntimeInfo, configure_runtime
+from tftransfer.serving.model_card import build_model_card
+from tftransfer.serving.parity import check_parity
+from tftransfer.serving.savedmodel import export_saved_model
+from tftransfer.training.adaptation.target import TargetDomain, load_target
+from tftransfer.training.callbacks import tensorboard_hparams
+from tftransfer.training.checkpoint import Checkpoint, load_latest
+from tftransfer.training.phases import FeatureCacheSpec, FitPhasesResult, PhaseResult, TrainingError, fit_phases
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole job
+
+
+@dataclass
+class FitResult:
+    """Where a fit wrote its outputs, and its metrics."""
+
+    run_dir: Path
+    metrics: dict[str, Any]
+    export_dir: Path | None
+    model: keras.Model
+
+
+def default_run_name(cfg: ExperimentConfig) -> str:
+    """<backbone>_<data name>, e.g. mobilenetv2_hymenoptera."""
+    data = cfg.data.path.rstrip("/").split(":")[-1]
+    # "office.csv#domain=webcam" -> "office.csv_domain_webcam": a name that is safe as a folder name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{cfg.model.backbone}_{Path(data).name or 'data'}")
+
+
+def resolve_image_size(cfg: ExperimentConfig, spec: backbones.BackboneSpec) -> int:
+    """data.image_size, or the backbone's default when 0; checked against the backbone's minimum."""
+    size = cfg.data.image_size or spec.default_size
+    backbones.validate_image_size(spec, size)
+    return size
+
+
+def _phase_entry(phase: PhaseResult, val_metrics: dict | None) -> dict[str, Any]:
+    return {"name": phase.name, "epochs_run": phase.epochs_run, "best_epoch": phase.best_epoch,
+            "first_epoch": phase.first_epoch, "trainable_params": phase.freeze.trainable_params,
+            "non_trainable_params": phase.freeze.non_trainable_params,
+            "unfrozen_blocks": phase.freeze.unfrozen_blocks, "learning_rate": phase.learning_rate,
+            "seconds": phase.seconds, "train_images_per_second": phase.train_images_per_second,
+            "val": val_metrics}
+
+
+def feature_cache_spec(cfg: ExperimentConfig, spec: backbones.BackboneSpec, image_size: int) -> FeatureCacheSpec:
+    """What the pooled features depend on: backbone, its weights' bytes, input size, preprocessing, pooling."""
+    weights = cfg.model.weights
+    weights_id: str = weights.lower()
+    if weights_id not in ("imagenet", "none"):
+        weights_id = file_hash(weights)
+    parts = {"backbone": spec.name, "weights": weights_id, "kwargs": cfg.model.backbone_kwargs,
+             "image_size": image_size, "preprocess": spec.preprocess_mode, "pooling": cfg.model.pooling,
+             "keras": keras.__version__, "decode": DECODE_VERSION}
+    if weights_id == "none":  # random weights depend on the seed
+        parts["seed"] = cfg.runtime.seed
+    return FeatureCacheSpec(parts, Path(cfg.runtime.cache_dir) if cfg.runtime.cache_dir else default_cache_dir())
+
+
+@dataclass
+class Experiment:
+    """A resolved config with its data, runtime choices and untrained model: what fit and lr-find start from."""
+
+    cfg: ExperimentConfig
+    spec: backbones.BackboneSpec
+    image_size: int
+    source: DataSource
+    info: RuntimeInfo
+    blocks: list[backbones.Block]
+    data: Datasets
+    model: keras.Model
+    target: TargetDomain | None = None
+    l2sp_reference: dict[int, np.ndarray] | None = None
+
+
+def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
+    """Resolves names and sizes, loads and checks the data, applies the runtime, builds the model.
+
+    Everything that can fail on bad input fails here, before any run directory exists.
+    """
+    spec = backbones.get_backbone_spec(cfg.model.backbone)
+    image_size = resolve_image_size(cfg, spec)
+    if cfg.adapt.method != "none" and not cfg.adapt.target:
+        raise ConfigError(f"adapt.method {cfg.adapt.method} needs target images: give --target DATA "
+                          "(adapt.target)")
+    if not cfg.name:
+        cfg = replace(cfg, name=default_run_name(cfg))
+    cfg = replace(cfg, data=replace(cfg.data, image_size=image_size))
+    info = configure_runtime(cfg.runtime)  # first: strategies need a fresh TensorFlow runtime
+    source = source_from_config(cfg.data)
+    weights = None if cfg.model.weights.lower() == "none" else cfg.model.weights
+    with info.scope():
+        backbone = backbones.build_backbone(spec, image_size, weights, **cfg.model.backbone_kwargs)
+        blocks = backbones.blocks_for(spec, backbone)
+        model = build_model(cfg.model, spec, len(source.class_names), image_size, backbone=backbone)
+    logger.info("data: %d train / %d val examples, %d classes (%s)", len(source.train),
+                len(source.val) if source.val is not None else 0, len(source.class_names), source.split_method)
+    data = make_datasets(cfg.data, source, image_size, seed=cfg.runtime.seed, has_gpu=info.device == "gpu")
+    placement, requested = data.augment_placement, cfg.data.augment.placement
+    if placement is not None:
+        where = {"model": f"inside the training step (on the {info.device.upper()})",
+                 "pipeline": "in the tf.data pipeline (on the CPU)"}[placement]
+        logger.info("training augmentation runs %s: data.augment.placement %s%s", where, requested,
+                    f" -> {placement}" if requested != placement else "")
+    target = None
+    if cfg.adapt.target:
+        target = load_target(cfg.adapt.target, source.class_names, cfg.data, max_images=cfg.adapt.max_target_images,
+                             seed=cfg.runtime.seed)
+    reference = None
+    finetune = cfg.phases.finetune
+    if finetune.l2_sp_alpha > 0 and finetune.epochs > 0 and finetune.unfreeze_blocks > 0:
+        # The starting point L2-SP pulls toward: the pretrained values, taken before anything trains or resumes.
+        reference = {id(v): np.array(v.numpy(), np.float32) for v in get_backbone(model).trainable_weights}
+    return Experiment(cfg, spec, image_size, source, info, blocks, data, model, target, reference)
+
+
+def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int = 0,
+            resume: str | Path | None = None) -> FitResult:
+    """The `tftransfer fit` job: data -> model -> two phases -> evaluation -> export -> run directory.
+
+    With `resume` (a run directory), the run's own config.yaml is used and training continues from its newest
+    checkpoint; `cfg` is ignored.
+    """
+
+    started = time.perf_counter()
+    checkpoint = None
+    if resume is not None:
+        cfg, checkpoint = _resume_point(Path(resume))
+    assert cfg is not None
+    exp = prepare_experiment(cfg)
+    cfg, spec, source, info, blocks, data, model = (exp.cfg, exp.spec, exp.source, exp.info, exp.blocks, exp.data,
+                                                    exp.model)
+    image_size = exp.image_size
+
+    if checkpoint is not None:
+        run = RunDir(Path(resume))  # type: ignore[arg-type]
+        _check_same_data(run, source)
+    else:
+        run = create_run_dir(cfg.runs_dir, cfg.name, overwrite=overwrite)
+        save_config(cfg, run.config)
+        write_json(run.split, source.split_record())
+    write_json(run.path / "runtime.json", {**info.to_dict(), "augment_placement": exp.data.augment_placement})
+    run.labels.write_text("\n".join(source.class_names) + "\n")
+    if source.skipped:
+        run.skipped.write_text("".join(f"{path}\t{why}\n" for path, why in source.skipped))
+        logger.warning("skipped %d bad files; listed in %s", len(source.skipped), run.skipped)
+    tensorboard_hparams(run.logs, cfg)
+    evaluate_val = None
+    if data.val is not None:
+        def evaluate_val(m: keras.Model) -> dict[str, Any]:
+            return evaluate_model(m, data.val, source.class_names)
+    if checkpoint is not None:
+        checkpoint.restore_model(model)
+        # Reseed from the resume point: the resumed epochs are reproducible, though their data order differs
+        # from an uninterrupted run (tf.data iterator state is not checkpointed).
+        keras.utils.set_random_seed(cfg.runtime.seed + checkpoint.state.epoch)
+        logger.info("resuming %s from %s (%d epochs done)", run.path, checkpoint.path.name, checkpoint.state.epoch)
+    try:
+        with info.scope():
+            fitted = fit_phases(model, cfg, data, blocks, run=run, jit_compile=info.jit_compile, verbose=verbose,
+                                evaluate_phase=evaluate_val, feature_cache=feature_cache_spec(cfg, spec, image_size),
+                                resume=checkpoint, target=exp.target, l2sp_reference=exp.l2sp_reference)
+    except KeyboardInterrupt:
+        raise TrainingError(f"interrupted. Every finished epoch is checkpointed in {run.checkpoints}; continue with: "
+                            f"tftransfer fit --resume {run.path}") from None
+    write_json(run.history, fitted.history)
+    model.save(run.model)
+
+    phase_entries = [_phase_entry(phase, phase.val) for phase in fitted.phases]
+    final_val = fitted.phases[-1].val if fitted.phases else None
+    if final_val is None and evaluate_val is not None:
+        final_val = evaluate_val(model)
+
+    export_entry = None
+    export_dir = None
+    if cfg.export.enabled:
+        export_dir = export_saved_model(model, Path(cfg.export.dir) / cfg.name, source.class_names,
+                                               image_size, top_k=cfg.export.top_k,
+                                               model_card=build_model_card(run.path, val_metrics=final_val))
+        parity_data = data.val if data.val is not None else data.train
+        diff = check_parity(model, export_dir, take_pixels(parity_data, 256))
+        export_entry = {"path": str(export_dir), "version": int(export_dir.name), "parity_max_abs_diff": diff,
+                        "parity_tolerance": cfg.export.parity_tolerance,
+                        "parity_ok": bool(diff <= cfg.export.parity_tolerance)}
+        if not export_entry["parity_ok"]:
+            logger.error("exported model disagrees with the Keras model: max abs diff %.2e > %.0e", diff,
+                         cfg.export.parity_tolerance)
+
+    metrics = {
+        "schema_version": 1,
+        "run": {"name": cfg.name, "backbone": spec.name, "weights": cfg.model.weights, "image_size": image_size,
+                "num_classes": len(source.class_names), "class_names": source.class_names,
+                "train_examples": len(source.train), "val_examples": data.val_examples,
+                "skipped_files": len(source.skipped), "split": source.split_method,
+                "run_dir": str(run.path), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "tftransfer_version": tftransfer.__version__, "tensorflow_version": tf.__version__,
+                "keras_version": keras.__version__, "python_version": platform.python_version(),
+                "runtime": {**info.to_dict(), "jit_compile": fitted.jit_compile,
+                            "augment_placement": exp.data.augment_placement}},
+        "phases": phase_entries,
+        "final": {"val": final_val,
+                  "eval_images_per_second": final_val.get("images_per_second") if final_val else None},
+        "export": export_entry,
+        "timings": {"total_seconds": time.perf_counter() - started},
+    }
+    if exp.target is not None:
+        metrics["adapt"] = adaptation_summary(model, cfg, exp.target, data, fitted.history)
+    _write_plots(report, run, fitted, final_val)
+    write_json(run.metrics, metrics)
+    report.write_summary(metrics, run.path)
+    return FitResult(run_dir=run.path, metrics=metrics, export_dir=export_dir, model=model)
+
+
+def adaptation_summary(model: keras.Model, cfg: ExperimentConfig, target: TargetDomain, data: Datasets,
+                       history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The target side of a run: final target accuracy (when labels exist) and how label-free model-selection
+    rules (source val loss/accuracy, target entropy) would have chosen among the epochs, against the truth."""
+
+    entry: dict[str, Any] = {"method": cfg.adapt.method, "target": target.spec, "target_examples": len(target),
+                             "labeled": target.labels is not None, "skipped_files": len(target.skipped)}
+    if target.labels is not None:
+        labeled = replace(target.split, labels=target.labels)
+        ds = make_split_dataset(labeled, data.image_size, data.batch_size, shuffle=False, cache="none")
+        found = evaluate_model(model, ds, data.class_names)
+        entry["final"] = {k: found[k] for k in ("accuracy", "macro_f1", "top_k_accuracy", "ece", "nll")
+                          if k in found}
+    rules = {"source val_loss (min)": ("val_loss", min), "source val_accuracy (max)": ("val_accuracy", max),
+             "target_entropy (min)": ("target_entropy", min), "oracle: target_accuracy (max)": ("target_accuracy", max)}
+    selection = {}
+    for rule, (key, pick) in rules.items():
+        rows = [r for r in history if key in r and math.isfinite(r[key])]
+        if rows:
+            row = pick(rows, key=lambda r, k=key: r[k])
+            selection[rule] = {"epoch": row["epoch"], "phase": row["phase"], key: row[key],
+                               "target_accuracy": row.get("target_accuracy")}
+    entry["selection"] = selection
+    return entry
+
+
+def _resume_point(run_path: Path) -> tuple[ExperimentConfig, Checkpoint]:
+    """The config and newest checkpoint of an unfinished run."""
+    run = RunDir(run_path)
+    if not run.config.is_file():
+        raise RunDirError(f"{run_path} is not a tftransfer run directory (no config.yaml)")
+    if run.metrics.is_file():
+        raise RunDirError(f"{run_path} has finished (metrics.json exists); nothing to resume")
+
+    return load_config(run.config), load_latest(run.checkpoints)
+
+
+def _check_same_data(run: RunDir, source: DataSource) -> None:
+    """A resumed run must see the examples it started with."""
+
+    saved = read_json(run.split).get("fingerprint")
+    if saved != source.split_record()["fingerprint"]:
+        raise RunDirError(f"the data of {run.path} changed since the run started ({run.split} no longer matches "
+                          f"{source.root}); start a new run instead of resuming")
+
+
+def _write_plots(report: Any, run: RunDir, fitted: FitPhasesResult, final_val: dict | None) -> None:
+    """History, confusion and reliability plots; a plotting failure must not cost the run its metrics."""
+    try:
+        series: dict[str, list[float]] = {}
+        for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+            if fitted.history and key in fitted.history[0]:
+                series[key] = [row.get(key, float("nan")) for row in fitted.history]
+        boundaries = [p.first_epoch - 1 for p in fitted.phases[1:]]
+        report.plot_history(series, run.path / "history.png", phase_boundaries=boundaries)
+        if final_val:
+            report.plot_confusion_matrix(final_val["confusion_matrix"], final_val["class_names"],
+                                         run.path / "confusion_matrix.png")
+            if "reliability" in final_val:
+                report.plot_reliability_diagram(final_val["reliability"], run.path / "reliability.png")
+    except Exception:  # noqa: BLE001
+        logger.exception("could not draw the plots of %s", run.path)

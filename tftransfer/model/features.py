@@ -1,0 +1,128 @@
+"""Backbone feature extraction and the on-disk phase-1 feature cache.
+
+While the backbone is frozen, its pooled output for an image never changes, so phase 1 computes it once per
+image (or once per augmented view), stores it on disk, and trains the head on those vectors. The head layers are
+shared with the full model, so training them here trains the real model's head.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tftransfer
+from tftransfer.core.cache import cache_key
+from tftransfer.data.sources import Split, split_fingerprint
+from tftransfer.model.classifier import POOL_LAYER, build_inference_fn
+
+logger = logging.getLogger(__name__)
+
+
+def build_feature_extractor(model: keras.Model) -> keras.Model:
+    """pixels -> pooled backbone features, sharing the model's layers (so its weights)."""
+    return keras.Model(model.inputs, model.get_layer(POOL_LAYER).output, name="feature_extractor")
+
+
+def build_head_model(model: keras.Model, after: str = POOL_LAYER) -> keras.Model:
+    """features -> logits through the model's own layers after `after` (pooling: bottleneck, dropout, Dense)."""
+    return build_chain(model, after, None, name="head")
+
+
+def build_chain(model: keras.Model, after: str, upto: str | None, name: str = "chain") -> keras.Model:
+    """A model of the layers strictly after `after` up to and including `upto` (None = to the output).
+
+    The layers are shared with `model` (so are their weights); valid for the sequential tail after pooling.
+    Equal `after` and `upto` give the identity on `after`'s output.
+    """
+    start = model.get_layer(after)
+    inputs = keras.Input(shape=start.output.shape[1:], dtype=start.output.dtype, name="features")
+    x = inputs
+    active = False
+    for layer in model.layers:
+        if active:
+            x = layer(x)
+            if layer.name == upto:
+                break
+        if layer is start:
+            active = True
+            if upto == after:
+                break
+    return keras.Model(inputs, x, name=name)
+
+
+@dataclass
+class FeatureSet:
+    """Pooled features of one split: [N * views, D] float32 and their labels."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    views: int
+    from_cache: bool
+    path: Path | None
+
+
+def extract_features(extractor: keras.Model | Callable[[Any], np.ndarray], dataset: Iterable,
+                     total: int | None = None, what: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Runs the extractor (a model, or a build_inference_fn of one) over (pixels, labels) batches."""
+    infer = build_inference_fn(extractor) if isinstance(extractor, keras.Model) else extractor
+    feats, labels, seen = [], [], 0
+    started = last = time.perf_counter()
+    for x, y in dataset:
+        feats.append(np.asarray(infer(x), dtype=np.float32))
+        labels.append(y.numpy())
+        seen += len(labels[-1])
+        now = time.perf_counter()
+        if now - last > 10:
+            logger.info("features %s: %d%s images (%.0f images/s)", what, seen, f"/{total}" if total else "",
+                        seen / (now - started))
+            last = now
+    if not feats:
+        return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
+    return np.concatenate(feats), np.concatenate(labels).astype(np.int64)
+
+
+def cached_features(extractor: keras.Model | Callable[[Any], np.ndarray], views: Sequence[Iterable], split: Split,
+                    key_parts: dict[str, Any], cache_dir: Path | None, what: str = "train") -> FeatureSet:
+    """Features of `split`, one pass per view dataset, read from or written to the disk cache."""
+    path = None
+    if cache_dir is not None:
+        parts = {**key_parts, "split": split_fingerprint(split), "views": len(views),
+                 "tftransfer": tftransfer.__version__}
+        path = Path(cache_dir) / "features" / f"{what}-{cache_key(parts)}.npz"
+        if path.is_file():
+            try:
+                with np.load(path) as data:
+                    logger.info("feature cache hit: %s (%d vectors)", path, len(data["labels"]))
+                    return FeatureSet(data["features"], data["labels"], len(views), True, path)
+            except (OSError, ValueError, KeyError) as exc:  # a damaged cache file is recomputed, not fatal
+                logger.warning("ignoring unreadable feature cache %s: %s", path, exc)
+    started = time.perf_counter()
+    chunks = [extract_features(extractor, ds, len(split), f"{what} view {v + 1}/{len(views)}")
+              for v, ds in enumerate(views)]
+    features = np.concatenate([c[0] for c in chunks])
+    labels = np.concatenate([c[1] for c in chunks])
+    logger.info("computed %d %s feature vectors in %.1f s", len(labels), what, time.perf_counter() - started)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, features=features, labels=labels)
+        os.replace(tmp, path)
+    return FeatureSet(features, labels, len(views), False, path)
+
+
+def features_dataset(features: np.ndarray, labels: np.ndarray, batch_size: int, *, training: bool,
+                     shuffle_buffer: int, seed: int) -> tf.data.Dataset:
+    """Batches of cached features, shuffled like the image pipeline (same buffer and seed) when training."""
+    ds = tf.data.Dataset.from_tensor_slices((features, labels))
+    if training:
+        ds = ds.shuffle(min(shuffle_buffer, max(len(labels), 1)), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,127 @@
+"""classifier: moved from tftransfer.jobs.predict."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tftransfer.core.errors import RunDirError
+from tftransfer.core.io import read_json
+from tftransfer.evaluation.inference import predict_probabilities
+from tftransfer.runs.finished import load_run, read_labels
+from tftransfer.runs.layout import RunDir, is_saved_model_dir, latest_version_dir
+from tftransfer.serving.contract import LABELS_FILE
+from tftransfer.serving.model_card import MODEL_CARD_FILE
+from tftransfer.serving.savedmodel import load_exported, predict_exported_pixels
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Classifier:
+    """A loaded model: `predict(pixels)` maps float32 [N, S, S, 3] pixels in [0, 255] to [N, C] probabilities."""
+
+    kind: str  # "run" or "saved_model"
+    path: Path
+    class_names: list[str]
+    image_size: int
+    predict: Callable[[np.ndarray], np.ndarray]
+    run_dir: Path | None = None
+    keras_model: Any = None  # the keras.Model of a run directory
+    saved_model: Any = None  # the tf.saved_model.load object of an export
+    card: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """runs/<name> -> name; saved_models/<name>/<version> -> name/v<version>."""
+        if self.kind == "saved_model":
+            return f"{self.path.parent.name}/v{self.path.name}"
+        return self.path.name
+
+
+
+
+
+
+def load_classifier(path: str | Path, image_size: int | None = None, batch_size: int = 32) -> Classifier:
+    """Loads a run directory or an exported SavedModel; RunDirError says what is missing when it is neither.
+
+    `image_size` overrides the size the model was trained at (needed only for a SavedModel without a
+    model_card.json).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise RunDirError(f"model not found: {path} does not exist")
+    if not path.is_dir():
+        raise RunDirError(f"{path} is a file; pass a run directory (runs/<name>) or an exported SavedModel "
+                          "directory (saved_models/<name>/<version>)")
+    if is_saved_model_dir(path):
+        return _load_saved_model(path, image_size, batch_size)
+    if RunDir(path).config.is_file():
+        return _load_run(path, image_size)
+    latest = latest_version_dir(path)
+    if latest is not None:
+        logger.info("using the newest export version %s", latest)
+        return _load_saved_model(latest, image_size, batch_size)
+    raise RunDirError(f"{path} is neither a run directory (no config.yaml) nor an exported SavedModel "
+                      "(no saved_model.pb, no numbered version folders)")
+
+
+def _load_run(path: Path, image_size: int | None) -> Classifier:
+    run = load_run(path, image_size)
+
+    def predict(pixels: np.ndarray) -> np.ndarray:
+        return predict_probabilities(run.model, np.asarray(pixels, np.float32))
+
+    return Classifier(kind="run", path=path, class_names=run.class_names, image_size=run.image_size, predict=predict,
+                      run_dir=path, keras_model=run.model)
+
+
+def _load_saved_model(path: Path, image_size: int | None, batch_size: int) -> Classifier:
+
+    loaded = load_exported(path)  # RunDirError when a signature is missing
+    card_path = path / MODEL_CARD_FILE
+    card = read_json(card_path) if card_path.is_file() else {}
+    labels = path / LABELS_FILE if (path / LABELS_FILE).is_file() else path / "assets" / LABELS_FILE
+    names = read_labels(labels)
+    size = image_size or (card.get("input") or {}).get("image_size")
+    if not isinstance(size, int) or size < 1:
+        raise RunDirError(f"{path} has no {MODEL_CARD_FILE} saying its input size; pass --image-size")
+    run_dir = card.get("run_dir")
+    run_path = Path(run_dir) if run_dir and RunDir(Path(run_dir)).config.is_file() else None
+
+    def predict(pixels: np.ndarray) -> np.ndarray:
+        return predict_exported_pixels(loaded, pixels, batch_size=batch_size)
+
+    return Classifier(kind="saved_model", path=path, class_names=names, image_size=size, predict=predict,
+                      run_dir=run_path, saved_model=loaded, card=card)
+
+
+def predict_batches(classifier: Classifier, dataset: Any, total: int, progress: bool = False,
+                    unit: str = "image") -> tuple[np.ndarray, np.ndarray, float]:
+    """Runs the classifier over make_indexed_dataset batches: (indices, probabilities, seconds)."""
+    bar = None
+    if progress:
+        import keras
+
+        bar = keras.utils.Progbar(total, unit_name=unit)
+    indices: list[np.ndarray] = []
+    probs: list[np.ndarray] = []
+    seen = 0
+    started = time.perf_counter()
+    for index, pixels in dataset:
+        indices.append(index.numpy())
+        probs.append(np.asarray(classifier.predict(pixels.numpy()), np.float32))
+        seen += len(indices[-1])
+        if bar is not None:
+            bar.update(seen)
+    seconds = time.perf_counter() - started
+    if not indices:
+        return np.zeros((0,), np.int64), np.zeros((0, len(classifier.class_names)), np.float32), seconds
+    return np.concatenate(indices), np.concatenate(probs), seconds

@@ -1,0 +1,156 @@
+"""parity: moved from tftransfer.serving.savedmodel."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tftransfer.core.errors import RunDirError
+from tftransfer.data.files import make_indexed_dataset
+from tftransfer.data.images import decode_and_resize
+from tftransfer.data.sources import DataSource, Split
+from tftransfer.evaluation.inference import predict_probabilities
+from tftransfer.serving.savedmodel import (
+    describe_tensor_spec,
+    load_exported,
+    predict_exported_bytes,
+    predict_exported_pixels,
+    signature_defs_text,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def check_parity(model: keras.Model, version_dir: str | Path, pixels: np.ndarray, batch_size: int = 64) -> float:
+    """Reloads the export and returns the max abs difference between its and the Keras model's probabilities."""
+    pixels = np.asarray(pixels, dtype=np.float32)
+    exported = predict_exported_pixels(load_exported(version_dir), pixels, batch_size=batch_size)
+    if len(pixels) == 0:
+        return 0.0
+    expected = predict_probabilities(model, pixels, batch_size)
+    diff = float(np.max(np.abs(exported - expected)))
+    logger.info("export parity for %s: max abs probability difference %.3g", version_dir, diff)
+    return diff
+
+
+def _probe_main(version_dir: str, work: str) -> None:
+    """Runs in the fresh process: loads the export (no tftransfer.model.layers), lists and calls its signatures."""
+    work_dir = Path(work)
+    text = signature_defs_text(version_dir)
+    loaded = load_exported(version_dir)
+    summary = {name: {"inputs": {k: describe_tensor_spec(v)
+                                 for k, v in sorted(sig.structured_input_signature[1].items())},
+                      "outputs": {k: describe_tensor_spec(v) for k, v in sorted(sig.structured_outputs.items())}}
+               for name, sig in sorted(loaded.signatures.items())}
+    np.save(work_dir / "pixels_probs.npy", predict_exported_pixels(loaded, np.load(work_dir / "pixels.npy")))
+    encoded = [p.read_bytes() for p in sorted(work_dir.glob("image_*"))]
+    batches = [predict_exported_bytes(loaded, encoded[i : i + 32])["probabilities"] for i in range(0, len(encoded), 32)]
+    np.save(work_dir / "bytes_probs.npy", np.concatenate(batches) if batches else np.zeros((0, 0), np.float32))
+    (work_dir / "probe.json").write_text(json.dumps({
+        "signatures_text": text, "signatures": summary,
+        # The export must run on TensorFlow alone, as in TF Serving.
+        "tftransfer_layers_imported": "tftransfer.model.layers" in sys.modules,
+    }))
+
+
+def check_parity_fresh_process(model: keras.Model, version_dir: str | Path, pixels: np.ndarray,
+                               encoded: Sequence[bytes] = (), tolerance: float = 1e-4,
+                               timeout: float = 600) -> dict[str, Any]:
+    """Loads the export in a new Python process and compares it with the in-memory Keras model.
+
+    The new process gets `pixels` (through predict_pixels) and `encoded` image bytes (through serving_default);
+    here the Keras model sees the same pixels, and the bytes decoded and resized by the training pipeline's
+    function. Returns the max abs probability differences, whether they are within `tolerance`, and the
+    signature listing (`signature_defs_text`) made in the new process. RunDirError if that process fails.
+    """
+    pixels = np.asarray(pixels, np.float32)
+    encoded = list(encoded)
+    image_size = int(pixels.shape[1]) if pixels.ndim == 4 and len(pixels) else None
+    with tempfile.TemporaryDirectory(prefix="tftransfer-parity-") as tmp:
+        work = Path(tmp)
+        np.save(work / "pixels.npy", pixels)
+        for i, data in enumerate(encoded):
+            (work / f"image_{i:06d}").write_bytes(data)
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        started = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, "-m", "tftransfer.serving.parity", "--probe", str(version_dir), tmp],
+                                  capture_output=True, text=True, env=env, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise RunDirError(f"checking the export {version_dir} in a fresh process took over {timeout:.0f} s") \
+                from exc
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+            raise RunDirError(f"the export {version_dir} failed in a fresh process (exit {proc.returncode}):\n{tail}")
+        probe = json.loads((work / "probe.json").read_text())
+        pixel_probs = np.load(work / "pixels_probs.npy")
+        bytes_probs = np.load(work / "bytes_probs.npy")
+    seconds = time.perf_counter() - started
+    pixel_diff = float(np.max(np.abs(pixel_probs - predict_probabilities(model, pixels)))) if len(pixels) else 0.0
+    bytes_diff = 0.0
+    if encoded and image_size:
+        decoded = tf.stack([decode_and_resize(tf.constant(data), image_size) for data in encoded]).numpy()
+        bytes_diff = float(np.max(np.abs(bytes_probs - predict_probabilities(model, decoded))))
+    diff = max(pixel_diff, bytes_diff)
+    logger.info("fresh-process parity for %s: max abs probability difference %.3g (%d pixel arrays, %d encoded "
+                "images, %.1f s)", version_dir, diff, len(pixels), len(encoded), seconds)
+    return {"fresh_process": True, "max_abs_diff": diff, "tolerance": float(tolerance), "ok": bool(diff <= tolerance),
+            "predict_pixels": {"images": int(len(pixels)), "max_abs_diff": pixel_diff},
+            "serving_default": {"images": len(encoded), "max_abs_diff": bytes_diff},
+            "tftransfer_layers_imported": probe["tftransfer_layers_imported"], "seconds": seconds,
+            "signatures": probe["signatures"], "signatures_text": probe["signatures_text"]}
+
+
+def spread_indices(n: int, count: int) -> np.ndarray:
+    """Up to `count` indices spread evenly over range(n), so a sample covers every class of a class-sorted split."""
+    if n == 0 or count <= 0:
+        return np.zeros((0,), np.int64)
+    return np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(np.int64))
+
+
+def split_batches(split: Split, image_size: int, batch_size: int) -> Any:
+    """(indices, pixels) batches of a split, decoded and resized like training does."""
+
+    return make_indexed_dataset(image_size, batch_size, paths=split.paths, images=split.images)
+
+
+def parity_inputs(source: DataSource | None, image_size: int, count: int) -> tuple[np.ndarray, list[bytes], str]:
+    """Real images for the parity check (validation, else training), as pixels and as encoded bytes."""
+    split = None
+    if source is not None:
+        split = source.val if source.val is not None and len(source.val) else source.train
+    if split is None or len(split) == 0:
+        logger.warning("the run's images are not available; checking parity on random pixels instead")
+        pixels = np.random.default_rng(0).integers(0, 256, (count, image_size, image_size, 3)).astype(np.uint8)
+        encoded = [tf.io.encode_png(image).numpy() for image in pixels]
+        return pixels.astype(np.float32), encoded, "random pixels (the run's data is not available)"
+    sub = split.subset(spread_indices(len(split), count))
+    index, pixels = next(iter(split_batches(sub, image_size, max(len(sub), 1))))
+    index = index.numpy()
+    if sub.paths is not None:
+        encoded = [Path(sub.paths[i]).read_bytes() for i in index]
+    else:
+        # Arrays have no file: PNG is lossless, so the bytes decode to exactly these pixels.
+        encoded = [tf.io.encode_png(sub.images[i]).numpy() for i in index]
+    which = "validation" if split is (source.val if source else None) else "training"
+    return pixels.numpy(), encoded, f"{len(index)} {which} images of {source.root}"  # type: ignore[union-attr]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--probe":
+        _probe_main(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit("usage: python -m tftransfer.serving.parity --probe VERSION_DIR WORK_DIR "
+                 "(used by check_parity_fresh_process)")

@@ -1,0 +1,225 @@
+"""tflite: moved from tftransfer.serving.savedmodel."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tftransfer.core.errors import DataError
+from tftransfer.data.sources import DataSource
+from tftransfer.serving import tflite as tfl
+from tftransfer.serving.parity import split_batches, spread_indices
+from tftransfer.serving.savedmodel import load_exported, predict_exported_pixels, saved_model_size
+
+logger = logging.getLogger(__name__)
+
+
+def export_tflite(model: keras.Model, version_dir: str | Path, image_size: int, mode: str,
+                  source: DataSource | None, loaded: Any = None, representative_images: int = 100,
+                  batch_size: int = 32) -> dict[str, Any]:
+    """Writes <version_dir>/model_<mode>.tflite and compares it with the SavedModel on the validation split.
+
+    int8 calibrates on `representative_images` training images spread over the split. Returns sizes, the
+    conversion time and (when validation images exist) both accuracies, their difference, top-1 agreement and
+    the max abs probability difference.
+    """
+
+    version_dir = Path(version_dir)
+    representative = None
+    used = 0
+    if mode == "int8":
+        if source is None or len(source.train) == 0:
+            raise DataError("int8 quantization calibrates on training images, and the run's training data is not "
+                            "available; restore it at the path in config.yaml or choose float32/float16/dynamic")
+        sub = source.train.subset(spread_indices(len(source.train), representative_images))
+        pixels = np.concatenate([p.numpy() for _, p in split_batches(sub, image_size, batch_size)])
+        representative = tfl.representative_from_pixels(pixels)
+        used = len(pixels)
+    started = time.perf_counter()
+    flatbuffer = tfl.convert_to_tflite(model, image_size, mode, representative)
+    seconds = time.perf_counter() - started
+    path = version_dir / tfl.tflite_filename(mode)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(flatbuffer)
+    os.replace(tmp, path)
+    reference_size = saved_model_size(version_dir)
+    entry: dict[str, Any] = {
+        "mode": mode, "file": str(path), "size_bytes": len(flatbuffer), "saved_model_size_bytes": reference_size,
+        "size_ratio": len(flatbuffer) / reference_size if reference_size else None,
+        "conversion_seconds": seconds, "representative_images": used or None,
+        "input": f"float32 [N, {image_size}, {image_size}, 3] RGB pixels in [0, 255], already resized "
+                 "(bilinear with antialiasing); preprocessing is inside",
+        "output": "float32 [N, C] probabilities",
+        "comparison": None, "evaluated_on": None,
+    }
+    val = source.val if source is not None else None
+    if val is None or len(val) == 0:
+        logger.warning("no validation images: the TFLite model's accuracy was not measured")
+        return entry
+    loaded = loaded if loaded is not None else load_exported(version_dir)
+    interpreter = tfl.load_interpreter(flatbuffer)
+    labels, lite, reference = [], [], []
+    for index, pixels in split_batches(val, image_size, batch_size):
+        labels.append(val.labels[index.numpy()])
+        lite.append(tfl.predict_tflite(interpreter, pixels.numpy(), batch_size=batch_size))
+        reference.append(predict_exported_pixels(loaded, pixels.numpy(), batch_size=batch_size))
+    comparison = tfl.compare_with_reference(np.concatenate(lite), np.concatenate(reference), np.concatenate(labels))
+    entry.update(comparison=comparison, evaluated_on=f"validation split of {source.root}")  # type: ignore[union-attr]
+    logger.info("TFLite %s: %d bytes (SavedModel %d), accuracy %.4f vs SavedModel %.4f on %d validation images",
+                mode, len(flatbuffer), reference_size, comparison["accuracy"], comparison["reference_accuracy"],
+                comparison["examples"])
+    return entry
+
+
+
+
+
+
+logger = logging.getLogger(__name__)
+
+RepresentativeData = Callable[[], Iterable[list[np.ndarray]]]
+
+
+def _float32(converter: Any, representative: RepresentativeData | None) -> None:
+    """No optimization: the float32 graph as it is."""
+
+
+def _float16(converter: Any, representative: RepresentativeData | None) -> None:
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.target_spec.supported_types = [tf.float16]
+
+
+def _dynamic(converter: Any, representative: RepresentativeData | None) -> None:
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+
+
+def _int8(converter: Any, representative: RepresentativeData | None) -> None:
+    if representative is None:
+        raise ValueError("int8 quantization needs a representative dataset of training images")
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    # Builtin int8 kernels only: a float fallback op would silently make "int8" a mixed model.
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+
+
+TFLITE_MODES: dict[str, Callable[[Any, RepresentativeData | None], None]] = {
+    "float32": _float32,
+    "float16": _float16,
+    "dynamic": _dynamic,
+    "int8": _int8,
+}
+
+
+def tflite_filename(mode: str) -> str:
+    """model_<mode>.tflite."""
+    return f"model_{mode}.tflite"
+
+
+def build_fixed_size_model(model: keras.Model, image_size: int) -> keras.Model:
+    """The model from after its Resizing layer (inputs [N, S, S, 3]) to softmax probabilities.
+
+    A model without a Resizing layer is used whole; the result shares the model's weights.
+    """
+    resize = next((layer for layer in model.layers if isinstance(layer, keras.layers.Resizing)), None)
+    if resize is not None:
+        start = resize.output
+    else:
+        start = model.inputs[0]
+    if start.shape[1:3] not in ((image_size, image_size), (None, None)):
+        raise ValueError(f"the model's resize layer outputs {tuple(start.shape[1:3])}, not {image_size} x {image_size}")
+    probabilities = keras.layers.Softmax(dtype="float32", name="probabilities")(model.output)
+    return keras.Model(start, probabilities, name=f"{model.name}_fixed_size")
+
+
+def convert_to_tflite(model: keras.Model, image_size: int, mode: str = "float32",
+                      representative: RepresentativeData | None = None) -> bytes:
+    """Converts a tftransfer model (raw pixels in, logits out) to a .tflite flatbuffer; see the module docstring.
+
+    `representative` yields lists holding one float32 [1, S, S, 3] batch each (int8 calibration).
+    """
+    if mode not in TFLITE_MODES:
+        raise ValueError(f"unknown TFLite mode {mode!r}; choose one of {', '.join(TFLITE_MODES)}")
+    fixed = build_fixed_size_model(model, image_size)
+    converter = tf.lite.TFLiteConverter.from_keras_model(fixed)
+    TFLITE_MODES[mode](converter, representative)
+    # The converter prints its temporary SavedModel's signatures to stdout, which would land in CLI output.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        flatbuffer = converter.convert()
+    logger.info("converted to TFLite (%s): %d bytes", mode, len(flatbuffer))
+    return flatbuffer
+
+
+def representative_from_pixels(pixels: np.ndarray) -> RepresentativeData:
+    """A representative-dataset callable yielding each image as its own [1, S, S, 3] float32 batch."""
+    pixels = np.asarray(pixels, np.float32)
+
+    def generate() -> Iterable[list[np.ndarray]]:
+        for image in pixels:
+            yield [image[None]]
+
+    return generate
+
+
+def load_interpreter(model: bytes | str | Path) -> Any:
+    """A TFLite interpreter for flatbuffer bytes or a .tflite path (LiteRT's when installed, else tf.lite's)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter  # type: ignore[import-not-found]
+    except ImportError:
+        Interpreter = tf.lite.Interpreter  # noqa: N806  (deprecated in favour of LiteRT, still in TF 2.21)
+    kwargs = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice, once per load
+        return Interpreter(**kwargs)
+
+
+def predict_tflite(interpreter: Any, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """[N, C] outputs of a single-input, single-output TFLite model for float32 [N, S, S, 3] pixels."""
+    pixels = np.asarray(pixels, np.float32)
+    inp = interpreter.get_input_details()[0]
+    outputs = []
+    current = None
+    for start in range(0, len(pixels), batch_size):
+        batch = pixels[start:start + batch_size]
+        if current != batch.shape:
+            interpreter.resize_tensor_input(inp["index"], list(batch.shape))
+            interpreter.allocate_tensors()
+            current = batch.shape
+        interpreter.set_tensor(inp["index"], batch)
+        interpreter.invoke()
+        # Copy: get_tensor returns a view into the interpreter's buffer, overwritten by the next invoke.
+        outputs.append(np.array(interpreter.get_tensor(interpreter.get_output_details()[0]["index"])))
+    if not outputs:
+        return np.zeros((0, int(interpreter.get_output_details()[0]["shape"][-1])), np.float32)
+    return np.concatenate(outputs).astype(np.float32)
+
+
+def compare_with_reference(tflite_probs: np.ndarray, reference_probs: np.ndarray, labels: np.ndarray
+                           ) -> dict[str, Any]:
+    """Accuracy of both, their difference, top-1 agreement and the max abs probability difference."""
+    tflite_probs = np.asarray(tflite_probs, np.float64)
+    reference_probs = np.asarray(reference_probs, np.float64)
+    labels = np.asarray(labels)
+    if tflite_probs.shape != reference_probs.shape or len(labels) != len(tflite_probs):
+        raise ValueError(f"shapes differ: tflite {tflite_probs.shape}, reference {reference_probs.shape}, "
+                         f"labels {labels.shape}")
+    if len(labels) == 0:
+        return {"examples": 0, "accuracy": None, "reference_accuracy": None, "accuracy_delta": None,
+                "top1_agreement": None, "max_abs_diff": None}
+    accuracy = float(np.mean(tflite_probs.argmax(axis=1) == labels))
+    reference = float(np.mean(reference_probs.argmax(axis=1) == labels))
+    return {"examples": int(len(labels)), "accuracy": accuracy, "reference_accuracy": reference,
+            "accuracy_delta": accuracy - reference,
+            "top1_agreement": float(np.mean(tflite_probs.argmax(axis=1) == reference_probs.argmax(axis=1))),
+            "max_abs_diff": float(np.max(np.abs(tflite_probs - reference_probs)))}

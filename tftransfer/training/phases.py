@@ -1,0 +1,388 @@
+"""Two-phase training and the whole `fit` job.
+
+fit_phases(): phase 1 "head" trains the new head on a frozen backbone; phase 2 "finetune" unfreezes the top N
+whole blocks (BatchNorm stays frozen and in inference mode) and trains at a low rate. Both phases share one
+continuous epoch axis in history.json and TensorBoard. run_fit() wraps it with data, model, evaluation and export.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tftransfer.config.experiment import DataConfig, ExperimentConfig, FinetuneConfig, HeadConfig, PhaseConfig
+from tftransfer.core.errors import TfTransferError
+from tftransfer.data.augment import AUGMENT_VERSION
+from tftransfer.data.balance import class_weight_for
+from tftransfer.data.pipeline import Datasets
+from tftransfer.model import backbones
+from tftransfer.model.classifier import BOTTLENECK_LAYER, HEAD_LAYER, POOL_LAYER, alignment_layer, build_inference_fn
+from tftransfer.model.features import (
+    build_chain,
+    build_feature_extractor,
+    build_head_model,
+    cached_features,
+    features_dataset,
+)
+from tftransfer.model.freezing import FreezeReport, freeze_backbone, unfreeze_top_blocks
+from tftransfer.runs.layout import RunDir
+from tftransfer.training.adaptation.methods import AdaptMethod, build_method
+from tftransfer.training.adaptation.target import (
+    TargetDomain,
+    feature_ordered,
+    feature_stream,
+    target_ordered,
+    target_stream,
+)
+from tftransfer.training.adaptation.trainer import AdaptiveTrainer, L2SPSpec, TargetMonitor
+from tftransfer.training.augment_step import AugmentingModel, step_augmenter
+from tftransfer.training.callbacks import (
+    BestWeights,
+    EpochCheckpoint,
+    HistoryRecorder,
+    NaNGuard,
+    Progress,
+    extra_weights,
+)
+from tftransfer.training.checkpoint import Checkpoint, save_checkpoint
+from tftransfer.training.schedule import build_optimizer, compile_for_phase
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(TfTransferError):
+    """Training could not go on (e.g. the loss became NaN); the last good checkpoint is kept."""
+
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Phases
+
+
+@dataclass
+class PhaseResult:
+    """What one phase did."""
+
+    name: str
+    epochs_run: int
+    best_epoch: int | None
+    freeze: FreezeReport
+    learning_rate: float
+    seconds: float
+    train_images_per_second: float
+    first_epoch: int
+    val: dict[str, Any] | None = None
+
+
+@dataclass
+class FitPhasesResult:
+    """Phases run and the continuous per-epoch history."""
+
+    phases: list[PhaseResult] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    jit_compile: bool = False  # what was used in the end (False after a fallback)
+
+
+@dataclass
+class PhaseInputs:
+    """What one phase's `fit` runs on: the model to fit (the full model, or the head alone on cached features)."""
+
+    model: keras.Model
+    train: tf.data.Dataset
+    val: tf.data.Dataset | None
+    steps_per_epoch: int
+    note: str = "images"
+    target_features: np.ndarray | None = None  # cached target features (phase 1 with a target)
+    target_index: np.ndarray | None = None  # the target example index of each cached vector
+    on_features: bool = False  # trains on cached features: epochs take milliseconds, not worth a checkpoint each
+    callbacks: list[keras.callbacks.Callback] = field(default_factory=list)  # run before all others
+
+
+@dataclass(frozen=True)
+class FeatureCacheSpec:
+    """Everything the cached features depend on besides the data, and where the cache lives."""
+
+    key_parts: dict[str, Any]
+    cache_dir: Path | None
+
+
+def head_on_features(model: keras.Model, head: HeadConfig, data: Datasets, cache: FeatureCacheSpec,
+                      seed: int, target: TargetDomain | None = None,
+                      data_cfg: DataConfig | None = None) -> PhaseInputs:
+    """Phase 1 on cached pooled features: the frozen backbone runs once per image view, not once per epoch."""
+    extractor = build_inference_fn(build_feature_extractor(model))  # traced once for every view and split
+    views = head.feature_cache_views if data.augmenter is not None else 1
+    if data.augmenter is not None and views == 1:
+        logger.info("phase head trains on cached features of un-augmented images "
+                    "(set phases.head.feature_cache_views > 1 for augmented views, or feature_cache=false)")
+    parts = {**cache.key_parts,
+             "augment": f"{AUGMENT_VERSION} {data.augmenter.get_config()}" if views > 1 else None,
+             "seed": seed if views > 1 else None}
+    # View 1 is always the clean image; further views go through the training augmenter.
+    train_views = [data.ordered_train(augment=False)] + [data.ordered_train(augment=True)] * (views - 1)
+    train_set = cached_features(extractor, train_views, data.source.train, parts, cache.cache_dir, what="train")
+    val_ds = None
+    if data.val is not None and data.source.val is not None:
+        # Validation images are never augmented: their key leaves out the training views' settings, so changing
+        # feature_cache_views does not recompute them.
+        val_set = cached_features(extractor, [data.val], data.source.val, cache.key_parts, cache.cache_dir,
+                                  what="val")
+        val_ds = features_dataset(val_set.features, val_set.labels, data.batch_size, training=False,
+                                  shuffle_buffer=1, seed=seed)
+    train_ds = features_dataset(train_set.features, train_set.labels, data.batch_size, training=True,
+                                shuffle_buffer=data.shuffle_buffer, seed=seed)
+    target_features = target_index = None
+    if target is not None:
+        assert data_cfg is not None, "a target needs the data settings its pipeline uses"
+        target_set = cached_features(extractor, [target_ordered(target, data.image_size, data_cfg)],
+                                     target.split, cache.key_parts, cache.cache_dir, what="target")
+        target_features, target_index = target_set.features, target_set.labels
+    steps = max(1, math.ceil(len(train_set.labels) / data.batch_size))
+    return PhaseInputs(build_head_model(model), train_ds, val_ds, steps,
+                       note=f"cached features ({views} view{'s' if views > 1 else ''} per image"
+                            f"{', from cache' if train_set.from_cache else ''})", target_features=target_features,
+                       target_index=target_index, on_features=True)
+
+
+def _adaptive_inputs(name: str, phase: PhaseConfig, model: keras.Model, inputs: PhaseInputs, cfg: ExperimentConfig,
+                     data: Datasets, target: TargetDomain | None, l2sp_reference: dict[int, np.ndarray] | None,
+                     class_weight: dict[int, float] | None, epochs_before: int, total_epochs: int,
+                     method: AdaptMethod | None, augmenter: keras.Layer | None = None) -> PhaseInputs:
+    """The phase's inputs re-wrapped for the AdaptiveTrainer when it adapts to a target or uses L2-SP.
+
+    `augmenter` (placement model) is handed to the trainer for a phase on images: it then augments the source and
+    target batches in its training step, and the target stream stays un-augmented like the source's.
+    """
+    l2sp = None
+    if isinstance(phase, FinetuneConfig) and (phase.l2_sp_alpha > 0 or phase.l2_sp_beta > 0):
+        l2sp = L2SPSpec(phase.l2_sp_alpha, phase.l2_sp_beta, l2sp_reference or {})
+    if target is None and l2sp is None:
+        return inputs
+    align = alignment_layer(model)
+    on_features = inputs.on_features
+    if on_features:
+        encoder = build_chain(model, POOL_LAYER, align, name="encoder") if align != POOL_LAYER else None
+    else:
+        encoder = keras.Model(model.inputs, model.get_layer(align).output, name="encoder")
+    classifier = build_head_model(model, after=align)
+    head_vars = [w for layer in model.layers if layer.name in (HEAD_LAYER, BOTTLENECK_LAYER)
+                 for w in layer.trainable_weights]
+    steps = inputs.steps_per_epoch
+    trainer = AdaptiveTrainer(encoder, classifier, len(data.class_names), method=method, weight=cfg.adapt.weight,
+                              num_target=len(target) if target is not None else 0, class_weight=class_weight,
+                              label_smoothing=phase.label_smoothing, progress_offset=epochs_before * steps,
+                              total_steps=total_epochs * steps, l2sp=l2sp, head_variables=head_vars,
+                              augmenter=None if on_features else augmenter, name=f"adaptive_{name}")
+    train, callbacks, note = inputs.train, [], inputs.note
+    if target is not None:
+        seed = cfg.runtime.seed
+        if on_features:
+            assert inputs.target_features is not None and inputs.target_index is not None
+            stream = feature_stream(inputs.target_features, inputs.target_index, data.batch_size, seed=seed,
+                                    shuffle_buffer=data.shuffle_buffer)
+            ordered = feature_ordered(inputs.target_features, inputs.target_index, data.batch_size)
+        else:
+            stream = target_stream(target, data.image_size, cfg.data, seed=seed,
+                                   augmenter=None if data.augment_in_model else data.augmenter)
+            ordered = target_ordered(target, data.image_size, cfg.data)
+        if method is not None:
+            train = tf.data.Dataset.zip((inputs.train, stream))
+        callbacks.append(TargetMonitor(trainer, ordered, target.labels, len(target),
+                                       round_epochs=cfg.adapt.pseudo_round_epochs))
+        note += f"; target {target.spec} ({len(target)} images), adapt.method {cfg.adapt.method}"
+    if l2sp is not None:
+        note += f"; L2-SP alpha {l2sp.alpha:g} beta {l2sp.beta:g}"
+    return PhaseInputs(trainer, train, inputs.val, steps, note=note, callbacks=callbacks,
+                       on_features=inputs.on_features)
+
+
+def compile_inputs(inputs: PhaseInputs, phase: PhaseConfig, num_classes: int, jit_compile: bool) -> None:
+    """Compiles a phase's model: the AdaptiveTrainer computes its own losses, a plain model gets the task loss."""
+    if isinstance(inputs.model, AdaptiveTrainer):
+        inputs.model.compile(optimizer=build_optimizer(phase, inputs.steps_per_epoch), jit_compile=jit_compile)
+    else:
+        compile_for_phase(inputs.model, phase, inputs.steps_per_epoch, num_classes, jit_compile)
+
+
+
+
+def _why_no_xla(model: keras.Model) -> str:
+    """Why Keras will not XLA-compile `model`: the layers it marks as not compilable, or op determinism."""
+    def unsupported(layer: keras.Layer) -> set[str]:
+        return {type(sub).__name__ for sub in layer._flatten_layers() if not sub.supports_jit}
+
+    layers = unsupported(model)
+    if layers:
+        augmenter = getattr(model, "augmenter", None)  # an AugmentingModel's or an AdaptiveTrainer's
+        hint = ("; data.augment.placement=pipeline keeps XLA for the model"
+                if augmenter is not None and unsupported(augmenter) else "")
+        return f"layers without XLA support: {', '.join(sorted(layers))}{hint}"
+    from tensorflow.python.framework.config import is_op_determinism_enabled  # what Keras itself checks
+
+    if is_op_determinism_enabled():
+        return "runtime.deterministic=true: Keras does not use XLA under op determinism"
+    return "unknown reason"
+
+
+def _phase_from_dict(data: dict[str, Any]) -> PhaseResult:
+    return PhaseResult(**{**data, "freeze": FreezeReport(**data["freeze"])})
+
+
+def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks: list[backbones.Block],
+               run: RunDir | None = None, jit_compile: bool = False, verbose: int = 0,
+               evaluate_phase: Callable[[keras.Model], dict[str, Any]] | None = None,
+               feature_cache: FeatureCacheSpec | None = None, resume: Checkpoint | None = None,
+               target: TargetDomain | None = None,
+               l2sp_reference: dict[int, np.ndarray] | None = None) -> FitPhasesResult:
+    """Runs phase 1 (head on a frozen backbone) and phase 2 (top blocks unfrozen), each skipped at 0 epochs.
+
+    With `feature_cache` (and phases.head.feature_cache on), phase 1 trains the head on cached pooled features.
+    `evaluate_phase(model)`, when given, measures the full model at the end of each phase. With `run`, every
+    epoch is checkpointed; `resume` (whose weights are already in `model`) continues from such a checkpoint.
+    With a `target` (and cfg.adapt.method) or L2-SP, phases train through the AdaptiveTrainer. When
+    `data.augment_in_model`, phases on images augment inside the training step (tftransfer.training.augment_step).
+    """
+    head: HeadConfig = cfg.phases.head
+    finetune: FinetuneConfig = cfg.phases.finetune
+    recorder = HistoryRecorder()
+    progress = Progress(recorder)
+    shared: list[keras.callbacks.Callback] = [recorder]
+    if run is not None:
+        shared.append(keras.callbacks.TensorBoard(log_dir=str(run.logs), histogram_freq=0, write_graph=False))
+    finished: dict[str, dict[str, Any]] = {}
+    if resume is not None:
+        recorder.rows = list(resume.state.history)
+        finished = {d["name"]: d for d in resume.state.completed}
+    result = FitPhasesResult()
+    class_weight = class_weight_for(cfg.data, data.source.train.labels, len(data.class_names))
+    if class_weight:
+        logger.info("class weights (inverse frequency): %s",
+                    ", ".join(f"{data.class_names[i]} {w:.2f}" for i, w in class_weight.items()))
+    epoch = 0
+    method = build_method(cfg.adapt) if target is not None else None  # one for all phases: DANN's discriminator
+    method_restored = False                                               # keeps learning across them
+    plan: list[tuple[str, PhaseConfig, Callable[[], FreezeReport]]] = [
+        ("head", head, lambda: freeze_backbone(model)),
+    ]
+    if finetune.unfreeze_blocks > 0:
+        plan.append(("finetune", finetune, lambda: unfreeze_top_blocks(model, blocks, finetune.unfreeze_blocks)))
+    else:
+        logger.info("phase finetune skipped: phases.finetune.unfreeze_blocks is 0")
+    total_epochs = sum(phase.epochs for _, phase, _ in plan)  # DANN's lambda ramps over the whole run
+    # One for both phases, so its seed stream continues across them; built here, in the strategy's scope.
+    augmenter = step_augmenter(data)
+    for name, phase, set_trainable in plan:
+        if phase.epochs == 0:
+            logger.info("phase %s skipped: 0 epochs", name)
+            continue
+        if name in finished:  # completed before the interruption
+            done = _phase_from_dict(finished[name])
+            result.phases.append(done)
+            progress.completed.append(finished[name])
+            epoch = done.first_epoch - 1 + done.epochs_run
+            continue
+        report = set_trainable()
+        started = time.perf_counter()
+        if name == "head" and head.feature_cache and feature_cache is not None:
+            inputs = head_on_features(model, head, data, feature_cache, cfg.runtime.seed, target, cfg.data)
+        else:
+            inputs = PhaseInputs(model, data.train, data.val, data.steps_per_epoch)
+        inputs = _adaptive_inputs(name, phase, model, inputs, cfg, data, target, l2sp_reference, class_weight,
+                                  epoch, total_epochs, method, augmenter)
+        if augmenter is not None and not inputs.on_features:
+            if not isinstance(inputs.model, AdaptiveTrainer):  # the trainer augments in its own train_step
+                inputs = replace(inputs, model=AugmentingModel(inputs.model, augmenter, name=f"augmenting_{name}"))
+            inputs = replace(inputs, note=f"{inputs.note}; augmented in the training step")
+        if resume is not None and method is not None and not method_restored:
+            saved = resume.extra_weights()
+            if saved:
+                method.set_weights(saved)
+            method_restored = True
+        fit_class_weight = None if isinstance(inputs.model, AdaptiveTrainer) else class_weight
+        logger.info("phase %s: %d epochs at lr %g (%s) on %s; trainable params %s, frozen %s%s", name,
+                    phase.epochs, phase.learning_rate, phase.schedule, inputs.note,
+                    f"{report.trainable_params:,}", f"{report.non_trainable_params:,}",
+                    f"; unfrozen blocks {report.unfrozen_blocks}" if report.unfrozen_blocks else "")
+        compile_inputs(inputs, phase, len(data.class_names), jit_compile)
+        if jit_compile and not inputs.model.jit_compile:
+            # Keras turns XLA off by itself (with only a Python warning) for a layer it marks as not compilable,
+            # e.g. the random geometry layers inside RandAugment when it runs in the step, or under determinism.
+            logger.warning("phase %s runs without XLA: Keras refused jit_compile for %s (%s)", name,
+                           inputs.model.name, _why_no_xla(inputs.model))
+            jit_compile = False
+        recorder.phase = name
+        has_val = inputs.val is not None
+        best = BestWeights() if phase.restore_best and has_val else None
+        progress.phase, progress.phase_start, progress.started, progress.best = name, epoch, started, best
+        progress.seconds_before = 0.0
+        initial_epoch = epoch
+        if resume is not None and resume.state.phase == name and not resume.state.phase_done:
+            initial_epoch = resume.state.epoch
+            resume.restore_optimizer(inputs.model.optimizer, inputs.model.trainable_variables)
+            progress.seconds_before = resume.state.phase_seconds
+            if best is not None and resume.state.best_epoch:
+                best.best, best.best_epoch = resume.state.best_value, resume.state.best_epoch
+                best.best_weights = resume.best_weights()
+            logger.info("resuming phase %s after epoch %d of %d", name, initial_epoch - epoch, phase.epochs)
+        guard = NaNGuard()
+        callbacks = inputs.callbacks + shared + [guard] + ([best] if best else [])
+        if phase.early_stopping_patience and has_val:
+            callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss",
+                                                           patience=phase.early_stopping_patience))
+        if run is not None and not inputs.on_features:
+            # A phase on cached features is over in seconds (saving the full model and optimizer every epoch cost
+            # two thirds of it); it is checkpointed when it ends, and a run killed inside it redoes it.
+            callbacks.append(EpochCheckpoint(model, run.checkpoints, progress))
+        with warnings.catch_warnings():
+            # The file pipeline drops undecodable files, so its length is unknown until the first pass ends;
+            # Keras then warns that the input "ran out of data" although every epoch saw all of it.
+            warnings.filterwarnings("ignore", message="Your input ran out of data")
+            rows_before = len(recorder.rows)
+            try:
+                inputs.model.fit(inputs.train, validation_data=inputs.val, initial_epoch=initial_epoch,
+                                 epochs=epoch + phase.epochs, shuffle=False, callbacks=callbacks, verbose=verbose,
+                                 class_weight=fit_class_weight)
+            except tf.errors.OpError as exc:
+                # XLA cannot compile every op of every backbone; a failure before the first epoch finished has
+                # changed no weights, so the phase restarts without XLA instead of ending the run.
+                if not jit_compile or len(recorder.rows) != rows_before:
+                    raise
+                logger.warning("XLA compilation failed in phase %s (%s: %s); continuing without XLA", name,
+                               type(exc).__name__, str(exc).splitlines()[0][:200])
+                jit_compile = False
+                compile_inputs(inputs, phase, len(data.class_names), False)
+                inputs.model.fit(inputs.train, validation_data=inputs.val, initial_epoch=initial_epoch,
+                                 epochs=epoch + phase.epochs, shuffle=False, callbacks=callbacks, verbose=verbose,
+                                 class_weight=fit_class_weight)
+        result.jit_compile = jit_compile
+        seconds = progress.seconds_before + time.perf_counter() - started
+        if guard.bad_batch is not None:
+            raise TrainingError(f"phase {name}: the loss became NaN/inf at batch {guard.bad_batch} of epoch "
+                                f"{len(recorder.rows) + 1}; lower phases.{name}.learning_rate. "
+                                + (f"The last good epoch is checkpointed in {run.checkpoints}." if run else ""))
+        epochs_run = sum(1 for row in recorder.rows if row["phase"] == name)
+        done = PhaseResult(
+            name=name, epochs_run=epochs_run, best_epoch=best.best_epoch if best else None, freeze=report,
+            learning_rate=phase.learning_rate, seconds=seconds,
+            train_images_per_second=epochs_run * data.train_examples / seconds if seconds > 0 else 0.0,
+            first_epoch=epoch + 1, val=evaluate_phase(model) if evaluate_phase else None)
+        result.phases.append(done)
+        epoch += epochs_run
+        progress.completed.append(asdict(done))
+        if run is not None:  # the phase's final weights (best restored), so a resume starts the next phase
+            progress.best = None
+            save_checkpoint(run.checkpoints, model, None, progress.state(epoch, phase_done=True),
+                            extra_weights=extra_weights(inputs.model))
+    result.history = recorder.rows
+    return result
