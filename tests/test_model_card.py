@@ -14,8 +14,8 @@ from conftest import make_colour_folder
 from tftransfer.config.experiment import ExperimentConfig, ModelConfig, save_config
 from tftransfer.data.specs import load_source
 from tftransfer.model import backbones
-from tftransfer.serving.contract import PIXELS_SIGNATURE, SERVING_SIGNATURE
-from tftransfer.serving.model_card import MODEL_CARD_FILE, build_model_card
+from tftransfer.serving.contract import MODEL_CARD_FILE, PIXELS_SIGNATURE, SERVING_SIGNATURE
+from tftransfer.serving.model_card import build_model_card
 from tftransfer.serving.savedmodel import export_saved_model
 
 NAMES = ["cyan", "magenta", "yellow"]

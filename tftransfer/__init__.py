@@ -45,16 +45,16 @@ def fit(config: str | Path | ExperimentConfig | None = None, *, values: Mapping[
     `config` is a YAML path or an ExperimentConfig; `values` are dotted keys ({"data.path": ...}) and `overrides`
     `key=value` strings, applied on top, as --set does. With `resume`, the run continues with its saved config.
     """
-    run_fit = resolve("tftransfer.jobs.fit:run_fit")
     if resume is not None:
-        return run_fit(None, resume=resume)
+        return resolve("tftransfer.jobs.fit:run_fit")(None, resume=resume)
     if isinstance(config, ExperimentConfig):
         if values or overrides or recipe:
             raise TypeError("pass values/overrides/recipe with a YAML path, not with an ExperimentConfig")
         cfg = config
     else:
         cfg = load_config(config, overrides=overrides, values=values, recipe=recipe)
-    return run_fit(cfg, overwrite=overwrite)
+    # resolved after the config is valid, so a bad key is reported before TensorFlow is imported
+    return resolve("tftransfer.jobs.fit:run_fit")(cfg, overwrite=overwrite)
 
 
 def __getattr__(name: str) -> Any:

@@ -12,7 +12,8 @@ from tftransfer.core.errors import DataError, RunDirError
 from tftransfer.core.io import read_json, write_json
 from tftransfer.runs.finished import load_run_model, load_run_source, read_labels, run_image_size
 from tftransfer.runs.layout import RunDir
-from tftransfer.serving.model_card import MODEL_CARD_FILE, build_model_card
+from tftransfer.serving.contract import MODEL_CARD_FILE
+from tftransfer.serving.model_card import build_model_card
 from tftransfer.serving.parity import check_parity_fresh_process, parity_inputs
 from tftransfer.serving.savedmodel import export_saved_model, next_version, saved_model_size
 from tftransfer.serving.tflite import TFLITE_MODES, export_tflite

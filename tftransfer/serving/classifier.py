@@ -16,8 +16,7 @@ from tftransfer.core.io import read_json
 from tftransfer.evaluation.inference import predict_probabilities
 from tftransfer.runs.finished import load_run, read_labels
 from tftransfer.runs.layout import RunDir, is_saved_model_dir, latest_version_dir
-from tftransfer.serving.contract import LABELS_FILE
-from tftransfer.serving.model_card import MODEL_CARD_FILE
+from tftransfer.serving.contract import LABELS_FILE, MODEL_CARD_FILE
 from tftransfer.serving.savedmodel import load_exported, predict_exported_pixels
 
 logger = logging.getLogger(__name__)

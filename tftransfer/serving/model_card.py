@@ -3,68 +3,28 @@
 from __future__ import annotations
 
 import logging
-import platform
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import keras
-import tensorflow as tf
-
-import tftransfer
 from tftransfer.config.experiment import read_yaml
 from tftransfer.core.cache import file_hash
 from tftransfer.core.errors import BackboneError
 from tftransfer.core.io import read_json
 from tftransfer.model import backbones
 from tftransfer.runs.layout import RunDir
-from tftransfer.serving.contract import BYTES_INPUT, PIXELS_INPUT, PIXELS_SIGNATURE, SERVING_SIGNATURE
 
 logger = logging.getLogger(__name__)
-MODEL_CARD_FILE = "model_card.json"
-MODEL_CARD_SCHEMA_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Model card
 
 
-def software_versions() -> dict[str, str]:
-    """tftransfer, TensorFlow, Keras and Python versions."""
-
-    return {"tftransfer": tftransfer.__version__, "tensorflow": tf.__version__, "keras": keras.__version__,
-            "python": platform.python_version()}
 
 
-def input_contract(image_size: int) -> dict[str, Any]:
-    """What each signature takes and returns, and what happens to pixels inside the model."""
-    return {
-        "image_size": int(image_size),
-        "signatures": {
-            SERVING_SIGNATURE: {BYTES_INPUT: "tf.string [N]: encoded JPEG, PNG, GIF or BMP bytes (REST: "
-                                             '{"instances": [{"b64": "<base64 bytes>"}]})'},
-            PIXELS_SIGNATURE: {PIXELS_INPUT: "float32 [N, H, W, 3]: RGB pixels in [0, 255], any H and W"},
-        },
-        "resize": f"bilinear with antialiasing to {image_size} x {image_size}, inside the model",
-        "preprocessing": "inside the model (the backbone's own, from raw [0, 255] pixels)",
-        "outputs": {"probabilities": "float32 [N, C], softmax over the classes in label order",
-                    "classes": "int32 [N, k], top-k class ids", "scores": "float32 [N, k], their probabilities",
-                    "class_names": "string [N, k], their names"},
-    }
 
 
-def base_model_card(class_names: Sequence[str], image_size: int, top_k: int) -> dict[str, Any]:
-    """The part of model_card.json every export has, with or without a run directory behind it."""
-    return {
-        "schema_version": MODEL_CARD_SCHEMA_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "classes": list(class_names),
-        "num_classes": len(class_names),
-        "top_k": int(top_k),
-        "input": input_contract(image_size),
-        "versions": software_versions(),
-    }
 
 
 def _weights_origin(weights: str) -> dict[str, Any]:

@@ -23,11 +23,8 @@ from tftransfer.data.images import decode_and_resize
 from tftransfer.data.sources import DataSource, Split
 from tftransfer.evaluation.inference import predict_probabilities
 from tftransfer.serving.savedmodel import (
-    describe_tensor_spec,
     load_exported,
-    predict_exported_bytes,
     predict_exported_pixels,
-    signature_defs_text,
 )
 
 logger = logging.getLogger(__name__)
@@ -45,24 +42,6 @@ def check_parity(model: keras.Model, version_dir: str | Path, pixels: np.ndarray
     return diff
 
 
-def _probe_main(version_dir: str, work: str) -> None:
-    """Runs in the fresh process: loads the export (no tftransfer.model.layers), lists and calls its signatures."""
-    work_dir = Path(work)
-    text = signature_defs_text(version_dir)
-    loaded = load_exported(version_dir)
-    summary = {name: {"inputs": {k: describe_tensor_spec(v)
-                                 for k, v in sorted(sig.structured_input_signature[1].items())},
-                      "outputs": {k: describe_tensor_spec(v) for k, v in sorted(sig.structured_outputs.items())}}
-               for name, sig in sorted(loaded.signatures.items())}
-    np.save(work_dir / "pixels_probs.npy", predict_exported_pixels(loaded, np.load(work_dir / "pixels.npy")))
-    encoded = [p.read_bytes() for p in sorted(work_dir.glob("image_*"))]
-    batches = [predict_exported_bytes(loaded, encoded[i : i + 32])["probabilities"] for i in range(0, len(encoded), 32)]
-    np.save(work_dir / "bytes_probs.npy", np.concatenate(batches) if batches else np.zeros((0, 0), np.float32))
-    (work_dir / "probe.json").write_text(json.dumps({
-        "signatures_text": text, "signatures": summary,
-        # The export must run on TensorFlow alone, as in TF Serving.
-        "tftransfer_layers_imported": "tftransfer.model.layers" in sys.modules,
-    }))
 
 
 def check_parity_fresh_process(model: keras.Model, version_dir: str | Path, pixels: np.ndarray,
@@ -86,7 +65,7 @@ def check_parity_fresh_process(model: keras.Model, version_dir: str | Path, pixe
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         started = time.perf_counter()
         try:
-            proc = subprocess.run([sys.executable, "-m", "tftransfer.serving.parity", "--probe", str(version_dir), tmp],
+            proc = subprocess.run([sys.executable, "-m", "tftransfer.serving.probe", "--probe", str(version_dir), tmp],
                                   capture_output=True, text=True, env=env, timeout=timeout, check=False)
         except subprocess.TimeoutExpired as exc:
             raise RunDirError(f"checking the export {version_dir} in a fresh process took over {timeout:.0f} s") \
@@ -147,10 +126,3 @@ def parity_inputs(source: DataSource | None, image_size: int, count: int) -> tup
     which = "validation" if split is (source.val if source else None) else "training"
     return pixels.numpy(), encoded, f"{len(index)} {which} images of {source.root}"  # type: ignore[union-attr]
 
-
-if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--probe":
-        _probe_main(sys.argv[2], sys.argv[3])
-    else:
-        sys.exit("usage: python -m tftransfer.serving.parity --probe VERSION_DIR WORK_DIR "
-                 "(used by check_parity_fresh_process)")

@@ -35,12 +35,13 @@ from tftransfer.data.images import decode_and_resize
 from tftransfer.serving.contract import (
     BYTES_INPUT,
     LABELS_FILE,
+    MODEL_CARD_FILE,
     PIXELS_INPUT,
     PIXELS_SIGNATURE,
     SERVING_SIGNATURE,
     SIGNATURES,
+    base_model_card,
 )
-from tftransfer.serving.model_card import MODEL_CARD_FILE, base_model_card
 
 logger = logging.getLogger(__name__)
 

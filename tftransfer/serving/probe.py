@@ -1,0 +1,46 @@
+"""The child process of check_parity_fresh_process: loads an export with TensorFlow alone (as TF Serving does)
+and writes its outputs for the parent to compare. Run as `python -m tftransfer.serving.probe --probe DIR WORK`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from tftransfer.serving.savedmodel import (
+    describe_tensor_spec,
+    load_exported,
+    predict_exported_bytes,
+    predict_exported_pixels,
+    signature_defs_text,
+)
+
+
+def probe_main(version_dir: str, work: str) -> None:
+    """Runs in the fresh process: loads the export (no tftransfer.model.layers), lists and calls its signatures."""
+    work_dir = Path(work)
+    text = signature_defs_text(version_dir)
+    loaded = load_exported(version_dir)
+    summary = {name: {"inputs": {k: describe_tensor_spec(v)
+                                 for k, v in sorted(sig.structured_input_signature[1].items())},
+                      "outputs": {k: describe_tensor_spec(v) for k, v in sorted(sig.structured_outputs.items())}}
+               for name, sig in sorted(loaded.signatures.items())}
+    np.save(work_dir / "pixels_probs.npy", predict_exported_pixels(loaded, np.load(work_dir / "pixels.npy")))
+    encoded = [p.read_bytes() for p in sorted(work_dir.glob("image_*"))]
+    batches = [predict_exported_bytes(loaded, encoded[i : i + 32])["probabilities"] for i in range(0, len(encoded), 32)]
+    np.save(work_dir / "bytes_probs.npy", np.concatenate(batches) if batches else np.zeros((0, 0), np.float32))
+    (work_dir / "probe.json").write_text(json.dumps({
+        "signatures_text": text, "signatures": summary,
+        # The export must run on TensorFlow alone, as in TF Serving.
+        "tftransfer_layers_imported": "tftransfer.model.layers" in sys.modules,
+    }))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--probe":
+        probe_main(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit("usage: python -m tftransfer.serving.probe --probe VERSION_DIR WORK_DIR "
+                 "(used by check_parity_fresh_process)")
