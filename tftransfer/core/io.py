@@ -1,4 +1,4 @@
-"""io: moved from tftransfer.runs.layout."""
+"""JSON files written atomically and read with errors that name the file."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Run directories: the layout of runs/<name>/ and the finished run read back from it."""
