@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tftransfer.core.errors import BackboneError
-from tftransfer.model import backbones
+from tftransfer.model import backbones, catalog
 from tftransfer.model.backbones import BackboneSpec, Block
 from tftransfer.model.layers import Preprocess
 
@@ -154,6 +154,39 @@ def test_registry_contents_and_lookup():
         assert backbones.get_backbone_spec(alias).name == name
     sizes = {n: backbones.get_backbone_spec(n).default_size for n in ("efficientnetb7", "nasnetlarge", "xception")}
     assert sizes == {"efficientnetb7": 600, "nasnetlarge": 331, "xception": 299}
+
+
+class _SizeSeen(Exception):
+    pass
+
+
+def test_catalog_is_keras_applications_and_the_registry(monkeypatch):
+    """The static table `tftransfer backbones` lists without Keras says what keras.applications and the registry do."""
+    entries = catalog.builtin_backbones()
+    assert [e.name for e in entries] == backbones.list_backbones()
+    offered = {e.keras_name for e in entries if e.keras_name is not None}
+    assert offered == {n for n in dir(keras.applications) if n[:1].isupper()}  # every keras.applications model
+
+    def obtain_input_shape(input_shape, default_size, min_size, *args, **kwargs):
+        raise _SizeSeen(default_size, min_size)  # stops the constructor before it builds anything
+
+    monkeypatch.setattr(keras.src.applications.imagenet_utils, "obtain_input_shape", obtain_input_shape)
+    for entry in entries:
+        spec = backbones.get_backbone_spec(entry.name)
+        assert (spec.family, spec.preprocess_mode, spec.default_size, spec.min_size, dict(spec.constructor_kwargs),
+                spec.description) == (entry.family, entry.preprocess_mode, entry.default_size, entry.min_size,
+                                      dict(entry.constructor_kwargs), entry.description)
+        if entry.keras_name is None:
+            assert spec.constructor is backbones.build_tiny_backbone
+            continue
+        assert spec.constructor is getattr(keras.applications, entry.keras_name)
+        assert spec.constructor.__module__.rsplit(".", 1)[-1] == entry.keras_module
+        assert spec.preprocess_input is getattr(keras.applications, entry.keras_module).preprocess_input
+        if entry.family == "mobilenet_v3":
+            continue  # checks its input shape itself (no obtain_input_shape); 224 is its weights' size
+        with pytest.raises(_SizeSeen) as seen:
+            spec.constructor(include_top=False, weights=None)
+        assert seen.value.args == (entry.default_size, entry.min_size), entry.name
 
 
 def test_unknown_backbone_suggests_nearest_names():

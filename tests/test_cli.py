@@ -124,6 +124,17 @@ def test_backbones_lists_registry():
     assert detail.exit_code == 0 and "block3" in detail.output
 
 
+def test_backbones_list_does_not_import_tensorflow():
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom tftransfer.cli import main\n"
+            "result = CliRunner().invoke(main, ['backbones'])\n"
+            "assert result.exit_code == 0, result.output\n"
+            "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules\n"
+            "print(result.output)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "mobilenetv2" in proc.stdout and "41 backbones." in proc.stdout
+
+
 def test_python_dash_m_runs():
     proc = subprocess.run([sys.executable, "-m", "tftransfer", "--help"], capture_output=True, text=True,
                           timeout=60)

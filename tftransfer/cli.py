@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import logging
 import os
 import sys
@@ -20,6 +19,7 @@ from tftransfer.core.errors import TfTransferError
 from tftransfer.core.lazy import lazy, resolve
 from tftransfer.data.probe import report_progress
 from tftransfer.data.selection import SPLIT_CHOICES
+from tftransfer.model.catalog import builtin_backbones
 
 # Jobs import TensorFlow: they are named here and imported when a command runs, so --help and config errors are fast.
 run_fit = lazy("tftransfer.jobs.fit:run_fit")
@@ -34,6 +34,9 @@ export_run = lazy("tftransfer.jobs.export:export_run")
 predict_files = lazy("tftransfer.jobs.predict:predict_files")
 inspect_data = lazy("tftransfer.data.inspect:inspect_data")
 format_report = lazy("tftransfer.data.inspect:format_report")
+list_backbones = lazy("tftransfer.model.backbones:list_backbones")
+get_backbone_spec = lazy("tftransfer.model.backbones:get_backbone_spec")
+describe_backbone = lazy("tftransfer.model.backbones:describe_backbone")
 
 # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) buries the messages a user needs.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -145,18 +148,18 @@ def main(verbose: bool) -> None:
 @_user_errors
 def backbones_command(details: bool, names: tuple[str, ...]) -> None:
     """List supported backbones: input size, preprocessing, and with --details or NAMES params and blocks."""
-    backbones = importlib.import_module("tftransfer.model.backbones")
-    specs = [backbones.get_backbone_spec(n) for n in names] if names else \
-        [backbones.get_backbone_spec(n) for n in backbones.list_backbones()]
     if details or names:
+        # Building a backbone needs Keras; the plain list comes from the static catalog, without TensorFlow.
+        specs = [get_backbone_spec(n) for n in names] if names else [get_backbone_spec(n) for n in list_backbones()]
         click.echo(f"{'name':<20} {'family':<16} {'size':>5} {'min':>4} {'preprocess':<10} {'params':>13} "
                    f"{'blocks':>6}  top blocks")
         for spec in specs:
-            d = backbones.describe_backbone(spec)
+            d = describe_backbone(spec)
             click.echo(f"{spec.name:<20} {spec.family:<16} {spec.default_size:>5} {spec.min_size:>4} "
                        f"{spec.preprocess_mode:<10} {d['params']:>13,} {d['blocks']:>6}  "
                        f"{', '.join(d['top_blocks'])}")
         return
+    specs = builtin_backbones()
     click.echo(f"{'name':<20} {'family':<16} {'size':>5} {'min':>4} {'preprocess':<10}")
     for spec in specs:
         click.echo(f"{spec.name:<20} {spec.family:<16} {spec.default_size:>5} {spec.min_size:>4} "

@@ -7,7 +7,9 @@ how to cut it into whole blocks for "unfreeze the top N blocks".
 Registered families (Keras 3.15): ResNet50/101/152, ResNet50V2/101V2/152V2, EfficientNetB0-B7,
 EfficientNetV2B0-B3/S/M/L, MobileNet, MobileNetV2, MobileNetV3Small/Large, ConvNeXtTiny/Small/Base/Large/XLarge,
 DenseNet121/169/201, Xception, InceptionV3, InceptionResNetV2, NASNetMobile/Large, VGG16/19, and "tiny". RegNet
-is not in Keras 3's `keras.applications` (it only existed in tf.keras 2.x), so it is not offered.
+is not in Keras 3's `keras.applications` (it only existed in tf.keras 2.x), so it is not offered. Their names, sizes
+and preprocessing modes are a static table in `tftransfer.model.catalog` (readable without Keras); this module adds
+the constructors, `preprocess_input` and block rules.
 
 Blocks. Each family has name rules (regexes) that label layers with their block ("conv5_block3", "block_16",
 "block7a", "mixed9", ...). A block's output is the last labelled layer of the block, extended over trailing
@@ -25,7 +27,6 @@ blocks always trains N blocks with kernels.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 import logging
@@ -34,7 +35,7 @@ import re
 import socket
 import urllib.error
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,13 @@ from typing import Any
 import keras
 
 from tftransfer.core.errors import BackboneError
-from tftransfer.model.layers import PREPROCESS_MODES
+from tftransfer.model.catalog import (
+    BUILTIN_BACKBONES,
+    PREPROCESS_MODES,
+    BackboneEntry,
+    normalize_name,
+    unknown_backbone,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,13 +87,9 @@ _RESERVED_KWARGS = ("include_top", "weights", "input_tensor", "input_shape", "po
 _WEIGHT_SUFFIXES = (".h5", ".hdf5", ".keras")
 
 
-def _normalize_name(name: str) -> str:
-    return re.sub(r"[\s_\-]+", "", name.strip().lower())
-
-
 def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     """Adds a spec to the registry under its (normalised) name; a duplicate name is a ValueError."""
-    key = _normalize_name(spec.name)
+    key = normalize_name(spec.name)
     if key != spec.name:
         raise ValueError(f"backbone name {spec.name!r} must be lowercase without '-', '_' or spaces ({key!r})")
     if key in _REGISTRY:
@@ -106,13 +109,10 @@ def list_backbones() -> list[str]:
 
 def get_backbone_spec(name: str) -> BackboneSpec:
     """The spec for `name`, ignoring case, '-' and '_' ("MobileNet_V2" is "mobilenetv2")."""
-    key = _normalize_name(str(name))
+    key = normalize_name(str(name))
     if key in _REGISTRY:
         return _REGISTRY[key]
-    close = difflib.get_close_matches(key, list(_REGISTRY), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise BackboneError(f"unknown backbone {name!r}{hint} (`tftransfer backbones` lists all "
-                        f"{len(_REGISTRY)})")
+    raise unknown_backbone(name, _REGISTRY)
 
 
 def validate_image_size(spec: BackboneSpec, image_size: int) -> None:
@@ -494,52 +494,35 @@ def _unit_preprocess_input(x: Any) -> Any:
 # The registry
 
 
-def _register_family(family: str, module: Any, mode: str, block_fn: Callable[[keras.Model], list[Block]],
-                     models: Iterable[tuple[str, int, int]], constructor_kwargs: Mapping[str, Any] | None = None,
-                     description: str = "") -> None:
-    for attr, default_size, min_size in models:
-        register_backbone(BackboneSpec(
-            name=attr.lower(), family=family, constructor=getattr(_apps, attr), preprocess_mode=mode,
-            preprocess_input=module.preprocess_input, default_size=default_size, min_size=min_size,
-            block_fn=block_fn, constructor_kwargs=dict(constructor_kwargs or {}),
-            description=description or f"keras.applications.{attr}"))
+# Block rules per family; the names, sizes and preprocessing of each backbone are in tftransfer.model.catalog.
+_FAMILY_RULES: dict[str, Callable[[keras.Model], list[Block]]] = {
+    "resnet": _RESNET_RULES, "resnet_v2": _RESNET_RULES, "efficientnet": _EFFICIENTNET_RULES,
+    "efficientnet_v2": _EFFICIENTNET_RULES, "mobilenet": _MOBILENET_RULES, "mobilenet_v2": _MOBILENET_V2_RULES,
+    "mobilenet_v3": _MOBILENET_V3_RULES, "convnext": _CONVNEXT_RULES, "densenet": _DENSENET_RULES,
+    "xception": _XCEPTION_RULES, "inception_v3": _INCEPTION_V3_RULES,
+    "inception_resnet_v2": _INCEPTION_RESNET_V2_RULES, "nasnet": _NASNET_RULES, "vgg": _VGG_RULES,
+    "tiny": _TINY_RULES,
+}
 
 
-# min_size is the smallest square input Keras accepts with include_top=False (each builds there in the tests): 32
-# for most, 71 for Xception and 75 for the Inception family, whose stems shrink the input by valid convolutions.
-_register_family("resnet", _apps.resnet, "caffe", _RESNET_RULES,
-                 [("ResNet50", 224, 32), ("ResNet101", 224, 32), ("ResNet152", 224, 32)])
-_register_family("resnet_v2", _apps.resnet_v2, "tf", _RESNET_RULES,
-                 [("ResNet50V2", 224, 32), ("ResNet101V2", 224, 32), ("ResNet152V2", 224, 32)])
-# EfficientNet (v1) has its Rescaling/Normalization inside the model, so pixels go in unchanged.
-_register_family("efficientnet", _apps.efficientnet, "none", _EFFICIENTNET_RULES,
-                 [("EfficientNetB0", 224, 32), ("EfficientNetB1", 240, 32), ("EfficientNetB2", 260, 32),
-                  ("EfficientNetB3", 300, 32), ("EfficientNetB4", 380, 32), ("EfficientNetB5", 456, 32),
-                  ("EfficientNetB6", 528, 32), ("EfficientNetB7", 600, 32)])
-# "none" is only right while the model rescales internally, hence include_preprocessing is pinned.
-_register_family("efficientnet_v2", _apps.efficientnet_v2, "none", _EFFICIENTNET_RULES,
-                 [("EfficientNetV2B0", 224, 32), ("EfficientNetV2B1", 240, 32), ("EfficientNetV2B2", 260, 32),
-                  ("EfficientNetV2B3", 300, 32), ("EfficientNetV2S", 384, 32), ("EfficientNetV2M", 480, 32),
-                  ("EfficientNetV2L", 480, 32)], constructor_kwargs={"include_preprocessing": True})
-_register_family("mobilenet", _apps.mobilenet, "tf", _MOBILENET_RULES, [("MobileNet", 224, 32)])
-_register_family("mobilenet_v2", _apps.mobilenet_v2, "tf", _MOBILENET_V2_RULES, [("MobileNetV2", 224, 32)])
-_register_family("mobilenet_v3", _apps.mobilenet_v3, "none", _MOBILENET_V3_RULES,
-                 [("MobileNetV3Small", 224, 32), ("MobileNetV3Large", 224, 32)],
-                 constructor_kwargs={"include_preprocessing": True})
-_register_family("convnext", _apps.convnext, "none", _CONVNEXT_RULES,
-                 [("ConvNeXtTiny", 224, 32), ("ConvNeXtSmall", 224, 32), ("ConvNeXtBase", 224, 32),
-                  ("ConvNeXtLarge", 224, 32), ("ConvNeXtXLarge", 224, 32)],
-                 constructor_kwargs={"include_preprocessing": True})
-_register_family("densenet", _apps.densenet, "torch", _DENSENET_RULES,
-                 [("DenseNet121", 224, 32), ("DenseNet169", 224, 32), ("DenseNet201", 224, 32)])
-_register_family("xception", _apps.xception, "tf", _XCEPTION_RULES, [("Xception", 299, 71)])
-_register_family("inception_v3", _apps.inception_v3, "tf", _INCEPTION_V3_RULES, [("InceptionV3", 299, 75)])
-_register_family("inception_resnet_v2", _apps.inception_resnet_v2, "tf", _INCEPTION_RESNET_V2_RULES,
-                 [("InceptionResNetV2", 299, 75)])
-_register_family("nasnet", _apps.nasnet, "tf", _NASNET_RULES, [("NASNetMobile", 224, 32), ("NASNetLarge", 331, 32)])
-_register_family("vgg", _apps.vgg16, "caffe", _VGG_RULES, [("VGG16", 224, 32)])
-_register_family("vgg", _apps.vgg19, "caffe", _VGG_RULES, [("VGG19", 224, 32)])
-register_backbone(BackboneSpec(
-    name="tiny", family="tiny", constructor=build_tiny_backbone, preprocess_mode="unit",
-    preprocess_input=_unit_preprocess_input, default_size=32, min_size=8, block_fn=_TINY_RULES,
-    description="conv stem + 3 residual blocks, for tests and smoke runs (no pretrained weights)"))
+def _builtin_spec(entry: BackboneEntry) -> BackboneSpec:
+    """The spec of a catalog entry: its keras.applications constructor and preprocess_input, its family's rules."""
+    if entry.keras_name is None:  # tftransfer's own test backbone
+        constructor: Callable[..., keras.Model] = build_tiny_backbone
+        preprocess_input: Callable = _unit_preprocess_input
+    else:
+        constructor = getattr(_apps, entry.keras_name)
+        preprocess_input = getattr(_apps, entry.keras_module).preprocess_input
+    return BackboneSpec(name=entry.name, family=entry.family, constructor=constructor,
+                        preprocess_mode=entry.preprocess_mode, preprocess_input=preprocess_input,
+                        default_size=entry.default_size, min_size=entry.min_size,
+                        block_fn=_FAMILY_RULES[entry.family], constructor_kwargs=dict(entry.constructor_kwargs),
+                        description=entry.description)
+
+
+def _register_builtins() -> None:
+    for entry in BUILTIN_BACKBONES:
+        register_backbone(_builtin_spec(entry))
+
+
+_register_builtins()

@@ -6,12 +6,12 @@ from typing import Any
 
 import keras
 
+from tftransfer.model.catalog import PREPROCESS_MODES
+
 # Per-channel constants of keras.applications.imagenet_utils (RGB order for "torch", BGR for "caffe").
 _TORCH_MEAN = (0.485, 0.456, 0.406)
 _TORCH_STD = (0.229, 0.224, 0.225)
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-
-PREPROCESS_MODES = ("tf", "torch", "caffe", "unit", "none")
 
 
 @keras.saving.register_keras_serializable(package="tftransfer")
