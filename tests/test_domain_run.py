@@ -188,7 +188,8 @@ def test_adapt_writes_a_new_run_that_export_ships(fitted, tmp_path):
 
     run_dir, _ = fitted
     target = dim_target(tmp_path / "dim", flat=True)
-    result = CliRunner().invoke(main, ["adapt", str(run_dir), "--target", str(target), "--name", "colours-dim"],
+    result = CliRunner().invoke(main, ["adapt", str(run_dir), "--target", str(target), "--method", "adabn",
+                                       "--name", "colours-dim"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     adapted = run_dir.parent / "colours-dim"

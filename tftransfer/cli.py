@@ -14,7 +14,7 @@ from typing import IO, Any
 import click
 
 from tftransfer import __version__
-from tftransfer.config.experiment import ADAPT_METHODS, RECIPES, load_config
+from tftransfer.config.experiment import ADAPT_JOB_METHODS, ADAPT_METHODS, RECIPES, VALIDATOR_NAMES, load_config
 from tftransfer.core.errors import TfTransferError
 from tftransfer.core.lazy import lazy, resolve
 from tftransfer.data.probe import report_progress
@@ -313,17 +313,25 @@ def domain_command(model: Path, source: str | None, target: str | None, target_u
 @main.command("adapt")
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--target", required=True, help="Target images (labels not used): a folder, manifest, tfds:, builtin:.")
-@click.option("--method", type=click.Choice(["adabn", "adabn-aligned"]), default="adabn", show_default=True,
-              help="adabn: BatchNorm statistics of the target; adabn-aligned: target mapped onto the source's.")
+@click.option("--method", type=click.Choice(list(ADAPT_JOB_METHODS)), default=ADAPT_JOB_METHODS[0],
+              show_default=True,
+              help="auto: run the candidates and keep the one the --validator trusts (or none); adabn: target "
+                   "BatchNorm statistics; adabn-aligned: target statistics mapped onto the source's; source-only, "
+                   "mcc, cdan-e: a new head on the features (needs the run's source data); shot: source-free SHOT.")
+@click.option("--validator", type=click.Choice(list(VALIDATOR_NAMES)), default=VALIDATOR_NAMES[0], show_default=True,
+              help="Label-free score that --method auto chooses by.")
 @click.option("--name", help="Name of the new run (default: <model>-<method>), next to MODEL.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run of that name (the old one is kept aside).")
 @click.option("--max-images", type=click.IntRange(min=1), default=2000, show_default=True,
-              help="Random subsample of the target above this many images.")
+              help="Random subsample of the target (and of the source) above this many images.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subsample and of the new head.")
 @_user_errors
 @_with_probe_progress
-def adapt_command(model: Path, target: str, method: str, name: str | None, overwrite: bool, max_images: int) -> None:
+def adapt_command(model: Path, target: str, method: str, validator: str, name: str | None, overwrite: bool,
+                  max_images: int, seed: int) -> None:
     """Write MODEL (a run directory) adapted to TARGET's images as a new run that `tftransfer export` ships."""
-    out = run_adapt(model, target, method=method, name=name, overwrite=overwrite, max_images=max_images)
+    out = run_adapt(model, target, method=method, name=name, overwrite=overwrite, max_images=max_images, seed=seed,
+                    validator=validator)
     click.echo(f"adapted run: {out}\nship it with: tftransfer export {out}")
 
 

@@ -171,6 +171,11 @@ class ExportConfig:
 
 # Mirrors tftransfer.training.adaptation.methods.METHODS (config must not import TensorFlow; a test ties them).
 ADAPT_METHODS = ("none", "dann", "coral", "mmd", "pseudo-label")
+# `tftransfer adapt --method`, first the default; mirrors tftransfer.jobs.adapt's BatchNorm methods, the feature
+# methods of training.adaptation.feature_head and SHOT (a test ties them).
+ADAPT_JOB_METHODS = ("auto", "adabn", "adabn-aligned", "source-only", "mcc", "cdan-e", "shot")
+# Mirrors tftransfer.evaluation.validators.VALIDATORS, first the default.
+VALIDATOR_NAMES = ("entropy", "snd", "dev")
 
 
 @dataclass(frozen=True)

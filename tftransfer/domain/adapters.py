@@ -166,9 +166,18 @@ def _align_to_source(target: batchnorm.Moments, source: batchnorm.Moments, store
     return new_mean, np.maximum(new_var, 0.0), clipped
 
 
+def source_input_moments(model: keras.Model, images: np.ndarray, batch_size: int = 32
+                         ) -> dict[str, batchnorm.Moments]:
+    """Exact statistics of every backbone BatchNorm layer's input over source `images`, by layer name: what
+    adabn-aligned maps the target onto. A run can keep them (batchnorm.save_moments) for source-free use."""
+    layers = batchnorm.require_batchnorm(model, "AdaBN")
+    measured = batchnorm.input_moments(model, layers, batches_of(np.asarray(images, np.float32), batch_size))
+    return dict(zip((layer.name for layer in layers), measured))
+
+
 def adabn_model(model: keras.Model, images: np.ndarray, batch_size: int = 32, *,
-                source_images: np.ndarray | None = None, memory_budget_mb: float = 512.0
-                ) -> tuple[keras.Model, dict]:
+                source_images: np.ndarray | None = None, memory_budget_mb: float = 512.0,
+                source_moments: dict[str, batchnorm.Moments] | None = None) -> tuple[keras.Model, dict]:
     """A copy of `model` whose BatchNorm moving statistics are the exact statistics of the target images.
 
     Stage by stage (see batchnorm_stages): the inputs of stage-k layers are measured over all images with every
@@ -180,15 +189,12 @@ def adabn_model(model: keras.Model, images: np.ndarray, batch_size: int = 32, *,
     With `source_images`, each layer is aligned to the source instead (see _align_to_source): the head was
     trained on features made with the stored statistics, which in a fine-tuned tftransfer model are the
     backbone's pre-training (ImageNet) statistics, not the source's, so plain AdaBN also moves the source.
+    `source_moments` (from source_input_moments) stand for `source_images` when the source data is gone.
     Returns (adapted model, info). The input model is not changed.
     """
-    layers = batchnorm.require_batchnorm(model, "AdaBN")
-    source_moments = None
-    if source_images is not None:
-        source_moments = dict(zip((layer.name for layer in layers),
-                                  batchnorm.input_moments(model, layers,
-                                                          batches_of(np.asarray(source_images, np.float32),
-                                                                     batch_size))))
+    batchnorm.require_batchnorm(model, "AdaBN")
+    if source_images is not None and source_moments is None:
+        source_moments = source_input_moments(model, source_images, batch_size)
     adapted = copy_model(model)
     backbone = batchnorm.get_backbone(adapted)
     bn_layers = batchnorm.batchnorm_layers(backbone)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -156,3 +157,28 @@ def stored_moments(layer: keras.layers.BatchNormalization) -> tuple[np.ndarray, 
     """The layer's moving mean and variance as float64 arrays."""
     return (np.asarray(keras.ops.convert_to_numpy(layer.moving_mean), np.float64),
             np.asarray(keras.ops.convert_to_numpy(layer.moving_variance), np.float64))
+
+
+def save_moments(path: str | Path, moments: dict[str, Moments]) -> Path:
+    """Per-layer statistics as an .npz (layer names as keys; count, mean, m2 each), written atomically."""
+    path = Path(path)
+    arrays = {}
+    for name, acc in moments.items():
+        arrays[f"{name}/count"] = np.asarray(acc.count, np.float64)
+        arrays[f"{name}/mean"] = acc.mean
+        arrays[f"{name}/m2"] = acc.m2
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    return path
+
+
+def load_moments(path: str | Path) -> dict[str, Moments]:
+    """The statistics save_moments wrote; TfTransferError naming the file when it is not one."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            names = sorted({key.rsplit("/", 1)[0] for key in data.files})
+            return {name: Moments(float(data[f"{name}/count"]), data[f"{name}/mean"], data[f"{name}/m2"])
+                    for name in names}
+    except (OSError, ValueError, KeyError) as exc:
+        raise TfTransferError(f"{path}: not a BatchNorm statistics file ({exc})") from None

@@ -1,4 +1,5 @@
-"""targets: moved from tftransfer.jobs.domain."""
+"""A domain's images in memory for the domain report and adaptation: labeled specs, unlabeled folders, and a
+run's own source splits."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from tftransfer.core.errors import DataError
 from tftransfer.data.files import make_indexed_dataset
 from tftransfer.data.selection import align_classes, select_split
 from tftransfer.data.specs import load_source
-from tftransfer.runs.finished import FinishedRun
+from tftransfer.runs.finished import FinishedRun, load_run_source
 from tftransfer.training.adaptation.target import unlabeled_folder
 
 logger = logging.getLogger(__name__)
@@ -111,3 +112,20 @@ def load_unlabeled_domain(spec: str, run: FinishedRun, *, batch_size: int, max_i
         raise DataError(f"{what} {spec}: none of its {len(split)} images could be decoded")
     return DomainData(spec=spec, split="all", images=images, labels=None, files=[split.keys[i] for i in index],
                       skipped=skipped, listed=len(split))
+
+
+def load_source_split(run: FinishedRun, which: str, *, batch_size: int, max_images: int, seed: int
+                      ) -> DomainData | None:
+    """The run's own training data ("train" or "val" split, as split when it was fitted), labeled; None when the
+    data is no longer there or has no such split (load_run_source says why)."""
+    source = load_run_source(run.path)
+    split = getattr(source, which, None) if source is not None else None
+    if split is None or len(split) == 0:
+        return None
+    split = _cap(split, max_images, seed, f"source {which}")
+    images, index = _read_pixels(split, run.image_size, batch_size)
+    if len(images) == 0:
+        return None
+    return DomainData(spec=str(source.root), split=which, images=images,
+                      labels=np.asarray(split.labels, np.int64)[index], files=[split.keys[i] for i in index],
+                      skipped=list(source.skipped), listed=len(split))

@@ -6,6 +6,10 @@
 - `mmd_loss`: Long et al., "Learning Transferable Features with Deep Adaptation Networks", ICML 2015 (DAN, MK-MMD).
 - `prediction_entropy`: Grandvalet & Bengio, "Semi-supervised Learning by Entropy Minimization", NIPS 2004.
 - `select_pseudo_labels`: confidence-thresholded self-training, class-balanced as in Zou et al., ECCV 2018 (CBST).
+- `mcc_loss`: Jin et al., "Minimum Class Confusion for Versatile Domain Adaptation", ECCV 2020.
+- `cdan_input`, `entropy_weights`: Long et al., "Conditional Adversarial Domain Adaptation", NeurIPS 2018 (CDAN+E).
+- `information_maximization`, `centroid_pseudo_labels`: Liang et al., "Do We Really Need to Access the Source Data?
+  Source Hypothesis Transfer for Unsupervised Domain Adaptation", ICML 2020 (SHOT).
 
 Every TensorFlow function casts its inputs to float32 (so float16 / mixed-precision features do not overflow in
 covariances or squared distances), returns float32, and is safe inside `tf.function` and a Keras `train_step`.
@@ -205,3 +209,72 @@ def select_pseudo_labels(probs: np.ndarray, threshold: float, max_per_class: int
                 order = np.argsort(-confidence[members], kind="stable")
                 mask[members[order[cap:]]] = False
     return labels, mask.astype(bool)
+
+
+def mcc_loss(logits: tf.Tensor, temperature: float = 2.5) -> tf.Tensor:
+    """Minimum Class Confusion on a target batch: the off-diagonal mass of the class-correlation matrix.
+
+    Probabilities are temperature-scaled; each example is weighted by its certainty (1 + exp(-entropy), rescaled
+    to sum to the batch size); the [C, C] confusion matrix P^T W P is row-normalised, and the loss is the mean over
+    classes of its off-diagonal row mass. Zero when every example is confidently one class and classes never
+    co-occur in one prediction; it needs no discriminator, so it is stable with few steps and small batches.
+    """
+    values = tf.cast(tf.convert_to_tensor(logits), tf.float32)
+    num_classes = tf.cast(tf.shape(values)[-1], tf.float32)
+    batch = tf.cast(tf.shape(values)[0], tf.float32)
+    probs = tf.nn.softmax(values / temperature, axis=-1)
+    entropy = -tf.reduce_sum(probs * tf.math.log(probs + 1e-5), axis=-1)
+    weight = 1.0 + tf.exp(-entropy)
+    weight = tf.stop_gradient(batch * weight / tf.reduce_sum(weight))
+    confusion = tf.matmul(probs * weight[:, None], probs, transpose_a=True)
+    confusion = confusion / (tf.reduce_sum(confusion, axis=1, keepdims=True) + _EPS)
+    return (tf.reduce_sum(confusion) - tf.linalg.trace(confusion)) / num_classes
+
+
+def cdan_input(features: tf.Tensor, probs: tf.Tensor) -> tf.Tensor:
+    """CDAN's multilinear conditioning: the flattened outer product features (x) class probabilities, [N, D*C]."""
+    f = tf.cast(features, tf.float32)
+    g = tf.cast(probs, tf.float32)
+    return tf.reshape(g[:, :, None] * f[:, None, :], (-1, f.shape[-1] * g.shape[-1]))
+
+
+def entropy_weights(probs: tf.Tensor) -> tf.Tensor:
+    """CDAN+E's example weights 1 + exp(-entropy), normalised to mean 1 (no gradient): confident examples count
+    more in the domain loss, so hard-to-transfer ones do not dominate the alignment."""
+    p = tf.cast(probs, tf.float32)
+    weight = 1.0 + tf.exp(-tf.reduce_sum(-p * tf.math.log(p + 1e-5), axis=-1))
+    return tf.stop_gradient(weight / tf.reduce_mean(weight))
+
+
+def information_maximization(logits: tf.Tensor) -> tf.Tensor:
+    """SHOT's information maximisation: mean per-example entropy minus the entropy of the batch's mean
+    prediction, so each prediction is confident while the predictions as a whole stay spread over the classes."""
+    probs = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+    per_example = tf.reduce_mean(-tf.reduce_sum(probs * tf.math.log(probs + 1e-5), axis=-1))
+    mean = tf.reduce_mean(probs, axis=0)
+    diversity = -tf.reduce_sum(mean * tf.math.log(mean + 1e-5))
+    return per_example - diversity
+
+
+def centroid_pseudo_labels(features: np.ndarray, probs: np.ndarray, refinements: int = 1) -> np.ndarray:
+    """SHOT's self-supervised pseudo-labels: each target example is labeled with its nearest class centroid.
+
+    Centroids start as the probability-weighted means of the (L2-normalised) features, so they come from the
+    target domain itself and not from the source classifier's decision boundary; then `refinements` rounds of
+    hard re-assignment (k-means steps). Distances are cosine. Returns int64 [N].
+    """
+    feats = np.asarray(features, np.float64)
+    feats = feats / (np.linalg.norm(feats, axis=1, keepdims=True) + 1e-8)
+    weights = np.asarray(probs, np.float64)
+    labels = np.argmax(weights, axis=1)
+    for step in range(refinements + 1):
+        centroids = weights.T @ feats / (weights.sum(axis=0)[:, None] + 1e-8)
+        centroids /= np.linalg.norm(centroids, axis=1, keepdims=True) + 1e-8
+        labels = np.argmax(feats @ centroids.T, axis=1)
+        if step < refinements:
+            # Hard re-assignment; a class that lost every member keeps its soft centroid.
+            hard = np.eye(weights.shape[1])[labels]
+            empty = hard.sum(axis=0) == 0
+            hard[:, empty] = weights[:, empty]
+            weights = hard
+    return labels.astype(np.int64)
