@@ -239,6 +239,210 @@ def _phase_from_dict(data: dict[str, Any]) -> PhaseResult:
     return PhaseResult(**{**data, "freeze": FreezeReport(**data["freeze"])})
 
 
+@dataclass
+class _FitState:
+    """What fit_phases carries from one phase to the next."""
+
+    model: keras.Model
+    cfg: ExperimentConfig
+    data: Datasets
+    run: RunDir | None
+    jit_compile: bool
+    resume: Checkpoint | None
+    target: TargetDomain | None
+    recorder: HistoryRecorder
+    progress: Progress
+    shared: list[keras.callbacks.Callback]  # every phase's callbacks: the history, TensorBoard
+    class_weight: dict[int, float] | None
+    method: AdaptMethod | None  # one for all phases: DANN's discriminator keeps learning across them
+    epoch: int = 0  # epochs finished before the current phase, on the continuous axis
+    total_epochs: int = 0
+    augmenter: keras.Layer | None = None  # the training-step augmenter, when data.augment_in_model
+    method_restored: bool = False
+
+
+def _start_fit(model: keras.Model, cfg: ExperimentConfig, data: Datasets, run: RunDir | None, jit_compile: bool,
+               resume: Checkpoint | None, target: TargetDomain | None) -> _FitState:
+    """The history recorder (with a resumed run's rows), TensorBoard, class weights and the adaptation method."""
+    recorder = HistoryRecorder()
+    progress = Progress(recorder)
+    shared: list[keras.callbacks.Callback] = [recorder]
+    if run is not None:
+        shared.append(keras.callbacks.TensorBoard(log_dir=str(run.logs), histogram_freq=0, write_graph=False))
+    if resume is not None:
+        recorder.rows = list(resume.state.history)
+    class_weight = class_weight_for(cfg.data, data.source.train.labels, len(data.class_names))
+    if class_weight:
+        logger.info("class weights (inverse frequency): %s",
+                    ", ".join(f"{data.class_names[i]} {w:.2f}" for i, w in class_weight.items()))
+    method = build_method(cfg.adapt) if target is not None else None
+    return _FitState(model, cfg, data, run, jit_compile, resume, target, recorder, progress, shared, class_weight,
+                     method)
+
+
+_Plan = list[tuple[str, PhaseConfig, Callable[[], FreezeReport]]]
+
+
+def _phase_plan(model: keras.Model, cfg: ExperimentConfig, blocks: list[backbones.Block]) -> _Plan:
+    """The phases in order, each with what it makes trainable: the head alone, then the top blocks."""
+    finetune: FinetuneConfig = cfg.phases.finetune
+    plan: _Plan = [("head", cfg.phases.head, lambda: freeze_backbone(model))]
+    if finetune.unfreeze_blocks > 0:
+        plan.append(("finetune", finetune, lambda: unfreeze_top_blocks(model, blocks, finetune.unfreeze_blocks)))
+    else:
+        logger.info("phase finetune skipped: phases.finetune.unfreeze_blocks is 0")
+    return plan
+
+
+def _phase_inputs(state: _FitState, name: str, phase: PhaseConfig, feature_cache: FeatureCacheSpec | None,
+                  l2sp_reference: dict[int, np.ndarray] | None) -> PhaseInputs:
+    """What the phase fits: images or cached features, through the AdaptiveTrainer or the step augmenter."""
+    cfg, data, model, head = state.cfg, state.data, state.model, state.cfg.phases.head
+    if name == "head" and head.feature_cache and feature_cache is not None:
+        inputs = head_on_features(model, head, data, feature_cache, cfg.runtime.seed, state.target, cfg.data)
+    else:
+        inputs = PhaseInputs(model, data.train, data.val, data.steps_per_epoch)
+    inputs = _adaptive_inputs(name, phase, model, inputs, cfg, data, state.target, l2sp_reference,
+                              state.class_weight, state.epoch, state.total_epochs, state.method, state.augmenter)
+    return _augmenting_inputs(inputs, state.augmenter, name)
+
+
+def _augmenting_inputs(inputs: PhaseInputs, augmenter: keras.Layer | None, name: str) -> PhaseInputs:
+    """A phase on images with a step augmenter: the model wrapped in an AugmentingModel (the trainer augments in
+    its own train_step)."""
+    if augmenter is None or inputs.on_features:
+        return inputs
+    if not isinstance(inputs.model, AdaptiveTrainer):
+        inputs = replace(inputs, model=AugmentingModel(inputs.model, augmenter, name=f"augmenting_{name}"))
+    return replace(inputs, note=f"{inputs.note}; augmented in the training step")
+
+
+def _restore_method(state: _FitState) -> None:
+    """The adaptation method's weights from the checkpoint being resumed, once, before its first phase runs."""
+    if state.resume is not None and state.method is not None and not state.method_restored:
+        saved = state.resume.extra_weights()
+        if saved:
+            state.method.set_weights(saved)
+        state.method_restored = True
+
+
+def _keras_keeps_xla(inputs: PhaseInputs, name: str, jit_compile: bool) -> bool:
+    """Whether the compiled phase model still uses XLA, warning when Keras turned it off."""
+    if jit_compile and not inputs.model.jit_compile:
+        # Keras turns XLA off by itself (with only a Python warning) for a layer it marks as not compilable,
+        # e.g. the random geometry layers inside RandAugment when it runs in the step, or under determinism.
+        logger.warning("phase %s runs without XLA: Keras refused jit_compile for %s (%s)", name,
+                       inputs.model.name, _why_no_xla(inputs.model))
+        return False
+    return jit_compile
+
+
+def _resume_phase(state: _FitState, name: str, phase: PhaseConfig, inputs: PhaseInputs,
+                  best: BestWeights | None) -> int:
+    """The epoch the phase starts after: inside an interrupted phase, its optimizer and best weights come back."""
+    resume = state.resume
+    if resume is None or resume.state.phase != name or resume.state.phase_done:
+        return state.epoch
+    resume.restore_optimizer(inputs.model.optimizer, inputs.model.trainable_variables)
+    state.progress.seconds_before = resume.state.phase_seconds
+    if best is not None and resume.state.best_epoch:
+        best.best, best.best_epoch = resume.state.best_value, resume.state.best_epoch
+        best.best_weights = resume.best_weights()
+    logger.info("resuming phase %s after epoch %d of %d", name, resume.state.epoch - state.epoch, phase.epochs)
+    return resume.state.epoch
+
+
+def _phase_callbacks(state: _FitState, phase: PhaseConfig, inputs: PhaseInputs, guard: NaNGuard,
+                     best: BestWeights | None) -> list[keras.callbacks.Callback]:
+    callbacks = inputs.callbacks + state.shared + [guard] + ([best] if best else [])
+    if phase.early_stopping_patience and inputs.val is not None:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=phase.early_stopping_patience))
+    if state.run is not None and not inputs.on_features:
+        # A phase on cached features is over in seconds (saving the full model and optimizer every epoch cost
+        # two thirds of it); it is checkpointed when it ends, and a run killed inside it redoes it.
+        callbacks.append(EpochCheckpoint(state.model, state.run.checkpoints, state.progress))
+    return callbacks
+
+
+def _fit_falling_back_from_xla(state: _FitState, name: str, phase: PhaseConfig, inputs: PhaseInputs,
+                               **fit_kwargs: Any) -> bool:
+    """Fits the phase's compiled model; returns whether XLA was used in the end.
+
+    XLA cannot compile every op of every backbone; a failure before the first epoch finished has changed no
+    weights, so the phase is recompiled and restarts without XLA instead of ending the run.
+    """
+    rows_before = len(state.recorder.rows)
+    with warnings.catch_warnings():
+        # The file pipeline drops undecodable files, so its length is unknown until the first pass ends;
+        # Keras then warns that the input "ran out of data" although every epoch saw all of it.
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        for jit in ((True, False) if state.jit_compile else (False,)):
+            if state.jit_compile and not jit:  # the fallback
+                compile_inputs(inputs, phase, len(state.data.class_names), False)
+            try:
+                inputs.model.fit(inputs.train, validation_data=inputs.val, shuffle=False, **fit_kwargs)
+                return jit
+            except tf.errors.OpError as exc:
+                if not jit or len(state.recorder.rows) != rows_before:
+                    raise
+                logger.warning("XLA compilation failed in phase %s (%s: %s); continuing without XLA", name,
+                               type(exc).__name__, str(exc).splitlines()[0][:200])
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _end_phase(state: _FitState, name: str, phase: PhaseConfig, inputs: PhaseInputs, report: FreezeReport,
+               best: BestWeights | None, guard: NaNGuard, started: float,
+               evaluate_phase: Callable[[keras.Model], dict[str, Any]] | None) -> PhaseResult:
+    """The phase's result; a NaN loss is a TrainingError; with a run, the phase's final weights are saved."""
+    recorder, progress, run = state.recorder, state.progress, state.run
+    seconds = progress.seconds_before + time.perf_counter() - started
+    if guard.bad_batch is not None:
+        raise TrainingError(f"phase {name}: the loss became NaN/inf at batch {guard.bad_batch} of epoch "
+                            f"{len(recorder.rows) + 1}; lower phases.{name}.learning_rate. "
+                            + (f"The last good epoch is checkpointed in {run.checkpoints}." if run else ""))
+    epochs_run = sum(1 for row in recorder.rows if row["phase"] == name)
+    done = PhaseResult(
+        name=name, epochs_run=epochs_run, best_epoch=best.best_epoch if best else None, freeze=report,
+        learning_rate=phase.learning_rate, seconds=seconds,
+        train_images_per_second=epochs_run * state.data.train_examples / seconds if seconds > 0 else 0.0,
+        first_epoch=state.epoch + 1, val=evaluate_phase(state.model) if evaluate_phase else None)
+    state.epoch += epochs_run
+    progress.completed.append(asdict(done))
+    if run is not None:  # the phase's final weights (best restored), so a resume starts the next phase
+        progress.best = None
+        save_checkpoint(run.checkpoints, state.model, None, progress.state(state.epoch, phase_done=True),
+                        extra_weights=extra_weights(inputs.model))
+    return done
+
+
+def _run_phase(state: _FitState, name: str, phase: PhaseConfig, set_trainable: Callable[[], FreezeReport],
+               verbose: int, evaluate_phase: Callable[[keras.Model], dict[str, Any]] | None,
+               feature_cache: FeatureCacheSpec | None, l2sp_reference: dict[int, np.ndarray] | None) -> PhaseResult:
+    """One phase: make its layers trainable, build and compile what it fits, resume inside it, fit, record."""
+    report = set_trainable()
+    started = time.perf_counter()
+    inputs = _phase_inputs(state, name, phase, feature_cache, l2sp_reference)
+    _restore_method(state)
+    logger.info("phase %s: %d epochs at lr %g (%s) on %s; trainable params %s, frozen %s%s", name,
+                phase.epochs, phase.learning_rate, phase.schedule, inputs.note,
+                f"{report.trainable_params:,}", f"{report.non_trainable_params:,}",
+                f"; unfrozen blocks {report.unfrozen_blocks}" if report.unfrozen_blocks else "")
+    compile_inputs(inputs, phase, len(state.data.class_names), state.jit_compile)
+    state.jit_compile = _keras_keeps_xla(inputs, name, state.jit_compile)
+    state.recorder.phase = name
+    progress = state.progress
+    best = BestWeights() if phase.restore_best and inputs.val is not None else None
+    progress.phase, progress.phase_start, progress.started, progress.best = name, state.epoch, started, best
+    progress.seconds_before = 0.0
+    initial_epoch = _resume_phase(state, name, phase, inputs, best)
+    guard = NaNGuard()
+    state.jit_compile = _fit_falling_back_from_xla(
+        state, name, phase, inputs, initial_epoch=initial_epoch, epochs=state.epoch + phase.epochs,
+        callbacks=_phase_callbacks(state, phase, inputs, guard, best), verbose=verbose,
+        class_weight=None if isinstance(inputs.model, AdaptiveTrainer) else state.class_weight)
+    return _end_phase(state, name, phase, inputs, report, best, guard, started, evaluate_phase)
+
+
 def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks: list[backbones.Block],
                run: RunDir | None = None, jit_compile: bool = False, verbose: int = 0,
                evaluate_phase: Callable[[keras.Model], dict[str, Any]] | None = None,
@@ -253,136 +457,24 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
     With a `target` (and cfg.adapt.method) or L2-SP, phases train through the AdaptiveTrainer. When
     `data.augment_in_model`, phases on images augment inside the training step (tftransfer.training.augment_step).
     """
-    head: HeadConfig = cfg.phases.head
-    finetune: FinetuneConfig = cfg.phases.finetune
-    recorder = HistoryRecorder()
-    progress = Progress(recorder)
-    shared: list[keras.callbacks.Callback] = [recorder]
-    if run is not None:
-        shared.append(keras.callbacks.TensorBoard(log_dir=str(run.logs), histogram_freq=0, write_graph=False))
-    finished: dict[str, dict[str, Any]] = {}
-    if resume is not None:
-        recorder.rows = list(resume.state.history)
-        finished = {d["name"]: d for d in resume.state.completed}
-    result = FitPhasesResult()
-    class_weight = class_weight_for(cfg.data, data.source.train.labels, len(data.class_names))
-    if class_weight:
-        logger.info("class weights (inverse frequency): %s",
-                    ", ".join(f"{data.class_names[i]} {w:.2f}" for i, w in class_weight.items()))
-    epoch = 0
-    method = build_method(cfg.adapt) if target is not None else None  # one for all phases: DANN's discriminator
-    method_restored = False                                               # keeps learning across them
-    plan: list[tuple[str, PhaseConfig, Callable[[], FreezeReport]]] = [
-        ("head", head, lambda: freeze_backbone(model)),
-    ]
-    if finetune.unfreeze_blocks > 0:
-        plan.append(("finetune", finetune, lambda: unfreeze_top_blocks(model, blocks, finetune.unfreeze_blocks)))
-    else:
-        logger.info("phase finetune skipped: phases.finetune.unfreeze_blocks is 0")
-    total_epochs = sum(phase.epochs for _, phase, _ in plan)  # DANN's lambda ramps over the whole run
+    state = _start_fit(model, cfg, data, run, jit_compile, resume, target)
+    finished = {d["name"]: d for d in resume.state.completed} if resume is not None else {}
+    plan = _phase_plan(model, cfg, blocks)
+    state.total_epochs = sum(phase.epochs for _, phase, _ in plan)  # DANN's lambda ramps over the whole run
     # One for both phases, so its seed stream continues across them; built here, in the strategy's scope.
-    augmenter = step_augmenter(data)
+    state.augmenter = step_augmenter(data)
+    result = FitPhasesResult()
     for name, phase, set_trainable in plan:
         if phase.epochs == 0:
             logger.info("phase %s skipped: 0 epochs", name)
-            continue
-        if name in finished:  # completed before the interruption
+        elif name in finished:  # completed before the interruption
             done = _phase_from_dict(finished[name])
+            state.progress.completed.append(finished[name])
+            state.epoch = done.first_epoch - 1 + done.epochs_run
             result.phases.append(done)
-            progress.completed.append(finished[name])
-            epoch = done.first_epoch - 1 + done.epochs_run
-            continue
-        report = set_trainable()
-        started = time.perf_counter()
-        if name == "head" and head.feature_cache and feature_cache is not None:
-            inputs = head_on_features(model, head, data, feature_cache, cfg.runtime.seed, target, cfg.data)
         else:
-            inputs = PhaseInputs(model, data.train, data.val, data.steps_per_epoch)
-        inputs = _adaptive_inputs(name, phase, model, inputs, cfg, data, target, l2sp_reference, class_weight,
-                                  epoch, total_epochs, method, augmenter)
-        if augmenter is not None and not inputs.on_features:
-            if not isinstance(inputs.model, AdaptiveTrainer):  # the trainer augments in its own train_step
-                inputs = replace(inputs, model=AugmentingModel(inputs.model, augmenter, name=f"augmenting_{name}"))
-            inputs = replace(inputs, note=f"{inputs.note}; augmented in the training step")
-        if resume is not None and method is not None and not method_restored:
-            saved = resume.extra_weights()
-            if saved:
-                method.set_weights(saved)
-            method_restored = True
-        fit_class_weight = None if isinstance(inputs.model, AdaptiveTrainer) else class_weight
-        logger.info("phase %s: %d epochs at lr %g (%s) on %s; trainable params %s, frozen %s%s", name,
-                    phase.epochs, phase.learning_rate, phase.schedule, inputs.note,
-                    f"{report.trainable_params:,}", f"{report.non_trainable_params:,}",
-                    f"; unfrozen blocks {report.unfrozen_blocks}" if report.unfrozen_blocks else "")
-        compile_inputs(inputs, phase, len(data.class_names), jit_compile)
-        if jit_compile and not inputs.model.jit_compile:
-            # Keras turns XLA off by itself (with only a Python warning) for a layer it marks as not compilable,
-            # e.g. the random geometry layers inside RandAugment when it runs in the step, or under determinism.
-            logger.warning("phase %s runs without XLA: Keras refused jit_compile for %s (%s)", name,
-                           inputs.model.name, _why_no_xla(inputs.model))
-            jit_compile = False
-        recorder.phase = name
-        has_val = inputs.val is not None
-        best = BestWeights() if phase.restore_best and has_val else None
-        progress.phase, progress.phase_start, progress.started, progress.best = name, epoch, started, best
-        progress.seconds_before = 0.0
-        initial_epoch = epoch
-        if resume is not None and resume.state.phase == name and not resume.state.phase_done:
-            initial_epoch = resume.state.epoch
-            resume.restore_optimizer(inputs.model.optimizer, inputs.model.trainable_variables)
-            progress.seconds_before = resume.state.phase_seconds
-            if best is not None and resume.state.best_epoch:
-                best.best, best.best_epoch = resume.state.best_value, resume.state.best_epoch
-                best.best_weights = resume.best_weights()
-            logger.info("resuming phase %s after epoch %d of %d", name, initial_epoch - epoch, phase.epochs)
-        guard = NaNGuard()
-        callbacks = inputs.callbacks + shared + [guard] + ([best] if best else [])
-        if phase.early_stopping_patience and has_val:
-            callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss",
-                                                           patience=phase.early_stopping_patience))
-        if run is not None and not inputs.on_features:
-            # A phase on cached features is over in seconds (saving the full model and optimizer every epoch cost
-            # two thirds of it); it is checkpointed when it ends, and a run killed inside it redoes it.
-            callbacks.append(EpochCheckpoint(model, run.checkpoints, progress))
-        with warnings.catch_warnings():
-            # The file pipeline drops undecodable files, so its length is unknown until the first pass ends;
-            # Keras then warns that the input "ran out of data" although every epoch saw all of it.
-            warnings.filterwarnings("ignore", message="Your input ran out of data")
-            rows_before = len(recorder.rows)
-            try:
-                inputs.model.fit(inputs.train, validation_data=inputs.val, initial_epoch=initial_epoch,
-                                 epochs=epoch + phase.epochs, shuffle=False, callbacks=callbacks, verbose=verbose,
-                                 class_weight=fit_class_weight)
-            except tf.errors.OpError as exc:
-                # XLA cannot compile every op of every backbone; a failure before the first epoch finished has
-                # changed no weights, so the phase restarts without XLA instead of ending the run.
-                if not jit_compile or len(recorder.rows) != rows_before:
-                    raise
-                logger.warning("XLA compilation failed in phase %s (%s: %s); continuing without XLA", name,
-                               type(exc).__name__, str(exc).splitlines()[0][:200])
-                jit_compile = False
-                compile_inputs(inputs, phase, len(data.class_names), False)
-                inputs.model.fit(inputs.train, validation_data=inputs.val, initial_epoch=initial_epoch,
-                                 epochs=epoch + phase.epochs, shuffle=False, callbacks=callbacks, verbose=verbose,
-                                 class_weight=fit_class_weight)
-        result.jit_compile = jit_compile
-        seconds = progress.seconds_before + time.perf_counter() - started
-        if guard.bad_batch is not None:
-            raise TrainingError(f"phase {name}: the loss became NaN/inf at batch {guard.bad_batch} of epoch "
-                                f"{len(recorder.rows) + 1}; lower phases.{name}.learning_rate. "
-                                + (f"The last good epoch is checkpointed in {run.checkpoints}." if run else ""))
-        epochs_run = sum(1 for row in recorder.rows if row["phase"] == name)
-        done = PhaseResult(
-            name=name, epochs_run=epochs_run, best_epoch=best.best_epoch if best else None, freeze=report,
-            learning_rate=phase.learning_rate, seconds=seconds,
-            train_images_per_second=epochs_run * data.train_examples / seconds if seconds > 0 else 0.0,
-            first_epoch=epoch + 1, val=evaluate_phase(model) if evaluate_phase else None)
-        result.phases.append(done)
-        epoch += epochs_run
-        progress.completed.append(asdict(done))
-        if run is not None:  # the phase's final weights (best restored), so a resume starts the next phase
-            progress.best = None
-            save_checkpoint(run.checkpoints, model, None, progress.state(epoch, phase_done=True),
-                            extra_weights=extra_weights(inputs.model))
-    result.history = recorder.rows
+            result.phases.append(_run_phase(state, name, phase, set_trainable, verbose, evaluate_phase,
+                                            feature_cache, l2sp_reference))
+            result.jit_compile = state.jit_compile
+    result.history = state.recorder.rows
     return result
