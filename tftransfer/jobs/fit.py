@@ -7,6 +7,7 @@ import math
 import platform
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -163,23 +164,8 @@ def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int 
         cfg, checkpoint = _resume_point(Path(resume))
     assert cfg is not None
     exp = prepare_experiment(cfg)
-    cfg, spec, source, info, blocks, data, model = (exp.cfg, exp.spec, exp.source, exp.info, exp.blocks, exp.data,
-                                                    exp.model)
-    image_size = exp.image_size
-
-    if checkpoint is not None:
-        run = RunDir(Path(resume))  # type: ignore[arg-type]
-        _check_same_data(run, source)
-    else:
-        run = create_run_dir(cfg.runs_dir, cfg.name, overwrite=overwrite)
-        save_config(cfg, run.config)
-        write_json(run.split, source.split_record())
-    write_json(run.path / "runtime.json", {**info.to_dict(), "augment_placement": exp.data.augment_placement})
-    run.labels.write_text("\n".join(source.class_names) + "\n")
-    if source.skipped:
-        run.skipped.write_text("".join(f"{path}\t{why}\n" for path, why in source.skipped))
-        logger.warning("skipped %d bad files; listed in %s", len(source.skipped), run.skipped)
-    tensorboard_hparams(run.logs, cfg)
+    cfg, source, data, model = exp.cfg, exp.source, exp.data, exp.model
+    run = _open_run(exp, Path(resume) if resume is not None else None, overwrite)
     evaluate_val = None
     if data.val is not None:
         def evaluate_val(m: keras.Model) -> dict[str, Any]:
@@ -190,60 +176,99 @@ def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int 
         # from an uninterrupted run (tf.data iterator state is not checkpointed).
         keras.utils.set_random_seed(cfg.runtime.seed + checkpoint.state.epoch)
         logger.info("resuming %s from %s (%d epochs done)", run.path, checkpoint.path.name, checkpoint.state.epoch)
-    try:
-        with info.scope():
-            fitted = fit_phases(model, cfg, data, blocks, run=run, jit_compile=info.jit_compile, verbose=verbose,
-                                evaluate_phase=evaluate_val, feature_cache=feature_cache_spec(cfg, spec, image_size),
-                                resume=checkpoint, target=exp.target, l2sp_reference=exp.l2sp_reference)
-    except KeyboardInterrupt:
-        raise TrainingError(f"interrupted. Every finished epoch is checkpointed in {run.checkpoints}; continue with: "
-                            f"tftransfer fit --resume {run.path}") from None
+    fitted = _train(exp, run, checkpoint, evaluate_val, verbose)
     write_json(run.history, fitted.history)
     model.save(run.model)
 
-    phase_entries = [_phase_entry(phase, phase.val) for phase in fitted.phases]
     final_val = fitted.phases[-1].val if fitted.phases else None
     if final_val is None and evaluate_val is not None:
         final_val = evaluate_val(model)
-
-    export_entry = None
-    export_dir = None
-    if cfg.export.enabled:
-        export_dir = export_saved_model(model, Path(cfg.export.dir) / cfg.name, source.class_names,
-                                               image_size, top_k=cfg.export.top_k,
-                                               model_card=build_model_card(run.path, val_metrics=final_val))
-        parity_data = data.val if data.val is not None else data.train
-        diff = check_parity(model, export_dir, take_pixels(parity_data, 256))
-        export_entry = {"path": str(export_dir), "version": int(export_dir.name), "parity_max_abs_diff": diff,
-                        "parity_tolerance": cfg.export.parity_tolerance,
-                        "parity_ok": bool(diff <= cfg.export.parity_tolerance)}
-        if not export_entry["parity_ok"]:
-            logger.error("exported model disagrees with the Keras model: max abs diff %.2e > %.0e", diff,
-                         cfg.export.parity_tolerance)
-
-    metrics = {
-        "schema_version": 1,
-        "run": {"name": cfg.name, "backbone": spec.name, "weights": cfg.model.weights, "image_size": image_size,
-                "num_classes": len(source.class_names), "class_names": source.class_names,
-                "train_examples": len(source.train), "val_examples": data.val_examples,
-                "skipped_files": len(source.skipped), "split": source.split_method,
-                "run_dir": str(run.path), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "tftransfer_version": tftransfer.__version__, "tensorflow_version": tf.__version__,
-                "keras_version": keras.__version__, "python_version": platform.python_version(),
-                "runtime": {**info.to_dict(), "jit_compile": fitted.jit_compile,
-                            "augment_placement": exp.data.augment_placement}},
-        "phases": phase_entries,
-        "final": {"val": final_val,
-                  "eval_images_per_second": final_val.get("images_per_second") if final_val else None},
-        "export": export_entry,
-        "timings": {"total_seconds": time.perf_counter() - started},
-    }
+    export_dir, export_entry = _export(exp, run, final_val)
+    metrics = _fit_metrics(exp, run, fitted, final_val, export_entry, started)
     if exp.target is not None:
         metrics["adapt"] = adaptation_summary(model, cfg, exp.target, data, fitted.history)
     _write_plots(report, run, fitted, final_val)
     write_json(run.metrics, metrics)
     report.write_summary(metrics, run.path)
     return FitResult(run_dir=run.path, metrics=metrics, export_dir=export_dir, model=model)
+
+
+def _open_run(exp: Experiment, resumed: Path | None, overwrite: bool) -> RunDir:
+    """The run directory: a new one with the config and split, or the `resumed` one (checked to see the same data),
+    with the runtime, labels, skipped files and TensorBoard hparams written."""
+    cfg, source = exp.cfg, exp.source
+    if resumed is not None:
+        run = RunDir(resumed)
+        _check_same_data(run, source)
+    else:
+        run = create_run_dir(cfg.runs_dir, cfg.name, overwrite=overwrite)
+        save_config(cfg, run.config)
+        write_json(run.split, source.split_record())
+    write_json(run.path / "runtime.json", {**exp.info.to_dict(), "augment_placement": exp.data.augment_placement})
+    run.labels.write_text("\n".join(source.class_names) + "\n")
+    if source.skipped:
+        run.skipped.write_text("".join(f"{path}\t{why}\n" for path, why in source.skipped))
+        logger.warning("skipped %d bad files; listed in %s", len(source.skipped), run.skipped)
+    tensorboard_hparams(run.logs, cfg)
+    return run
+
+
+def _train(exp: Experiment, run: RunDir, checkpoint: Checkpoint | None,
+           evaluate_val: Callable[[keras.Model], dict[str, Any]] | None, verbose: int) -> FitPhasesResult:
+    """Both phases in the runtime's scope; Ctrl-C says how to resume."""
+    cfg = exp.cfg
+    try:
+        with exp.info.scope():
+            return fit_phases(exp.model, cfg, exp.data, exp.blocks, run=run, jit_compile=exp.info.jit_compile,
+                              verbose=verbose, evaluate_phase=evaluate_val,
+                              feature_cache=feature_cache_spec(cfg, exp.spec, exp.image_size), resume=checkpoint,
+                              target=exp.target, l2sp_reference=exp.l2sp_reference)
+    except KeyboardInterrupt:
+        raise TrainingError(f"interrupted. Every finished epoch is checkpointed in {run.checkpoints}; continue with: "
+                            f"tftransfer fit --resume {run.path}") from None
+
+
+def _export(exp: Experiment, run: RunDir, final_val: dict | None) -> tuple[Path | None, dict[str, Any] | None]:
+    """With export.enabled, the SavedModel and its parity check against the Keras model: (its folder, metrics entry)."""
+    cfg, model, source, data = exp.cfg, exp.model, exp.source, exp.data
+    if not cfg.export.enabled:
+        return None, None
+    export_dir = export_saved_model(model, Path(cfg.export.dir) / cfg.name, source.class_names,
+                                    exp.image_size, top_k=cfg.export.top_k,
+                                    model_card=build_model_card(run.path, val_metrics=final_val))
+    parity_data = data.val if data.val is not None else data.train
+    diff = check_parity(model, export_dir, take_pixels(parity_data, 256))
+    export_entry = {"path": str(export_dir), "version": int(export_dir.name), "parity_max_abs_diff": diff,
+                    "parity_tolerance": cfg.export.parity_tolerance,
+                    "parity_ok": bool(diff <= cfg.export.parity_tolerance)}
+    if not export_entry["parity_ok"]:
+        logger.error("exported model disagrees with the Keras model: max abs diff %.2e > %.0e", diff,
+                     cfg.export.parity_tolerance)
+    return export_dir, export_entry
+
+
+def _fit_metrics(exp: Experiment, run: RunDir, fitted: FitPhasesResult, final_val: dict | None,
+                 export_entry: dict[str, Any] | None, started: float) -> dict[str, Any]:
+    """metrics.json without the adaptation part: the run, its phases, the final validation and the export."""
+    cfg, source, info = exp.cfg, exp.source, exp.info
+    return {
+        "schema_version": 1,
+        "run": {"name": cfg.name, "backbone": exp.spec.name, "weights": cfg.model.weights,
+                "image_size": exp.image_size, "num_classes": len(source.class_names),
+                "class_names": source.class_names, "train_examples": len(source.train),
+                "val_examples": exp.data.val_examples, "skipped_files": len(source.skipped),
+                "split": source.split_method, "run_dir": str(run.path),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "tftransfer_version": tftransfer.__version__, "tensorflow_version": tf.__version__,
+                "keras_version": keras.__version__, "python_version": platform.python_version(),
+                "runtime": {**info.to_dict(), "jit_compile": fitted.jit_compile,
+                            "augment_placement": exp.data.augment_placement}},
+        "phases": [_phase_entry(phase, phase.val) for phase in fitted.phases],
+        "final": {"val": final_val,
+                  "eval_images_per_second": final_val.get("images_per_second") if final_val else None},
+        "export": export_entry,
+        "timings": {"total_seconds": time.perf_counter() - started},
+    }
 
 
 def adaptation_summary(model: keras.Model, cfg: ExperimentConfig, target: TargetDomain, data: Datasets,
