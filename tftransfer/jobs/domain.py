@@ -184,14 +184,7 @@ def run_domain(model: str | Path, source: str | None = None, target: str | None 
     timings: dict[str, float] = {}
     corruption_names = corruptions_mod.resolve_corruptions(corruptions) if corruptions else []
     methods = adapters_mod.resolve_adapters(adapt) if adapt else []
-    bad = [s for s in severities if s not in corruptions_mod.SEVERITIES]
-    if bad or any(s not in severities for s in adapt_severities):
-        raise DataError(f"severities must be among {list(corruptions_mod.SEVERITIES)} (adapt severities among the "
-                        f"evaluated ones); got {list(severities)} / {list(adapt_severities)}")
-    if target is None and not corruption_names:
-        raise DataError("nothing to measure: give a target (--target) and/or corruptions (--corruptions all)")
-    if methods and target is None and not adapt_severities:
-        raise DataError("adaptation needs target images: give --target, or adapt severities for corrupted source")
+    _check_request(target, corruption_names, methods, severities, adapt_severities)
 
     run = load_run(model)
     if methods:
@@ -204,66 +197,20 @@ def run_domain(model: str | Path, source: str | None = None, target: str | None 
         raise DataError(f"no source data: {run.path}/config.yaml names none; pass --source")
 
     t0 = time.perf_counter()
-    try:
-        src = load_labeled_domain(source_spec, run, held_out=True, batch_size=batch_size, max_images=max_images,
-                                  seed=seed, what="source")
-    except DataError as exc:
-        if source:
-            raise
-        raise DataError(f"{exc} (the run's own data, from its config.yaml; pass --source)") from None
-    tgt = None
-    if target is not None:
-        if target_unlabeled:
-            tgt = load_unlabeled_domain(target, run, batch_size=batch_size, max_images=max_images, seed=seed)
-        else:
-            tgt = load_labeled_domain(target, run, held_out=False, batch_size=batch_size, max_images=max_images,
-                                      seed=seed, what="target")
-        if len(tgt.images) <= batch_size:
-            raise DataError(f"target {target}: {len(tgt.images)} usable images make fewer than 2 batches of "
-                            f"{batch_size}; the shift measures and adaptation need more images (or a smaller "
-                            "--batch-size)")
+    src = _load_source(run, source_spec, source is not None, batch_size, max_images, seed)
+    tgt = _load_target(run, target, target_unlabeled, batch_size, max_images, seed) if target is not None else None
     timings["load_data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     src_feat, src_probs = features_and_probs(run.model, src.images, batch_size)
-
-    names = run.class_names
-    src_metrics = classification_metrics(src.labels, src_probs, names)
-    report: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "model": {"run_dir": str(run.path), "image_size": run.image_size, "class_names": names,
-                  "num_classes": len(names), "batch_size": batch_size, "seed": seed},
-        "source": {"data": source_spec, "split": src.split, "examples": int(len(src.images)),
-                   "skipped_files": len(src.skipped), "metrics": src_metrics,
-                   "signals": shift.prediction_signals(src_probs, names)},
-    }
-    tgt_feat = tgt_probs = tgt_metrics = None
+    report = _report_head(run, src, source_spec, src_probs, batch_size, seed)
+    tgt_feat = tgt_probs = None
     if tgt is not None:
         tgt_feat, tgt_probs = features_and_probs(run.model, tgt.images, batch_size)
         timings["features"] = time.perf_counter() - t0
-        report["target"] = {"data": target, "labeled": tgt.labeled, "split": tgt.split,
-                            "examples": int(len(tgt.images)), "skipped_files": len(tgt.skipped),
-                            "signals": shift.prediction_signals(tgt_probs, names, reference_probs=src_probs)}
-        if tgt.labeled:
-            tgt_metrics = classification_metrics(tgt.labels, tgt_probs, names)
-            report["target"]["metrics"] = tgt_metrics
-            report["drop"] = _drop(src_metrics, tgt_metrics, names)
-        t0 = time.perf_counter()
-        report["shift"] = shift.feature_shift(src_feat, tgt_feat, folds=folds, permutations=permutations, seed=seed)
-        timings["shift"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-
-        if batchnorm_layers(get_backbone(run.model)):
-            report["batchnorm_drift"] = shift.batchnorm_drift(run.model, batches_of(tgt.images, batch_size),
-                                                              batches_of(src.images, batch_size))
-        timings["batchnorm_drift"] = time.perf_counter() - t0
-        if methods:
-            t0 = time.perf_counter()
-            report["adaptation"] = _adaptation(
-                run, methods, tgt, src, tgt_probs, src_probs,
-                _labeled_summary(tgt_metrics) if tgt_metrics else None, _labeled_summary(src_metrics), batch_size,
-                seed, self_check)
-            timings["adaptation"] = time.perf_counter() - t0
+        report.update(_target_sections(run, target, tgt, tgt_feat, tgt_probs, src, src_feat, src_probs,
+                                       report["source"]["metrics"], methods, batch_size, seed, folds, permutations,
+                                       self_check, timings))
     if corruption_names:
         t0 = time.perf_counter()
         report["corruptions"] = _corruption_suite(run, src, corruption_names, list(severities), batch_size, seed,
@@ -271,6 +218,101 @@ def run_domain(model: str | Path, source: str | None = None, target: str | None 
         timings["corruptions"] = time.perf_counter() - t0
 
     out = Path(out_dir) if out_dir is not None else run.path / "domain"
+    _write_report(report, out, src, tgt, src_feat, tgt_feat, tgt_probs, tsne, seed, timings, started)
+    return DomainResult(out_dir=out, report=report)
+
+
+def _check_request(target: str | None, corruption_names: Sequence[str], methods: Sequence[str],
+                   severities: Sequence[int], adapt_severities: Sequence[int]) -> None:
+    """A DataError for a request that cannot run, before anything is loaded."""
+    bad = [s for s in severities if s not in corruptions_mod.SEVERITIES]
+    if bad or any(s not in severities for s in adapt_severities):
+        raise DataError(f"severities must be among {list(corruptions_mod.SEVERITIES)} (adapt severities among the "
+                        f"evaluated ones); got {list(severities)} / {list(adapt_severities)}")
+    if target is None and not corruption_names:
+        raise DataError("nothing to measure: give a target (--target) and/or corruptions (--corruptions all)")
+    if methods and target is None and not adapt_severities:
+        raise DataError("adaptation needs target images: give --target, or adapt severities for corrupted source")
+
+
+def _load_source(run: FinishedRun, source_spec: str, given: bool, batch_size: int, max_images: int,
+                 seed: int) -> DomainData:
+    """The labeled source images (the held-out split); when not `given`, an error names the run's config."""
+    try:
+        return load_labeled_domain(source_spec, run, held_out=True, batch_size=batch_size, max_images=max_images,
+                                   seed=seed, what="source")
+    except DataError as exc:
+        if given:
+            raise
+        raise DataError(f"{exc} (the run's own data, from its config.yaml; pass --source)") from None
+
+
+def _load_target(run: FinishedRun, target: str, unlabeled: bool, batch_size: int, max_images: int,
+                 seed: int) -> DomainData:
+    """The target images, labeled or not; at least two batches of them."""
+    if unlabeled:
+        tgt = load_unlabeled_domain(target, run, batch_size=batch_size, max_images=max_images, seed=seed)
+    else:
+        tgt = load_labeled_domain(target, run, held_out=False, batch_size=batch_size, max_images=max_images,
+                                  seed=seed, what="target")
+    if len(tgt.images) <= batch_size:
+        raise DataError(f"target {target}: {len(tgt.images)} usable images make fewer than 2 batches of "
+                        f"{batch_size}; the shift measures and adaptation need more images (or a smaller "
+                        "--batch-size)")
+    return tgt
+
+
+def _report_head(run: FinishedRun, src: DomainData, source_spec: str, src_probs: np.ndarray, batch_size: int,
+                 seed: int) -> dict[str, Any]:
+    """domain.json's model and source sections."""
+    names = run.class_names
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": {"run_dir": str(run.path), "image_size": run.image_size, "class_names": names,
+                  "num_classes": len(names), "batch_size": batch_size, "seed": seed},
+        "source": {"data": source_spec, "split": src.split, "examples": int(len(src.images)),
+                   "skipped_files": len(src.skipped), "metrics": classification_metrics(src.labels, src_probs, names),
+                   "signals": shift.prediction_signals(src_probs, names)},
+    }
+
+
+def _target_sections(run: FinishedRun, target: str, tgt: DomainData, tgt_feat: np.ndarray, tgt_probs: np.ndarray,
+                     src: DomainData, src_feat: np.ndarray, src_probs: np.ndarray, src_metrics: dict[str, Any],
+                     methods: Sequence[str], batch_size: int, seed: int, folds: int, permutations: int,
+                     self_check: bool, timings: dict[str, float]) -> dict[str, Any]:
+    """domain.json's target, drop, shift, batchnorm_drift and adaptation sections; their timings go in `timings`."""
+    names = run.class_names
+    sections: dict[str, Any] = {
+        "target": {"data": target, "labeled": tgt.labeled, "split": tgt.split, "examples": int(len(tgt.images)),
+                   "skipped_files": len(tgt.skipped),
+                   "signals": shift.prediction_signals(tgt_probs, names, reference_probs=src_probs)}}
+    tgt_metrics = None
+    if tgt.labeled:
+        tgt_metrics = classification_metrics(tgt.labels, tgt_probs, names)
+        sections["target"]["metrics"] = tgt_metrics
+        sections["drop"] = _drop(src_metrics, tgt_metrics, names)
+    t0 = time.perf_counter()
+    sections["shift"] = shift.feature_shift(src_feat, tgt_feat, folds=folds, permutations=permutations, seed=seed)
+    timings["shift"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+
+    if batchnorm_layers(get_backbone(run.model)):
+        sections["batchnorm_drift"] = shift.batchnorm_drift(run.model, batches_of(tgt.images, batch_size),
+                                                            batches_of(src.images, batch_size))
+    timings["batchnorm_drift"] = time.perf_counter() - t0
+    if methods:
+        t0 = time.perf_counter()
+        sections["adaptation"] = _adaptation(
+            run, methods, tgt, src, tgt_probs, src_probs, _labeled_summary(tgt_metrics) if tgt_metrics else None,
+            _labeled_summary(src_metrics), batch_size, seed, self_check)
+        timings["adaptation"] = time.perf_counter() - t0
+    return sections
+
+
+def _write_report(report: dict[str, Any], out: Path, src: DomainData, tgt: DomainData | None,
+                  src_feat: np.ndarray, tgt_feat: np.ndarray | None, tgt_probs: np.ndarray | None, tsne: bool,
+                  seed: int, timings: dict[str, float], started: float) -> None:
+    """The plots, domain.json (with the timings) and domain.md in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     maps = _feature_map(src_feat, tgt_feat, tsne, seed)
@@ -284,4 +326,3 @@ def run_domain(model: str | Path, source: str | None = None, target: str | None 
     write_json(out / report_mod.DOMAIN_JSON, report)
     report_mod.write_markdown(report, out)
     logger.info("domain report: %s (%.0f s)", out / report_mod.DOMAIN_MD, timings["total"])
-    return DomainResult(out_dir=out, report=report)
