@@ -14,6 +14,7 @@ import io
 import json
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -300,10 +301,8 @@ def inspect_data(spec: str, *, val_split: float | None = None, test_split: float
     return report
 
 
-def format_report(report: dict[str, Any]) -> str:
-    """The report as text for people (the JSON has everything, including the full lists)."""
-    out = io.StringIO()
-    w = lambda line="": out.write(line + "\n")  # noqa: E731
+def _write_counts(report: dict[str, Any], w: Callable[..., Any]) -> None:
+    """format_report's header, per-class and per-split table, imbalance and image sizes."""
     counts = report["counts"]
     w(f"data: {report['source']}  ({report['split_method']})")
     domains = f", domains: {', '.join(report['domains'])}" if report["domains"] else ""
@@ -324,7 +323,10 @@ def format_report(report: dict[str, Any]) -> str:
     if size["width"]:
         w("image size  width {min}/{median:g}/{max}  height ".format(**size["width"])
           + "{min}/{median:g}/{max}  (min/median/max px)".format(**size["height"]))
-    files = report["files"]
+
+
+def _write_files(files: dict[str, Any], w: Callable[..., Any]) -> None:
+    """format_report's file checks: formats, EXIF, unreadable, mismatched, small, rare and flat images."""
     w("formats: " + ", ".join(f"{k} {v}" for k, v in files["formats"].items())
       + "   modes: " + ", ".join(f"{k} {v}" for k, v in files["modes"].items()))
     w(f"EXIF-rotated JPEGs (decoded upright): {files['exif_rotated']['count']}")
@@ -344,6 +346,14 @@ def format_report(report: dict[str, Any]) -> str:
         w(f"  rare format: {item['path']} ({item['format']})")
     for item in files["low_colour"]:
         w(f"  flat graphic among photos: {item['path']} ({item['colours']} colours in a 64x64 sample)")
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as text for people (the JSON has everything, including the full lists)."""
+    out = io.StringIO()
+    w = lambda line="": out.write(line + "\n")  # noqa: E731
+    _write_counts(report, w)
+    _write_files(report["files"], w)
     dup = report["duplicates"]
     w(f"exact duplicates (sha256): {dup['groups']} groups, {dup['files']} files, {dup['cross_class_groups']} across "
       f"classes, {dup['cross_split_groups']} across splits")

@@ -189,6 +189,9 @@ def _stored(split: Split, image_size: int, order: tf.data.Dataset, batch_size: i
     early costs the next one a full decode, as with tf.data's cache); after that, epochs only read rows. A file
     that fails to decode is skipped by the ignore_errors safety net, its row stays unwritten, and reading epochs
     skip it too.
+
+    One function (about 70 lines, most of them comments): the nested functions close over the same four store
+    variables and the filling dataset, which is built once here; split apart, they would only pass those around.
     """
     n = len(split)
     load = _loader(split, image_size)

@@ -136,6 +136,12 @@ def _top_k_accuracy(y: np.ndarray, p: np.ndarray, k: int) -> float:
     return float(np.mean(np.any(order == y[:, None], axis=1)))
 
 
+def _per_class(names: Sequence[str], precision: np.ndarray, recall: np.ndarray, f1: np.ndarray,
+               support: np.ndarray) -> dict[str, dict[str, float | int]]:
+    return {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                   "support": int(support[i])} for i, name in enumerate(names)}
+
+
 def classification_metrics(
     y_true: np.ndarray,
     probs: np.ndarray,
@@ -185,15 +191,7 @@ def classification_metrics(
         "log_loss": log_loss,
         "ece": curve["ece"],
         "mean_confidence": float(np.mean(p.max(axis=1))),
-        "per_class": {
-            name: {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "support": int(support[i]),
-            }
-            for i, name in enumerate(names)
-        },
+        "per_class": _per_class(names, precision, recall, f1, support),
         "confusion_matrix": confusion_matrix(y, y_pred, labels=labels).astype(int).tolist(),
         "class_names": names,
         "reliability": curve,

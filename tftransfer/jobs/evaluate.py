@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -149,9 +150,6 @@ def run_evaluation(model: str | Path, data: str, *, split: str = "auto", output:
     `output` (default `default_evaluation_dir`), and for a run directory the plots as TensorBoard images under
     <run>/logs/eval/<data>-<split>.
     """
-    import keras
-
-
     started = time.perf_counter()
     classifier = load_classifier(model, image_size=image_size, batch_size=batch_size)
     source = load_evaluation_source(data, split, classifier, val_split, test_split, tfds_data_dir)
@@ -174,7 +172,21 @@ def run_evaluation(model: str | Path, data: str, *, split: str = "auto", output:
     calibration = _calibration(classifier, y, probs, source.root, examples, batch_size, ece_bins) \
         if temperature else None
 
-    result = {
+    result = _evaluation_record(classifier, data, source, split_name, examples, y, probs, files, metrics,
+                                calibration, batch_size, seconds, latency, mistakes)
+    _write_evaluation(result, out, classifier, label, started)
+    logger.info("accuracy %.4f, macro-F1 %.4f, ECE %.4f on %d images (%.1f images/s); wrote %s",
+                metrics["accuracy"], metrics["macro_f1"], metrics["ece"], len(y),
+                result["timing"]["images_per_second"] or 0.0, out)
+    return EvaluationResult(out, result)
+
+
+def _evaluation_record(classifier: Classifier, data: str, source: DataSource, split_name: str, examples: Split,
+                       y: np.ndarray, probs: np.ndarray, files: list[str], metrics: dict[str, Any],
+                       calibration: dict[str, Any] | None, batch_size: int, seconds: float, latency: Any,
+                       mistakes: int) -> dict[str, Any]:
+    """The evaluation's metrics.json, without its total time."""
+    return {
         "schema_version": EVALUATION_SCHEMA_VERSION,
         "kind": EVALUATION_KIND,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -193,6 +205,11 @@ def run_evaluation(model: str | Path, data: str, *, split: str = "auto", output:
         "mistakes": confident_mistakes(y, probs, files, classifier.class_names, n=mistakes),
         "versions": {"tftransfer": tftransfer.__version__, "tensorflow": tf.__version__, "keras": keras.__version__},
     }
+
+
+def _write_evaluation(result: dict[str, Any], out: Path, classifier: Classifier, label: str, started: float) -> None:
+    """Plots, metrics.json and summary.md in `out`; for a run directory, the plots as TensorBoard images too."""
+    metrics = result["metrics"]
     out.mkdir(parents=True, exist_ok=True)
     _write_evaluation_plots(report, out, metrics)
     result["timing"]["total_seconds"] = time.perf_counter() - started
@@ -205,10 +222,6 @@ def run_evaluation(model: str | Path, data: str, *, split: str = "auto", output:
              if (out / name).is_file()},
             scalars={"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "ece": metrics["ece"],
                      "log_loss": metrics["log_loss"]})
-    logger.info("accuracy %.4f, macro-F1 %.4f, ECE %.4f on %d images (%.1f images/s); wrote %s",
-                metrics["accuracy"], metrics["macro_f1"], metrics["ece"], len(y),
-                result["timing"]["images_per_second"] or 0.0, out)
-    return EvaluationResult(out, result)
 
 
 def _write_evaluation_plots(report: Any, out: Path, metrics: dict[str, Any]) -> None:

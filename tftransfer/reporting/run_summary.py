@@ -570,11 +570,8 @@ def plot_confusion_matrix(
     return save_figure(fig, path)
 
 
-def plot_reliability_diagram(curve: Mapping[str, Any], path: Path) -> Path:
-    """Saves a reliability diagram from `evaluate.reliability_curve` output: per-bin accuracy vs. confidence.
-
-    The diagonal is perfect calibration; a lower panel shows how many examples each bin holds.
-    """
+def _reliability_bins(curve: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, list, list, list[int], Any]:
+    """A reliability curve's counts, edges, confidence and accuracy per bin, the non-empty bins, and its ECE."""
     try:
         counts = np.asarray(curve["count"], dtype=np.int64)
         bins = int(curve.get("bins", len(counts)))
@@ -590,7 +587,15 @@ def plot_reliability_diagram(curve: Mapping[str, Any], path: Path) -> Path:
     ece = curve.get("ece")
     if ece is None and counts.sum() > 0:
         ece = sum(abs(acc[k] - conf[k]) * counts[k] for k in filled) / counts.sum()
+    return counts, edges, conf, acc, filled, ece
 
+
+def plot_reliability_diagram(curve: Mapping[str, Any], path: Path) -> Path:
+    """Saves a reliability diagram from `evaluate.reliability_curve` output: per-bin accuracy vs. confidence.
+
+    The diagonal is perfect calibration; a lower panel shows how many examples each bin holds.
+    """
+    counts, edges, conf, acc, filled, ece = _reliability_bins(curve)
     fig = Figure(figsize=(6.0, 7.0))
     grid = fig.add_gridspec(2, 1, height_ratios=(3, 1), hspace=0.08)
     ax = fig.add_subplot(grid[0])
