@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tftransfer.config.base_yaml import base_yaml_text
 from tftransfer.config.experiment import ExperimentConfig, config_to_dict, load_config, save_config
 from tftransfer.core.errors import ConfigError
 
@@ -68,6 +69,17 @@ def test_base_yaml_equals_library_defaults():
         return out
 
     assert keys(raw) == keys(config_to_dict(ExperimentConfig()))
+
+
+def test_base_yaml_is_generated_from_the_dataclasses():
+    assert (CONFIGS / "base.yaml").read_text() == base_yaml_text(), (
+        "configs/base.yaml is stale: python -m tftransfer.config.base_yaml > configs/base.yaml")
+
+
+def test_base_yaml_text_round_trips_any_config():
+    cfg = load_config(overrides=["phases.finetune.learning_rate=3e-5", "model.backbone_kwargs={alpha: 0.5}",
+                                 "name='a: b # c'", "data.path=wait...", "runtime.cache_dir='yes'"])
+    assert yaml.safe_load(base_yaml_text(cfg)) == config_to_dict(cfg) != config_to_dict(ExperimentConfig())
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))

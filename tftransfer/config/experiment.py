@@ -1,6 +1,7 @@
 """The experiment config: frozen dataclasses, loaded from YAML plus `key=value` overrides, strictly validated.
 
-The dataclass defaults are the library's defaults (configs/base.yaml mirrors them, and a test keeps the two equal).
+The dataclass defaults are the library's defaults; configs/base.yaml is generated from them and their help texts
+(tftransfer.config.base_yaml), and a test fails when it is stale.
 Every problem is a ConfigError that names the offending key, e.g. `phases.head.learning_rate`.
 """
 
