@@ -203,56 +203,74 @@ def adabn_model(model: keras.Model, images: np.ndarray, batch_size: int = 32, *,
     to_backbone = batchnorm.front(adapted)
     batches = batches_of(np.asarray(images, np.float32), batch_size)
     # The first checkpoint: the backbone's input for every image (same size as the pixels, already in memory).
-    ckpt_tensors = list(backbone.inputs)
-    ckpt_values = [[np.asarray(to_backbone(tf.convert_to_tensor(b))) for b in batches]]
+    checkpoint = (list(backbone.inputs), [[np.asarray(to_backbone(tf.convert_to_tensor(b))) for b in batches]])
     budget = memory_budget_mb * 2**20
-    changes, clipped, passes = [], 0, 0
+    changes, clipped = [], 0
     for group in levels:
         k = stage[id(group[0])]
-        front_layers = _frontier(backbone, stage, k)
-        front_tensors = [layer.output for layer in front_layers]
-        # Frontier tensors already in the checkpoint pass straight through (a Keras model cannot output one of
-        # its own intermediate inputs); the rest are computed from the checkpoint.
-        carried = {id(t): i for i, t in enumerate(ckpt_tensors)}
-        computed = [t for t in front_tensors if id(t) not in carried]
-        sub = keras.Model(_one_or_list(ckpt_tensors), computed, name=f"stage_{k}") if computed else None
-        position = {id(layer): i for i, layer in enumerate(front_layers)}
-        moments = [batchnorm.Moments() for _ in group]
-        kept: list[list[np.ndarray]] = [[] for _ in front_tensors]
-        size = 0
-        for i in range(len(batches)):
-            inputs = [values[i] for values in ckpt_values]
-            new = sub(_one_or_list(inputs), training=False) if sub is not None else []
-            new = list(new) if isinstance(new, (list, tuple)) else [new]
-            outs = [inputs[carried[id(t)]] if id(t) in carried else new.pop(0) for t in front_tensors]
-            for layer, acc in zip(group, moments):
-                x = tf.cast(outs[position[id(_parent_layers(layer)[0])]], tf.float32)
-                mean, variance = tf.nn.moments(x, axes=batchnorm.reduction_axes(layer, len(x.shape)))
-                acc.update(mean.numpy(), variance.numpy(), float(np.prod(x.shape[:-1])))
-            size += sum(int(np.prod(o.shape)) * 4 for o in outs)
-            if size <= budget:
-                for store, out in zip(kept, outs):
-                    store.append(np.asarray(out))
-        passes += 1
-        for layer, acc in zip(group, moments):
-            old_mean, old_var = batchnorm.stored_moments(layer)
-            new_mean, new_var = acc.mean, acc.variance
-            if source_moments is not None:
-                new_mean, new_var, n_clipped = _align_to_source(acc, source_moments[layer.name], old_mean,
-                                                                old_var, layer.epsilon)
-                clipped += n_clipped
-            layer.moving_mean.assign(new_mean.astype(np.float32))
-            layer.moving_variance.assign(new_var.astype(np.float32))
-            changes.append({"layer": layer.name, "stage": k,
-                            "mean_change": float(np.mean(np.abs(new_mean - old_mean))),
-                            "variance_ratio": float(np.mean((new_var + layer.epsilon) / (old_var + layer.epsilon)))})
-        if size <= budget:
-            ckpt_tensors, ckpt_values = front_tensors, kept
+        front_tensors = [layer.output for layer in _frontier(backbone, stage, k)]
+        moments, kept, fits = _measure_stage(backbone, stage, k, group, checkpoint, len(batches), budget)
+        stage_changes, stage_clipped = _set_stage(group, moments, source_moments, k)
+        changes += stage_changes
+        clipped += stage_clipped
+        if fits:
+            checkpoint = (front_tensors, kept)
     info = {"layers": len(bn_layers), "stages": len(levels), "images": int(len(images)),
             "aligned_to_source": source_moments is not None, "changes": changes}
     if clipped:
         info["clipped_variances"] = clipped
     return adapted, info
+
+
+def _measure_stage(backbone: keras.Model, stage: dict[int, int], k: int, group: list, checkpoint: tuple,
+                   num_batches: int, budget: float) -> tuple[list[batchnorm.Moments], list[list[np.ndarray]], bool]:
+    """Input moments of the stage-k layers, computed forward from the last checkpoint; also the frontier
+    activations (kept when they fit the budget) for the next stage to start from."""
+    ckpt_tensors, ckpt_values = checkpoint
+    front_layers = _frontier(backbone, stage, k)
+    front_tensors = [layer.output for layer in front_layers]
+    # Frontier tensors already in the checkpoint pass straight through (a Keras model cannot output one of
+    # its own intermediate inputs); the rest are computed from the checkpoint.
+    carried = {id(t): i for i, t in enumerate(ckpt_tensors)}
+    computed = [t for t in front_tensors if id(t) not in carried]
+    sub = keras.Model(_one_or_list(ckpt_tensors), computed, name=f"stage_{k}") if computed else None
+    position = {id(layer): i for i, layer in enumerate(front_layers)}
+    moments = [batchnorm.Moments() for _ in group]
+    kept: list[list[np.ndarray]] = [[] for _ in front_tensors]
+    size = 0
+    for i in range(num_batches):
+        inputs = [values[i] for values in ckpt_values]
+        new = sub(_one_or_list(inputs), training=False) if sub is not None else []
+        new = list(new) if isinstance(new, (list, tuple)) else [new]
+        outs = [inputs[carried[id(t)]] if id(t) in carried else new.pop(0) for t in front_tensors]
+        for layer, acc in zip(group, moments):
+            x = tf.cast(outs[position[id(_parent_layers(layer)[0])]], tf.float32)
+            mean, variance = tf.nn.moments(x, axes=batchnorm.reduction_axes(layer, len(x.shape)))
+            acc.update(mean.numpy(), variance.numpy(), float(np.prod(x.shape[:-1])))
+        size += sum(int(np.prod(o.shape)) * 4 for o in outs)
+        if size <= budget:
+            for store, out in zip(kept, outs):
+                store.append(np.asarray(out))
+    return moments, kept, size <= budget
+
+
+def _set_stage(group: list, moments: list[batchnorm.Moments], source_moments: dict[str, batchnorm.Moments] | None,
+               k: int) -> tuple[list[dict[str, Any]], int]:
+    """Sets the stage's moving statistics to the measured (or source-aligned) ones; (per-layer changes, clipped)."""
+    changes, clipped = [], 0
+    for layer, acc in zip(group, moments):
+        old_mean, old_var = batchnorm.stored_moments(layer)
+        new_mean, new_var = acc.mean, acc.variance
+        if source_moments is not None:
+            new_mean, new_var, n_clipped = _align_to_source(acc, source_moments[layer.name], old_mean,
+                                                            old_var, layer.epsilon)
+            clipped += n_clipped
+        layer.moving_mean.assign(new_mean.astype(np.float32))
+        layer.moving_variance.assign(new_var.astype(np.float32))
+        changes.append({"layer": layer.name, "stage": k,
+                        "mean_change": float(np.mean(np.abs(new_mean - old_mean))),
+                        "variance_ratio": float(np.mean((new_var + layer.epsilon) / (old_var + layer.epsilon)))})
+    return changes, clipped
 
 
 def _adabn(model: keras.Model, images: np.ndarray, *, batch_size: int = 32, seed: int = 0,
@@ -337,15 +355,18 @@ def _bn_batch(model: keras.Model, images: np.ndarray, *, batch_size: int = 32, s
     return AdaptationResult("bn-batch", probs, time.perf_counter() - started, info=info)
 
 
-def _tent(model: keras.Model, images: np.ndarray, *, batch_size: int = 32, seed: int = 0,
-          reference_probs: np.ndarray | None = None, source_images: np.ndarray | None = None,
-          learning_rate: float = 1e-3, steps: int = 1,
-          episodic: bool = False, min_diversity_ratio: float = 0.5,
-          min_entropy_ratio: float = 0.01) -> AdaptationResult:
-    """TENT; see the module docstring. The guard compares, over the examples seen so far, the diversity of the
-    predictions (normalised entropy of their mean) with that of `reference_probs` (the unadapted model's; the
-    first, still unadapted batch when absent), and each batch's mean entropy with the first batch's."""
-    started = time.perf_counter()
+@dataclass
+class _TentLearner:
+    """The batch-statistics model, its BatchNorm scale/offset parameters, one entropy step and a reset."""
+
+    stats_model: keras.Model
+    layers: list
+    params: list
+    step: Any
+    reset: Any
+
+
+def _tent_learner(model: keras.Model, learning_rate: float) -> _TentLearner:
     stats_model, layers = build_batch_stats_model(model)
     params = [w for layer in layers for w in (layer.gamma if layer.scale else None,
                                               layer.beta if layer.center else None) if w is not None]
@@ -372,58 +393,93 @@ def _tent(model: keras.Model, images: np.ndarray, *, batch_size: int = 32, seed:
         for v in optimizer_state:
             v.assign(tf.zeros_like(v))
 
+    return _TentLearner(stats_model, layers, params, step, reset)
+
+
+@dataclass
+class _CollapseGuard:
+    """Stops TENT when its predictions degenerate: their diversity (normalised entropy of the mean prediction)
+    falls below min_diversity_ratio x the reference's over the examples seen, or a batch's mean entropy below
+    min_entropy_ratio x the first batch's."""
+
+    reference: np.ndarray | None
+    min_diversity_ratio: float
+    min_entropy_ratio: float
+    first_entropy: float | None = None
+    ref_diversity: float = 0.0
+
+    def check(self, index: int, outputs: list[np.ndarray], seen: int) -> str | None:
+        probs = outputs[-1]
+        batch_entropy = float(entropy(probs).mean())
+        if self.first_entropy is None:
+            self.first_entropy = batch_entropy
+            self.ref_diversity = _diversity(self.reference[:seen] if self.reference is not None else probs)
+        if index == 0:
+            return None
+        adapted_div = _diversity(np.concatenate(outputs))
+        if self.reference is not None:
+            self.ref_diversity = _diversity(self.reference[:seen])
+        if self.ref_diversity > 0 and adapted_div < self.min_diversity_ratio * self.ref_diversity:
+            return (f"predicted class distribution degenerated: diversity {adapted_div:.3f} < "
+                    f"{self.min_diversity_ratio} x {self.ref_diversity:.3f} (unadapted) after {seen} images")
+        if self.first_entropy > 0 and batch_entropy < self.min_entropy_ratio * self.first_entropy:
+            return (f"prediction entropy collapsed: {batch_entropy:.2e} < {self.min_entropy_ratio} x "
+                    f"{self.first_entropy:.2e} (first batch) at batch {index + 1}")
+        return None
+
+
+def _tent(model: keras.Model, images: np.ndarray, *, batch_size: int = 32, seed: int = 0,
+          reference_probs: np.ndarray | None = None, source_images: np.ndarray | None = None,
+          learning_rate: float = 1e-3, steps: int = 1,
+          episodic: bool = False, min_diversity_ratio: float = 0.5,
+          min_entropy_ratio: float = 0.01) -> AdaptationResult:
+    """TENT; see the module docstring. The guard (_CollapseGuard) compares, over the examples seen so far, the
+    diversity of the predictions with that of `reference_probs` (the unadapted model's; the first, still unadapted
+    batch when absent), and each batch's mean entropy with the first batch's."""
+    started = time.perf_counter()
+    learner = _tent_learner(model, learning_rate)
     shuffled, order = _shuffled(np.asarray(images, np.float32), seed)
-    ref = None if reference_probs is None else np.asarray(reference_probs, np.float64)[order]
+    guard = _CollapseGuard(None if reference_probs is None else np.asarray(reference_probs, np.float64)[order],
+                           min_diversity_ratio, min_entropy_ratio)
     outputs: list[np.ndarray] = []
     losses: list[float] = []
-    first_entropy = None
-    ref_diversity = None
-    collapse = None
-    seen = 0
+    collapse, seen = None, 0
     for index, batch in enumerate(batches_of(shuffled, batch_size)):
         if episodic:
-            reset()
+            learner.reset()
         logits = None
         for _ in range(max(1, steps)):
-            out, loss = step(tf.convert_to_tensor(batch))
+            out, loss = learner.step(tf.convert_to_tensor(batch))
             logits = out.numpy() if logits is None else logits  # the prediction precedes this batch's update
             losses.append(float(loss))
-        probs = stable_softmax(logits)
-        outputs.append(probs)
+        outputs.append(stable_softmax(logits))
         seen += len(batch)
-        batch_entropy = float(entropy(probs).mean())
-        if first_entropy is None:
-            first_entropy = batch_entropy
-            ref_diversity = _diversity(ref[:seen] if ref is not None else probs)
-        if index == 0:
-            continue
-        adapted_div = _diversity(np.concatenate(outputs))
-        if ref is not None:
-            ref_diversity = _diversity(ref[:seen])
-        if ref_diversity > 0 and adapted_div < min_diversity_ratio * ref_diversity:
-            collapse = (f"predicted class distribution degenerated: diversity {adapted_div:.3f} < "
-                        f"{min_diversity_ratio} x {ref_diversity:.3f} (unadapted) after {seen} images")
-        elif first_entropy > 0 and batch_entropy < min_entropy_ratio * first_entropy:
-            collapse = (f"prediction entropy collapsed: {batch_entropy:.2e} < {min_entropy_ratio} x "
-                        f"{first_entropy:.2e} (first batch) at batch {index + 1}")
+        collapse = guard.check(index, outputs, seen)
         if collapse:
             break
-    info: dict[str, Any] = {"layers": len(layers), "parameters": int(sum(int(np.prod(p.shape)) for p in params)),
+    info: dict[str, Any] = {"layers": len(learner.layers), "parameters": int(sum(int(np.prod(p.shape))
+                                                                                for p in learner.params)),
                             "learning_rate": learning_rate, "steps_per_batch": int(steps), "episodic": episodic,
                             "batch_size": int(batch_size), "order": f"random, seed {seed}",
                             "loss_first": losses[0], "loss_last": losses[-1], "collapsed": collapse is not None}
-    if collapse is not None:
-        logger.warning("TENT stopped: %s; falling back to the unadapted predictions", collapse)
-        info["collapse_reason"] = collapse
-        reset()
-        if reference_probs is not None:
-            info["fallback"] = "source-only (unadapted) predictions"
-            return AdaptationResult("tent", np.asarray(reference_probs, np.float32), time.perf_counter() - started,
-                                    info=info)
-        info["fallback"] = "batch statistics without TENT updates"
-        probs = predict_probabilities(stats_model, shuffled, batch_size)
-    else:
+    if collapse is None:
         probs = np.concatenate(outputs)
+        return AdaptationResult("tent", _unshuffle(probs, order), time.perf_counter() - started, info=info)
+    return _tent_fallback(learner, collapse, info, reference_probs, shuffled, order, batch_size, started)
+
+
+def _tent_fallback(learner: _TentLearner, collapse: str, info: dict[str, Any], reference_probs: np.ndarray | None,
+                   shuffled: np.ndarray, order: np.ndarray, batch_size: int, started: float) -> AdaptationResult:
+    """After a collapse: the unadapted predictions when known, else batch statistics without TENT's updates."""
+    logger.warning("TENT stopped: %s; falling back to the unadapted predictions", collapse)
+    info["collapse_reason"] = collapse
+    learner.reset()
+    if reference_probs is not None:
+        info["fallback"] = "source-only (unadapted) predictions"
+        return AdaptationResult("tent", np.asarray(reference_probs, np.float32), time.perf_counter() - started,
+                                info=info)
+    info["fallback"] = "batch statistics without TENT updates"
+    probs = predict_probabilities(learner.stats_model, shuffled, batch_size)
     return AdaptationResult("tent", _unshuffle(probs, order), time.perf_counter() - started, info=info)
 
 
