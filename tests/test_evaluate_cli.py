@@ -135,11 +135,13 @@ def test_evaluate_and_export_refuse_unusable_models(fitted, tmp_path):
 
 
 def test_cli_choices_mirror_the_library_registries():
+    from tftransfer.config.commands import TFLITE_MODE_NAMES, ExportCommandConfig, setting_specs
     from tftransfer.data.selection import SPLIT_CHOICES
     from tftransfer.serving.tflite import TFLITE_MODES
 
     assert cli.SPLIT_CHOICES == SPLIT_CHOICES
-    assert cli.TFLITE_CHOICES == tuple(TFLITE_MODES)
+    assert TFLITE_MODE_NAMES == tuple(TFLITE_MODES)
+    assert setting_specs(ExportCommandConfig)["tflite"].choices == tuple(TFLITE_MODES)
 
 
 def test_export_command_writes_next_version_card_and_int8_tflite(fitted):

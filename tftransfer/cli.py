@@ -14,6 +14,7 @@ from typing import IO, Any
 import click
 
 from tftransfer import __version__
+from tftransfer.config.commands import ExportCommandConfig, SettingSpec, command_config, setting_specs
 from tftransfer.config.experiment import ADAPT_JOB_METHODS, ADAPT_METHODS, RECIPES, VALIDATOR_NAMES, load_config
 from tftransfer.core.errors import TfTransferError
 from tftransfer.core.lazy import lazy, resolve
@@ -131,6 +132,36 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise click.ClickException("interrupted") from None
 
     return wrapper
+
+
+def _click_type(spec: SettingSpec) -> Any:
+    """The Click parameter type of a config field: its choices, its range, or its plain type."""
+    if spec.choices:
+        return click.Choice(list(spec.choices))
+    if spec.type in (int, float) and (spec.min is not None or spec.max is not None):
+        if spec.type is int:
+            return click.IntRange(min=spec.min, max=spec.max)
+        return click.FloatRange(min=spec.min, max=spec.max, min_open=spec.min_exclusive)
+    if spec.type is Path:
+        return click.Path(path_type=Path)
+    return {int: click.INT, float: click.FLOAT, str: click.STRING}[spec.type]
+
+
+def config_option(cls: type, name: str, *decls: str, **extra: Any) -> Callable[[Callable[..., Any]], Any]:
+    """A click.option for field `name` of the command config `cls`: its default, choices, range and help come from
+    the field (tftransfer.config.commands), so they are written once. `decls` default to --field-name (a bool
+    with a True default becomes --name/--no-name); `extra` adds Click-only settings (a click.Path's checks)."""
+    spec = setting_specs(cls)[name]
+    flag = f"--{name.replace('_', '-')}"
+    kwargs: dict[str, Any] = {"help": spec.help}
+    if spec.type is bool:
+        decls = decls or ((f"{flag}/--no-{flag[2:]}",) if spec.default else (flag,))
+        kwargs.update(default=spec.default, is_flag=True, show_default=bool(spec.default))
+    else:
+        kwargs.update(type=_click_type(spec), default=spec.default,
+                      show_default=spec.default is not None and spec.default != "")
+    kwargs.update(extra)
+    return click.option(*(decls or (flag,)), name, **kwargs)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -381,11 +412,6 @@ def lr_find_command(config_path: Path | None, overrides: tuple[str, ...], overwr
     click.echo(f"plots and lr_find.json: {found['run_dir']}")
 
 
-# A mirror of tftransfer.serving.tflite.TFLITE_MODES (that module imports TensorFlow, and --help must not);
-# tests/test_evaluate_cli.py keeps the two equal.
-TFLITE_CHOICES = ("float32", "float16", "dynamic", "int8")
-
-
 @main.command("evaluate")
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.option("--data", required=True,
@@ -447,18 +473,14 @@ def _echo_evaluation(result: dict[str, Any], out: Path) -> None:
 
 @main.command("export")
 @click.argument("run_dir", metavar="RUN", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--tflite", type=click.Choice(TFLITE_CHOICES),
-              help="Also write model_<mode>.tflite; int8 calibrates on training images.")
-@click.option("--to", "model_dir", type=click.Path(path_type=Path),
-              help="Model folder to write versions into (default: <export.dir>/<name> of the run's config).")
-@click.option("--version", type=click.IntRange(min=1),
-              help="Write exactly this version (an existing one is an error; default: the next free number).")
-@click.option("--top-k", type=click.IntRange(min=1), help="Classes per image in the outputs (default: the run's).")
+@config_option(ExportCommandConfig, "tflite")
+@config_option(ExportCommandConfig, "model_dir", "--to")
+@config_option(ExportCommandConfig, "version")
+@config_option(ExportCommandConfig, "top_k")
 @_user_errors
-def export_command(run_dir: Path, tflite: str | None, model_dir: Path | None, version: int | None,
-                   top_k: int | None) -> None:
+def export_command(run_dir: Path, **settings: Any) -> None:
     """Export a finished RUN as the next SavedModel version, check it in a fresh process, optionally TFLite."""
-    result = export_run(run_dir, model_dir=model_dir, version=version, tflite=tflite, top_k=top_k)
+    result = export_run(run_dir, command_config(ExportCommandConfig, settings=settings))
     parity = result.parity
     status = "OK" if parity["ok"] else "FAILED"
     click.echo(f"\nexported: {result.version_dir}")

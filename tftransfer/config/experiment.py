@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,10 @@ def _opt(default: Any, help: str, *, min: float | None = None, max: float | None
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+# The public name of _opt, for the other config modules (tftransfer.config.commands).
+opt = _opt
 
 
 @dataclass(frozen=True)
@@ -261,14 +266,33 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is dict or origin is dict:
         if isinstance(value, dict):
             return dict(value)
+    elif tp is Path:
+        if isinstance(value, (str, os.PathLike)):
+            return Path(value)
+    elif tp is tuple or origin is tuple:
+        return _coerce_tuple(value, tp, key)
     else:
         raise ConfigError(f"{key}: unsupported config type {tp!r}")
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
+def _coerce_tuple(value: Any, tp: Any, key: str) -> tuple[Any, ...]:
+    """A homogeneous `tuple[X, ...]` from a list or tuple, each item coerced to X (the key names the item)."""
+    args = typing.get_args(tp)
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__})")
+    if not args:
+        return tuple(value)
+    return tuple(_coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(value))
+
+
 def _check_range(value: Any, f: dataclasses.Field, key: str) -> None:
     meta = f.metadata
     if value is None:
+        return
+    if isinstance(value, tuple):  # a tuple[X, ...] field: its range and choices hold for each item
+        for i, item in enumerate(value):
+            _check_range(item, f, f"{key}[{i}]")
         return
     choices = meta.get("choices")
     if choices and value not in choices:
@@ -317,6 +341,12 @@ def _build(cls: type, data: Mapping[str, Any] | None, prefix: str = "") -> Any:
             _check_range(value, f, key)
             kwargs[name] = value
     return cls(**kwargs)
+
+
+def build_config(cls: type, data: Mapping[str, Any] | None, prefix: str = "") -> Any:
+    """A config dataclass from a mapping, as strictly as load_config: an unknown key or a bad type or value is a
+    ConfigError naming the key (after `prefix`). Keys left out keep their defaults."""
+    return _build(cls, data, prefix)
 
 
 def _deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,89 @@
+"""The settings of the commands other than fit: one frozen dataclass each, strict like the experiment config.
+
+Every default, range and choice of `tftransfer export` (and the others, as they move here) is written once, in a
+field below with experiment.py's `opt(default, help, min=, max=, choices=)` metadata; the job takes the dataclass
+and the Click options in tftransfer/cli.py are generated from these fields (a test keeps them equal). Building one
+from keywords (`command_config`) is as strict as load_config: an unknown key or a bad type names the key.
+No TensorFlow here: --help and a bad setting come back without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+from tftransfer.config.experiment import build_config, opt
+
+# Mirrors tftransfer.serving.tflite.TFLITE_MODES (that module imports TensorFlow); a test ties the two.
+TFLITE_MODE_NAMES = ("float32", "float16", "dynamic", "int8")
+
+
+@dataclass(frozen=True)
+class ExportCommandConfig:
+    """`tftransfer export RUN`: the next SavedModel version of a finished run, checked, optionally TFLite."""
+
+    tflite: str | None = opt(None, "Also write model_<mode>.tflite; int8 calibrates on training images.",
+                             choices=TFLITE_MODE_NAMES)
+    model_dir: Path | None = opt(None, "Model folder to write versions into (default: <export.dir>/<name> of the "
+                                       "run's config).")
+    version: int | None = opt(None, "Write exactly this version (an existing one is an error; default: the next "
+                                    "free number).", min=1)
+    top_k: int | None = opt(None, "Classes per image in the outputs (default: the run's).", min=1)
+    parity_images: int = opt(32, "Validation images the parity check compares export and model.keras on.", min=1)
+    representative_images: int = opt(100, "Training images that calibrate an int8 TFLite model.", min=1)
+    batch_size: int = opt(32, "Batch size of the TFLite accuracy comparison.", min=1)
+
+
+C = TypeVar("C")
+
+
+def command_config(cls: type[C], config: C | None = None, settings: Mapping[str, Any] | None = None) -> C:
+    """`config`, or a `cls` built from keyword `settings`; either way checked as strictly as load_config does (a
+    ConfigError names the unknown key, or the key whose type, range or choice is wrong)."""
+    if config is not None:
+        if settings:
+            raise TypeError(f"pass a {cls.__name__} or keyword settings, not both (got {', '.join(settings)})")
+        if not isinstance(config, cls):
+            raise TypeError(f"expected a {cls.__name__}, got {type(config).__name__}")
+        # A dataclass built directly skipped validation: check (and coerce) every field now.
+        settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return build_config(cls, dict(settings or {}))
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """What a command-line option needs to know about one config field."""
+
+    name: str
+    type: type  # bool, int, float, str or Path; for a tuple[X, ...] field, X
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None
+    min: float | None
+    max: float | None
+    min_exclusive: bool
+    optional: bool  # None is allowed (and means "decided at run time")
+    multiple: bool  # a tuple[X, ...] field
+
+
+def setting_specs(cls: type) -> dict[str, SettingSpec]:
+    """The SettingSpec of every field of a command config dataclass, in field order."""
+    hints = typing.get_type_hints(cls)
+    specs = {}
+    for f in dataclasses.fields(cls):
+        tp, optional, multiple = hints[f.name], False, False
+        if typing.get_origin(tp) in (Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp, optional = args[0], len(args) < len(typing.get_args(tp))
+        if typing.get_origin(tp) is tuple:
+            tp, multiple = typing.get_args(tp)[0], True
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        meta = f.metadata
+        specs[f.name] = SettingSpec(f.name, tp, default, meta.get("help", ""), meta.get("choices"), meta.get("min"),
+                                    meta.get("max"), bool(meta.get("min_exclusive")), optional, multiple)
+    return specs
