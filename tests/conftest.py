@@ -32,6 +32,21 @@ def write_solid_images(folder: Path, colour: tuple[int, int, int], count: int, s
     return paths
 
 
+def write_png_bomb(path: Path, side: int = 100_000) -> Path:
+    """A small PNG whose header claims side x side RGB pixels (a decompression bomb: Pillow refuses to open it)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    rows = zlib.compress(b"\x00" * (3 * 1024 + 1) * 64)  # the first rows only: the header is what matters
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return path
+
+
 def make_colour_folder(root: Path, per_class: int = 12, size: int = 32, splits: bool = False) -> Path:
     """root/<colour>/img_*.jpg, or root/{train,val}/<colour>/ with splits=True."""
     for index, (name, colour) in enumerate(COLOURS.items()):

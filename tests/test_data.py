@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import COLOURS, make_colour_folder, write_solid_images
+from conftest import COLOURS, make_colour_folder, write_png_bomb, write_solid_images
 
 from tftransfer.config.experiment import AugmentConfig, DataConfig
 from tftransfer.core.errors import DataError
+from tftransfer.data.files import collect_images
+from tftransfer.data.inspect import inspect_data
 from tftransfer.data.pipeline import build_augmenter, make_datasets
 from tftransfer.data.sources import hash_fraction, load_image_folder
 from tftransfer.data.specs import load_source
@@ -138,3 +140,17 @@ def test_truncated_jpeg_is_caught_when_listing(colour_folder):
     (colour_folder / "cyan" / "cut.jpg").write_bytes(good[: len(good) // 2])
     src = load_image_folder(colour_folder)
     assert "cyan/cut.jpg" in dict(src.skipped)
+
+
+def test_decompression_bomb_is_a_bad_file_when_listing(colour_folder, tmp_path):
+    bomb = write_png_bomb(colour_folder / "cyan" / "bomb.png")
+    assert bomb.stat().st_size < 10_000
+    src = load_image_folder(colour_folder)  # what fit lists
+    skipped = dict(src.skipped)
+    assert set(skipped) == {"cyan/bomb.png"} and "decompression bomb" in skipped["cyan/bomb.png"]
+    assert "\n" not in skipped["cyan/bomb.png"]
+    report = inspect_data(str(colour_folder))  # data inspect
+    assert [u["path"] for u in report["files"]["unreadable"]] == ["cyan/bomb.png"]
+    files, skipped_files = collect_images([str(colour_folder / "cyan")])  # predict
+    assert bomb not in files and len(files) == 12
+    assert "decompression bomb" in dict(skipped_files)[str(bomb)]

@@ -5,6 +5,9 @@ still reads the whole entropy-coded stream), so truncated and mislabelled files 
 rather than as a TensorFlow op error in the middle of an epoch. Probes run in threads (Pillow releases the GIL while
 decoding) and log progress for big folders, or report it to a callback set with `report_progress` (a command line
 draws a bar with it; the library itself never prints).
+
+A file whose header claims more pixels than Pillow's decompression-bomb limit (twice `PIL.Image.MAX_IMAGE_PIXELS`)
+is a bad file like a truncated one: it is skipped and listed, never decoded.
 """
 
 from __future__ import annotations
@@ -151,6 +154,9 @@ def probe_image(path: str | Path, fingerprints: bool = False) -> ImageProbe:
             colours = count_colours(im) if fingerprints else None
     except UnidentifiedImageError:
         return ImageProbe(problem="not an image (unrecognised format)", num_bytes=len(data), sha256=digest)
+    except Image.DecompressionBombError as exc:  # a small file whose header claims billions of pixels
+        return ImageProbe(problem=f"too many pixels to decode safely (a decompression bomb?): {exc}",
+                          num_bytes=len(data), sha256=digest)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         return ImageProbe(problem=f"unreadable image: {exc}", num_bytes=len(data), sha256=digest)
     return ImageProbe(problem=None, dhash=hashed, colours=colours, **base)
