@@ -11,12 +11,13 @@ import click
 import pytest
 
 from tftransfer import cli
-from tftransfer.config.commands import ExportCommandConfig, command_config, setting_specs
+from tftransfer.config.commands import ExportCommandConfig, PredictCommandConfig, command_config, setting_specs
 from tftransfer.core.errors import ConfigError
 
 # command name -> its config, and the options of the command that are not settings of the job
 COMMAND_CONFIGS = {
     "export": (ExportCommandConfig, set()),
+    "predict": (PredictCommandConfig, {"csv_path", "json_path"}),
 }
 
 

@@ -14,7 +14,13 @@ from typing import IO, Any
 import click
 
 from tftransfer import __version__
-from tftransfer.config.commands import ExportCommandConfig, SettingSpec, command_config, setting_specs
+from tftransfer.config.commands import (
+    ExportCommandConfig,
+    PredictCommandConfig,
+    SettingSpec,
+    command_config,
+    setting_specs,
+)
 from tftransfer.config.experiment import ADAPT_JOB_METHODS, ADAPT_METHODS, RECIPES, VALIDATOR_NAMES, load_config
 from tftransfer.core.errors import TfTransferError
 from tftransfer.core.lazy import lazy, resolve
@@ -506,23 +512,20 @@ def export_command(run_dir: Path, **settings: Any) -> None:
 @main.command("predict")
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.argument("images", nargs=-1, required=True)
-@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@config_option(PredictCommandConfig, "top_k")
+@config_option(PredictCommandConfig, "batch_size")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
               help="Write CSV here ('-' for stdout) instead of the table.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
               help="Write JSON here ('-' for stdout) instead of the table.")
-@click.option("--image-size", type=click.IntRange(min=1),
-              help="Input size, only for a SavedModel without model_card.json.")
-@click.option("--min-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Skip images narrower or shorter than this many pixels.")
+@config_option(PredictCommandConfig, "image_size")
+@config_option(PredictCommandConfig, "min_side", "--min-size")
 @_user_errors
 @_with_probe_progress
-def predict_command(model: Path, images: tuple[str, ...], top_k: int, batch_size: int, csv_path: Path | None,
-                    json_path: Path | None, image_size: int | None, min_size: int) -> None:
+def predict_command(model: Path, images: tuple[str, ...], csv_path: Path | None, json_path: Path | None,
+                    **settings: Any) -> None:
     """Classify IMAGES (files, folders, globs) with MODEL (a run directory or an exported SavedModel)."""
-    result = predict_files(model, images, top_k=top_k, batch_size=batch_size, min_side=min_size,
-                           image_size=image_size)
+    result = predict_files(model, images, command_config(PredictCommandConfig, settings=settings))
     outputs = [(fmt, path) for fmt, path in (("csv", csv_path), ("json", json_path)) if path is not None]
     for fmt, path in outputs or [("table", Path("-"))]:
         text = resolve("tftransfer.jobs.predict:FORMATS")[fmt](result)

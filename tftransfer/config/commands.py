@@ -1,10 +1,10 @@
 """The settings of the commands other than fit: one frozen dataclass each, strict like the experiment config.
 
-Every default, range and choice of `tftransfer export` (and the others, as they move here) is written once, in a
-field below with experiment.py's `opt(default, help, min=, max=, choices=)` metadata; the job takes the dataclass
-and the Click options in tftransfer/cli.py are generated from these fields (a test keeps them equal). Building one
-from keywords (`command_config`) is as strict as load_config: an unknown key or a bad type names the key.
-No TensorFlow here: --help and a bad setting come back without it.
+Every default, range and choice of `tftransfer export` and `predict` (and of the others as they move here) is
+written once, in a field below with experiment.py's `opt(default, help, min=, max=, choices=)` metadata; the job
+takes the dataclass, and the Click options in tftransfer/cli.py are generated from these fields (a test keeps them
+equal). Building one from keywords (`command_config`) is as strict as load_config: an unknown key or a bad type
+names the key. No TensorFlow here: --help and a bad setting come back without it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any, TypeVar, Union
 
 from tftransfer.config.experiment import build_config, opt
+
+# A picture a few pixels wide carries no content a classifier can use (a 1x1 image upsampled to 224 px is one
+# flat colour), so its "prediction" would be noise presented as an answer. tftransfer.data.files imports it.
+MIN_IMAGE_SIDE = 8
 
 # Mirrors tftransfer.serving.tflite.TFLITE_MODES (that module imports TensorFlow); a test ties the two.
 TFLITE_MODE_NAMES = ("float32", "float16", "dynamic", "int8")
@@ -37,6 +41,16 @@ class ExportCommandConfig:
     parity_images: int = opt(32, "Validation images the parity check compares export and model.keras on.", min=1)
     representative_images: int = opt(100, "Training images that calibrate an int8 TFLite model.", min=1)
     batch_size: int = opt(32, "Batch size of the TFLite accuracy comparison.", min=1)
+
+
+@dataclass(frozen=True)
+class PredictCommandConfig:
+    """`tftransfer predict MODEL IMAGES...`: top-k classes of image files with a run or an exported SavedModel."""
+
+    top_k: int = opt(3, "Classes listed per image.", min=1)
+    batch_size: int = opt(32, "Images per batch.", min=1)
+    image_size: int | None = opt(None, "Input size, only for a SavedModel without model_card.json.", min=1)
+    min_side: int = opt(MIN_IMAGE_SIDE, "Skip images narrower or shorter than this many pixels.", min=1)
 
 
 C = TypeVar("C")

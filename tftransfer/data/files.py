@@ -10,13 +10,11 @@ from typing import Any
 
 import numpy as np
 
+from tftransfer.config.commands import MIN_IMAGE_SIDE
 from tftransfer.data.images import decode_and_resize, resize_image
 from tftransfer.data.probe import IMAGE_EXTENSIONS, probe_images
 
 logger = logging.getLogger(__name__)
-# A picture a few pixels wide carries no content a classifier can use (a 1x1 image upsampled to 224 px is one
-# flat colour), so its "prediction" would be noise presented as an answer.
-MIN_IMAGE_SIDE = 8
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from tftransfer.config.commands import PredictCommandConfig, command_config
 from tftransfer.core.errors import DataError
-from tftransfer.data.files import MIN_IMAGE_SIDE, collect_images, make_indexed_dataset
+from tftransfer.data.files import collect_images, make_indexed_dataset
 from tftransfer.serving.classifier import Classifier, load_classifier, predict_batches
 
 logger = logging.getLogger(__name__)
@@ -68,16 +69,17 @@ class PredictionResult:
         }
 
 
-def predict_files(model: str | Path | Classifier, items: Sequence[str], top_k: int = 3, batch_size: int = 32,
-                  min_side: int = MIN_IMAGE_SIDE, image_size: int | None = None) -> PredictionResult:
+def predict_files(model: str | Path | Classifier, items: Sequence[str], config: PredictCommandConfig | None = None,
+                  **settings: Any) -> PredictionResult:
     """Classifies image files, folders and globs with a run directory or SavedModel; unreadable files are skipped.
 
-    DataError when nothing readable is left.
+    Settings come as a PredictCommandConfig or as its fields by keyword (`top_k=2`); an unknown or ill-typed one
+    is a ConfigError naming it. DataError when nothing readable is left.
     """
-    if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
-    classifier = model if isinstance(model, Classifier) else load_classifier(model, image_size, batch_size)
-    files, skipped = collect_images(items, min_side=min_side)
+    cfg = command_config(PredictCommandConfig, config, settings)
+    top_k, batch_size = cfg.top_k, cfg.batch_size
+    classifier = model if isinstance(model, Classifier) else load_classifier(model, cfg.image_size, batch_size)
+    files, skipped = collect_images(items, min_side=cfg.min_side)
     for file, reason in skipped:
         logger.warning("skipping %s: %s", file, reason)
     if not files:
