@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from conftest import COLOURS, make_colour_folder, write_png_bomb, write_solid_images
@@ -154,3 +156,26 @@ def test_decompression_bomb_is_a_bad_file_when_listing(colour_folder, tmp_path):
     files, skipped_files = collect_images([str(colour_folder / "cyan")])  # predict
     assert bomb not in files and len(files) == 12
     assert "decompression bomb" in dict(skipped_files)[str(bomb)]
+
+
+@pytest.mark.parametrize("bad", ["cy\nan", "tab\tbed", "bell\x07", "sep\u2028arator", " "])
+def test_control_characters_in_class_names_are_refused_when_listing(tmp_path, bad):
+    root = make_colour_folder(tmp_path / "d", per_class=3)
+    (root / "cyan").rename(root / bad)
+    with pytest.raises(DataError, match=r"class folder .* in .*: a class name cannot") as folder_error:
+        load_image_folder(root)
+    assert repr(bad) in str(folder_error.value)
+    root = make_colour_folder(tmp_path / "clean", per_class=3)
+    images = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg"))
+    (root / "m.csv").write_text("path,label\n" + "".join(f'{p},"{bad if i == 4 else p.split("/")[0]}"\n'
+                                                          for i, p in enumerate(images)))
+    (root / "m.jsonl").write_text("".join(json.dumps({"path": p, "label": bad if i == 4 else p.split("/")[0]}) + "\n"
+                                          for i, p in enumerate(images)))
+    x = np.zeros((6, 8, 8, 3), np.uint8)
+    np.savez(tmp_path / "a.npz", x=x, y=np.arange(6) % 2, class_names=np.array(["fine", bad]))
+    for spec, where in ((root / "m.csv", r"m.csv line \d+: (label|empty label)"),
+                        (root / "m.jsonl", r"m.jsonl line 5: (label|empty label)"),
+                        (tmp_path / "a.npz", r"a.npz: class name")):
+        with pytest.raises(DataError, match=where) as error:
+            load_source(str(spec))
+        assert "\n" not in str(error.value) and "\n" not in str(folder_error.value)

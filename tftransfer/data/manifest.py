@@ -6,9 +6,10 @@ row comes from (e.g. amazon, webcam), so one file can describe the source and ta
 domain-adaptation experiment; `data.csv#domain=webcam` selects rows. Class names (and so label ids) always come
 from every row of the file, so a domain-filtered source keeps the label ids of the full manifest.
 
-Every problem names the file and line: a missing column, an empty label, an unknown split, a repeated path, and a
-path that does not exist. Files that exist but are not decodable images are skipped and listed (or an error with
-data.strict), exactly as in image folders.
+Every problem names the file and line: a missing column, an empty label, a label with a control character (a
+newline would break labels.txt), an unknown split, a repeated path, and a path that does not exist. Files that
+exist but are not decodable images are skipped and listed (or an error with data.strict), exactly as in image
+folders.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tftransfer.core.errors import DataError
+from tftransfer.core.names import class_name_problem
 from tftransfer.data.probe import ImageProbe
 from tftransfer.data.sources import (
     SPLIT_ALIASES,
@@ -106,6 +108,9 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
             raise DataError(f"{path} line {row.line}: empty path")
         if not row.label:
             raise DataError(f"{path} line {row.line}: empty label for {row.path}")
+        problem = class_name_problem(row.label)
+        if problem:
+            raise DataError(f"{path} line {row.line}: label {row.label!r} of {row.path!r}: {problem}")
         if row.split and row.split not in SPLIT_ALIASES:
             raise DataError(f"{path} line {row.line}: split {row.split!r} is not one of train, val, test "
                             "(or empty to assign it by hash)")

@@ -21,6 +21,7 @@ import numpy as np
 
 from tftransfer.core.cache import default_cache_dir
 from tftransfer.core.errors import ConfigError, DataError
+from tftransfer.core.names import class_name_problem
 from tftransfer.data.probe import DECODABLE_FORMATS, IMAGE_EXTENSIONS, ImageProbe, probe_images
 
 logger = logging.getLogger(__name__)
@@ -208,6 +209,7 @@ def build_source(name: str, root: str, class_names: list[str], labels: np.ndarra
 
     A split the data names for any example is never also drawn by hash from the unassigned ones.
     """
+    check_class_names(root, class_names)
     labels = np.asarray(labels, dtype=np.int64)
     codes = np.asarray(fixed, dtype=np.int8).copy()
     present = set(np.unique(codes[codes != UNASSIGNED]).tolist())
@@ -288,6 +290,24 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def class_folder_names(class_root: Path) -> list[str]:
+    """The class names of a folder of class folders; DataError naming the folder when one is no class name."""
+    names = [p.name for p in _class_dirs(class_root)]
+    for name in names:
+        problem = class_name_problem(name)
+        if problem:
+            raise DataError(f"class folder {name!r} in {class_root}: {problem}; rename the folder")
+    return names
+
+
+def check_class_names(where: str, class_names: Sequence[str]) -> None:
+    """DataError naming the source when a class name cannot be one line of labels.txt (see core.names)."""
+    for name in class_names:
+        problem = class_name_problem(name)
+        if problem:
+            raise DataError(f"{where}: class name {name!r}: {problem}")
+
+
 def _list_class_files(class_dir: Path, ignored: Counter) -> list[Path]:
     """Image files under a class folder, recursively (nested folders belong to the class), in a stable order.
 
@@ -344,7 +364,7 @@ def load_folder(root: Path, opts: SourceOptions) -> DataSource:
     only_train = [p.name for p in _class_dirs(root)] == ["train"]
     has_splits = train_dir.is_dir() and (val_dir is not None or test_dir is not None or only_train)
     class_root = train_dir if has_splits else root
-    class_names = [p.name for p in _class_dirs(class_root)]
+    class_names = class_folder_names(class_root)
     if len(class_names) < 2:
         found = f"found {len(class_names)}: {class_names}" if class_names else "found none"
         raise DataError(f"{class_root} needs at least 2 class subfolders (one per class), {found}"
