@@ -11,13 +11,20 @@ import click
 import pytest
 
 from tftransfer import cli
-from tftransfer.config.commands import ExportCommandConfig, PredictCommandConfig, command_config, setting_specs
+from tftransfer.config.commands import (
+    EvaluateCommandConfig,
+    ExportCommandConfig,
+    PredictCommandConfig,
+    command_config,
+    setting_specs,
+)
 from tftransfer.core.errors import ConfigError
 
 # command name -> its config, and the options of the command that are not settings of the job
 COMMAND_CONFIGS = {
     "export": (ExportCommandConfig, set()),
     "predict": (PredictCommandConfig, {"csv_path", "json_path"}),
+    "evaluate": (EvaluateCommandConfig, {"data", "progress"}),
 }
 
 
@@ -41,6 +48,7 @@ def test_every_option_default_choice_range_and_help_is_the_config_fields(command
             assert tuple(option.type.choices) == spec.choices, option.name
         if isinstance(option.type, (click.IntRange, click.FloatRange)):
             assert (option.type.min, option.type.max) == (spec.min, spec.max), option.name
+            assert (option.type.min_open, option.type.max_open) == (spec.min_exclusive, spec.max_exclusive)
         else:
             assert spec.min is None and spec.max is None, f"{option.name}: a range the option does not check"
         if spec.type is bool:
@@ -50,7 +58,8 @@ def test_every_option_default_choice_range_and_help_is_the_config_fields(command
 @pytest.mark.parametrize("command", list(COMMAND_CONFIGS))
 def test_the_options_parse_into_the_config(command, tmp_path):
     cls, cli_only = COMMAND_CONFIGS[command]
-    args = [str(tmp_path)] if command != "predict" else [str(tmp_path), "image.jpg"]
+    args = {"predict": [str(tmp_path), "image.jpg"], "evaluate": [str(tmp_path), "--data", "d"]}.get(command,
+                                                                                                   [str(tmp_path)])
     ctx = cli.main.commands[command].make_context(command, args)
     settings = {k: v for k, v in ctx.params.items() if k in setting_specs(cls) and k not in cli_only}
     assert command_config(cls, settings=settings) == cls(**settings)
@@ -89,3 +98,9 @@ def test_help_comes_back_without_tensorflow(command):
             "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_an_exclusive_maximum_is_checked():
+    with pytest.raises(ConfigError, match="val_split: must be < 1.0, got 1.0"):
+        command_config(EvaluateCommandConfig, settings={"val_split": 1})
+    assert command_config(EvaluateCommandConfig, settings={"val_split": "0.5"}).val_split == 0.5

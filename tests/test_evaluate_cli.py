@@ -11,7 +11,6 @@ import tensorflow as tf
 from click.testing import CliRunner
 from conftest import COLOURS, make_colour_folder, write_solid_images
 
-from tftransfer import cli
 from tftransfer.cli import main
 
 FAST_FIT = ["--backbone", "tiny", "--weights", "none", "--image-size", "32", "--batch-size", "8",
@@ -135,11 +134,17 @@ def test_evaluate_and_export_refuse_unusable_models(fitted, tmp_path):
 
 
 def test_cli_choices_mirror_the_library_registries():
-    from tftransfer.config.commands import TFLITE_MODE_NAMES, ExportCommandConfig, setting_specs
+    from tftransfer.config.commands import (
+        SPLIT_NAMES,
+        TFLITE_MODE_NAMES,
+        EvaluateCommandConfig,
+        ExportCommandConfig,
+        setting_specs,
+    )
     from tftransfer.data.selection import SPLIT_CHOICES
     from tftransfer.serving.tflite import TFLITE_MODES
 
-    assert cli.SPLIT_CHOICES == SPLIT_CHOICES
+    assert SPLIT_NAMES == SPLIT_CHOICES and setting_specs(EvaluateCommandConfig)["split"].choices == SPLIT_CHOICES
     assert TFLITE_MODE_NAMES == tuple(TFLITE_MODES)
     assert setting_specs(ExportCommandConfig)["tflite"].choices == tuple(TFLITE_MODES)
 

@@ -15,6 +15,7 @@ import click
 
 from tftransfer import __version__
 from tftransfer.config.commands import (
+    EvaluateCommandConfig,
     ExportCommandConfig,
     PredictCommandConfig,
     SettingSpec,
@@ -25,7 +26,6 @@ from tftransfer.config.experiment import ADAPT_JOB_METHODS, ADAPT_METHODS, RECIP
 from tftransfer.core.errors import TfTransferError
 from tftransfer.core.lazy import lazy, resolve
 from tftransfer.data.probe import report_progress
-from tftransfer.data.selection import SPLIT_CHOICES
 from tftransfer.model.catalog import builtin_backbones
 
 # Jobs import TensorFlow: they are named here and imported when a command runs, so --help and config errors are fast.
@@ -147,7 +147,8 @@ def _click_type(spec: SettingSpec) -> Any:
     if spec.type in (int, float) and (spec.min is not None or spec.max is not None):
         if spec.type is int:
             return click.IntRange(min=spec.min, max=spec.max)
-        return click.FloatRange(min=spec.min, max=spec.max, min_open=spec.min_exclusive)
+        return click.FloatRange(min=spec.min, max=spec.max, min_open=spec.min_exclusive,
+                                max_open=spec.max_exclusive)
     if spec.type is Path:
         return click.Path(path_type=Path)
     return {int: click.INT, float: click.FLOAT, str: click.STRING}[spec.type]
@@ -422,35 +423,23 @@ def lr_find_command(config_path: Path | None, overrides: tuple[str, ...], overwr
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.option("--data", required=True,
               help="Image folder, CSV/JSONL manifest, .npz, tfds:<name> or builtin:<name>.")
-@click.option("--split", type=click.Choice(SPLIT_CHOICES), default="auto", show_default=True,
-              help="auto: the data's own test split, else its own val split (val/ folder), else all examples.")
-@click.option("--val-split", type=click.FloatRange(0, 1, max_open=True),
-              help="Hash split fraction for --split val/train on data without a val folder (default: the run's).")
-@click.option("--test-split", type=click.FloatRange(0, 1, max_open=True),
-              help="Hash split fraction for --split test on data without a test folder (default: the run's).")
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder (default: RUN/eval/<data>-<split>, or evaluations/<name>-v<version>/...).")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier evaluation in the output folder.")
-@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="k of top-k accuracy.")
-@click.option("--mistakes", type=click.IntRange(min=0), default=10, show_default=True,
-              help="How many of the most confident mistakes to list.")
-@click.option("--temperature/--no-temperature", default=True, show_default=True,
-              help="Fit temperature scaling on validation data and report ECE/NLL before and after.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--image-size", type=click.IntRange(min=1),
-              help="Input size, only for a SavedModel without model_card.json.")
-@click.option("--tfds-data-dir", default="", help="TFDS data_dir for tfds:<name> data.")
+@config_option(EvaluateCommandConfig, "split")
+@config_option(EvaluateCommandConfig, "val_split")
+@config_option(EvaluateCommandConfig, "test_split")
+@config_option(EvaluateCommandConfig, "output", type=click.Path(file_okay=False, path_type=Path))
+@config_option(EvaluateCommandConfig, "overwrite")
+@config_option(EvaluateCommandConfig, "top_k")
+@config_option(EvaluateCommandConfig, "mistakes")
+@config_option(EvaluateCommandConfig, "temperature")
+@config_option(EvaluateCommandConfig, "batch_size")
+@config_option(EvaluateCommandConfig, "image_size")
+@config_option(EvaluateCommandConfig, "tfds_data_dir")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar over the data.")
 @_user_errors
 @_with_probe_progress
-def evaluate_command(model: Path, data: str, split: str, val_split: float | None, test_split: float | None,
-                     output: Path | None, overwrite: bool, top_k: int, mistakes: int, temperature: bool,
-                     batch_size: int, image_size: int | None, tfds_data_dir: str, progress: bool) -> None:
+def evaluate_command(model: Path, data: str, progress: bool, **settings: Any) -> None:
     """Evaluate MODEL (a run directory or an exported SavedModel) on DATA: metrics.json, summary.md, plots."""
-    result = run_evaluation(model, data, split=split, output=output, overwrite=overwrite, val_split=val_split,
-                            test_split=test_split, top_k=top_k, mistakes=mistakes, temperature=temperature,
-                            batch_size=batch_size, image_size=image_size, tfds_data_dir=tfds_data_dir,
-                            progress=progress)
+    result = run_evaluation(model, data, command_config(EvaluateCommandConfig, settings=settings), progress=progress)
     _echo_evaluation(result.metrics, result.output_dir)
 
 

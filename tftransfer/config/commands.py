@@ -1,10 +1,10 @@
 """The settings of the commands other than fit: one frozen dataclass each, strict like the experiment config.
 
-Every default, range and choice of `tftransfer export` and `predict` (and of the others as they move here) is
-written once, in a field below with experiment.py's `opt(default, help, min=, max=, choices=)` metadata; the job
-takes the dataclass, and the Click options in tftransfer/cli.py are generated from these fields (a test keeps them
-equal). Building one from keywords (`command_config`) is as strict as load_config: an unknown key or a bad type
-names the key. No TensorFlow here: --help and a bad setting come back without it.
+Every default, range and choice of `tftransfer export`, `predict` and `evaluate` (and of the others as they move
+here) is written once, in a field below with experiment.py's `opt(default, help, min=, max=, choices=)` metadata;
+the job takes the dataclass, and the Click options in tftransfer/cli.py are generated from these fields (a test
+keeps them equal). Building one from keywords (`command_config`) is as strict as load_config: an unknown key or a
+bad type names the key. No TensorFlow here: --help and a bad setting come back without it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from tftransfer.config.experiment import build_config, opt
 # A picture a few pixels wide carries no content a classifier can use (a 1x1 image upsampled to 224 px is one
 # flat colour), so its "prediction" would be noise presented as an answer. tftransfer.data.files imports it.
 MIN_IMAGE_SIDE = 8
+
+# Mirrors tftransfer.data.selection.SPLIT_SELECTORS (a test ties the two), first the default.
+SPLIT_NAMES = ("auto", "all", "train", "val", "test")
 
 # Mirrors tftransfer.serving.tflite.TFLITE_MODES (that module imports TensorFlow); a test ties the two.
 TFLITE_MODE_NAMES = ("float32", "float16", "dynamic", "int8")
@@ -53,6 +56,29 @@ class PredictCommandConfig:
     min_side: int = opt(MIN_IMAGE_SIDE, "Skip images narrower or shorter than this many pixels.", min=1)
 
 
+@dataclass(frozen=True)
+class EvaluateCommandConfig:
+    """`tftransfer evaluate MODEL --data DATA`: metrics.json, summary.md and plots of a run or an export on DATA."""
+
+    split: str = opt(SPLIT_NAMES[0], "auto: the data's own test split, else its own val split (val/ folder), else "
+                                     "all examples.", choices=SPLIT_NAMES)
+    val_split: float | None = opt(None, "Hash split fraction for --split val/train on data without a val folder "
+                                        "(default: the run's).", min=0.0, max=1.0, max_exclusive=True)
+    test_split: float | None = opt(None, "Hash split fraction for --split test on data without a test folder "
+                                         "(default: the run's).", min=0.0, max=1.0, max_exclusive=True)
+    output: Path | None = opt(None, "Output folder (default: RUN/eval/<data>-<split>, or "
+                                    "evaluations/<name>-v<version>/...).")
+    overwrite: bool = opt(False, "Replace an earlier evaluation in the output folder.")
+    top_k: int = opt(5, "k of top-k accuracy.", min=1)
+    mistakes: int = opt(10, "How many of the most confident mistakes to list.", min=0)
+    temperature: bool = opt(True, "Fit temperature scaling on validation data and report ECE/NLL before and after.")
+    batch_size: int = opt(32, "Images per batch.", min=1)
+    image_size: int | None = opt(None, "Input size, only for a SavedModel without model_card.json.", min=1)
+    tfds_data_dir: str = opt("", "TFDS data_dir for tfds:<name> data.")
+    latency_runs: int = opt(20, "Batch-1 predictions timed for the latency figures (0 = none).", min=0)
+    ece_bins: int = opt(15, "Confidence bins of the expected calibration error.", min=1)
+
+
 C = TypeVar("C")
 
 
@@ -81,6 +107,7 @@ class SettingSpec:
     min: float | None
     max: float | None
     min_exclusive: bool
+    max_exclusive: bool
     optional: bool  # None is allowed (and means "decided at run time")
     multiple: bool  # a tuple[X, ...] field
 
@@ -99,5 +126,6 @@ def setting_specs(cls: type) -> dict[str, SettingSpec]:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         meta = f.metadata
         specs[f.name] = SettingSpec(f.name, tp, default, meta.get("help", ""), meta.get("choices"), meta.get("min"),
-                                    meta.get("max"), bool(meta.get("min_exclusive")), optional, multiple)
+                                    meta.get("max"), bool(meta.get("min_exclusive")),
+                                    bool(meta.get("max_exclusive")), optional, multiple)
     return specs

@@ -23,10 +23,10 @@ from tftransfer.core.errors import ConfigError
 
 
 def _opt(default: Any, help: str, *, min: float | None = None, max: float | None = None,  # noqa: A002
-         choices: Sequence[Any] | None = None, min_exclusive: bool = False) -> Any:
+         choices: Sequence[Any] | None = None, min_exclusive: bool = False, max_exclusive: bool = False) -> Any:
     """A dataclass field carrying its documentation and validation range."""
     meta = {"help": help, "min": min, "max": max, "choices": tuple(choices) if choices else None,
-            "min_exclusive": min_exclusive}
+            "min_exclusive": min_exclusive, "max_exclusive": max_exclusive}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -303,8 +303,11 @@ def _check_range(value: Any, f: dataclasses.Field, key: str) -> None:
             raise ConfigError(f"{key}: must be > {lo}, got {value}")
         if not meta.get("min_exclusive") and value < lo:
             raise ConfigError(f"{key}: must be >= {lo}, got {value}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{key}: must be <= {hi}, got {value}")
+    if hi is not None:
+        if meta.get("max_exclusive") and not value < hi:
+            raise ConfigError(f"{key}: must be < {hi}, got {value}")
+        if not meta.get("max_exclusive") and value > hi:
+            raise ConfigError(f"{key}: must be <= {hi}, got {value}")
 
 
 def _unknown_key_error(key: str, known: Sequence[str]) -> ConfigError:

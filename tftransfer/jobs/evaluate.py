@@ -14,7 +14,8 @@ import numpy as np
 import tensorflow as tf
 
 import tftransfer
-from tftransfer.config.experiment import load_config
+from tftransfer.config.commands import EvaluateCommandConfig, command_config
+from tftransfer.config.experiment import DataConfig, load_config
 from tftransfer.core.errors import ConfigError, DataError, RunDirError
 from tftransfer.core.io import write_json
 from tftransfer.data.files import make_indexed_dataset
@@ -60,8 +61,9 @@ def load_evaluation_source(data: str, split: str, classifier: Classifier, val_sp
     if split in ("auto", "all"):
         return load_source(data, 0.0, False, tfds_data_dir, test_split=0.0)
     cfg = _run_data_config(classifier)
-    val = val_split if val_split is not None else (cfg.val_split if cfg is not None else 0.2)
-    test = test_split if test_split is not None else (cfg.test_split if cfg is not None else 0.0)
+    cfg = cfg if cfg is not None else DataConfig()
+    val = val_split if val_split is not None else cfg.val_split
+    test = test_split if test_split is not None else cfg.test_split
     stratify = bool(getattr(cfg, "stratify", False))
     return load_source(data, val, False, tfds_data_dir, test_split=test, stratify=stratify)
 
@@ -138,26 +140,25 @@ def _calibration(classifier: Classifier, y: np.ndarray, probs: np.ndarray, eval_
     return result
 
 
-def run_evaluation(model: str | Path, data: str, *, split: str = "auto", output: str | Path | None = None,
-                   overwrite: bool = False, val_split: float | None = None, test_split: float | None = None,
-                   top_k: int = 5, mistakes: int = 10,
-                   temperature: bool = True, batch_size: int = 32, image_size: int | None = None,
-                   latency_runs: int = 20, ece_bins: int = 15, tfds_data_dir: str = "", progress: bool = False
-                   ) -> EvaluationResult:
+def run_evaluation(model: str | Path, data: str, config: EvaluateCommandConfig | None = None, *,
+                   progress: bool = False, **settings: Any) -> EvaluationResult:
     """The `tftransfer evaluate` job: a run directory or SavedModel on any data source -> metrics, summary, plots.
 
-    Writes metrics.json (schema: docs/metrics_schema.md), summary.md, confusion_matrix.png and reliability.png to
-    `output` (default `default_evaluation_dir`), and for a run directory the plots as TensorBoard images under
-    <run>/logs/eval/<data>-<split>.
+    Settings come as an EvaluateCommandConfig or as its fields by keyword (`split="val"`); an unknown or
+    ill-typed one is a ConfigError naming it. Writes metrics.json (schema: docs/metrics_schema.md), summary.md,
+    confusion_matrix.png and reliability.png to `output` (default `default_evaluation_dir`), and for a run
+    directory the plots as TensorBoard images under <run>/logs/eval/<data>-<split>. `progress` draws a bar.
     """
+    cfg = command_config(EvaluateCommandConfig, config, settings)
     started = time.perf_counter()
-    classifier = load_classifier(model, image_size=image_size, batch_size=batch_size)
-    source = load_evaluation_source(data, split, classifier, val_split, test_split, tfds_data_dir)
-    examples, split_name = select_split(source, split)
+    batch_size, ece_bins = cfg.batch_size, cfg.ece_bins
+    classifier = load_classifier(model, image_size=cfg.image_size, batch_size=batch_size)
+    source = load_evaluation_source(data, cfg.split, classifier, cfg.val_split, cfg.test_split, cfg.tfds_data_dir)
+    examples, split_name = select_split(source, cfg.split)
     mapping = align_classes(classifier.class_names, source.class_names, f"{data} ({split_name})")
     label = _safe_label(f"{source.name}-{split_name}")
-    out = Path(output) if output is not None else default_evaluation_dir(classifier, label)
-    if (out / "metrics.json").exists() and not overwrite:
+    out = cfg.output if cfg.output is not None else default_evaluation_dir(classifier, label)
+    if (out / "metrics.json").exists() and not cfg.overwrite:
         raise RunDirError(f"{out} already holds an evaluation; pass --overwrite to replace it or --output DIR")
     logger.info("evaluating %s (%s) on %d %s examples of %s", classifier.path, classifier.kind, len(examples),
                 split_name, data)
@@ -165,15 +166,15 @@ def run_evaluation(model: str | Path, data: str, *, split: str = "auto", output:
     y, probs, files, seconds = _predict_split(classifier, examples, mapping[examples.labels], batch_size, progress)
     if len(y) == 0:
         raise DataError(f"none of the {len(examples)} examples of {data} could be decoded")
-    metrics = classification_metrics(y, probs, classifier.class_names, top_k=top_k, ece_bins=ece_bins)
-    sample = next(iter(make_indexed_dataset(classifier.image_size, max(latency_runs, 1),
+    metrics = classification_metrics(y, probs, classifier.class_names, top_k=cfg.top_k, ece_bins=ece_bins)
+    sample = next(iter(make_indexed_dataset(classifier.image_size, max(cfg.latency_runs, 1),
                                             paths=examples.paths, images=examples.images)))[1].numpy()
-    latency = measure_latency(classifier.predict, sample, runs=latency_runs)
+    latency = measure_latency(classifier.predict, sample, runs=cfg.latency_runs)
     calibration = _calibration(classifier, y, probs, source.root, examples, batch_size, ece_bins) \
-        if temperature else None
+        if cfg.temperature else None
 
     result = _evaluation_record(classifier, data, source, split_name, examples, y, probs, files, metrics,
-                                calibration, batch_size, seconds, latency, mistakes)
+                                calibration, batch_size, seconds, latency, cfg.mistakes)
     _write_evaluation(result, out, classifier, label, started)
     logger.info("accuracy %.4f, macro-F1 %.4f, ECE %.4f on %d images (%.1f images/s); wrote %s",
                 metrics["accuracy"], metrics["macro_f1"], metrics["ece"], len(y),
