@@ -115,6 +115,20 @@ def test_bad_input_is_a_clear_error(tmp_path, args, message):
     assert not (tmp_path / "runs" / "bad").exists()  # nothing half-written
 
 
+@pytest.mark.parametrize("name", [".", "..", "../../X", "a/b", "line\nbreak", "bell\x07"])
+def test_a_run_name_is_one_safe_folder_name(tmp_path, name):
+    data = make_colour_folder(tmp_path / "colours", per_class=3)
+    (tmp_path / "work" / "runs" / "earlier").mkdir(parents=True)
+    before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    result = CliRunner().invoke(main, ["fit", "--data", str(data), "--name", name, "--overwrite",
+                                       "--set", f"runs_dir={tmp_path / 'work' / 'runs'}",
+                                       "--set", f"export.dir={tmp_path / 'work' / 'saved_models'}", *FAST_FIT])
+    assert result.exit_code == 1, result.output
+    assert "is not usable" in result.output and "Traceback" not in result.output
+    assert len([line for line in result.output.splitlines() if "is not usable" in line]) == 1
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == before  # nothing moved/made
+
+
 def test_backbones_lists_registry():
     result = CliRunner().invoke(main, ["backbones"])
     assert result.exit_code == 0

@@ -12,7 +12,7 @@ from tftransfer.config.experiment import ExportConfig, read_yaml
 from tftransfer.core.errors import DataError, RunDirError
 from tftransfer.core.io import read_json, write_json
 from tftransfer.runs.finished import load_run_model, load_run_source, read_labels, run_image_size
-from tftransfer.runs.layout import RunDir
+from tftransfer.runs.layout import RunDir, check_run_name
 from tftransfer.serving.contract import MODEL_CARD_FILE
 from tftransfer.serving.model_card import build_model_card
 from tftransfer.serving.parity import check_parity_fresh_process, parity_inputs
@@ -59,8 +59,9 @@ def export_run(run_dir: str | Path, config: ExportCommandConfig | None = None, *
         raise RunDirError(f"{run.path} is not a tftransfer run directory (no config.yaml)")
     run_cfg = read_yaml(run.config)
     export_cfg = run_cfg.get("export") or {}
-    target = cfg.model_dir if cfg.model_dir is not None else \
-        Path(export_cfg.get("dir") or ExportConfig.dir) / str(run_cfg.get("name") or run.path.name)
+    # The run's name is one folder name under export.dir (check_run_name: a config edited to `..` is refused).
+    target = cfg.model_dir if cfg.model_dir is not None else Path(export_cfg.get("dir") or ExportConfig.dir) / \
+        check_run_name(str(run_cfg.get("name") or run.path.resolve().name), "export folder name")
     if version is not None and (target / str(version)).exists():
         raise RunDirError(f"export path {target / str(version)} already exists and exports never overwrite; "
                           f"leave out --version to write the next one ({next_version(target)})")

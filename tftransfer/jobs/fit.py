@@ -29,7 +29,7 @@ from tftransfer.evaluation.metrics import evaluate_model
 from tftransfer.model import backbones
 from tftransfer.model.classifier import build_model, get_backbone
 from tftransfer.reporting import run_summary as report
-from tftransfer.runs.layout import RunDir, create_run_dir
+from tftransfer.runs.layout import RunDir, check_run_name, create_run_dir
 from tftransfer.runtime import RuntimeInfo, configure_runtime
 from tftransfer.serving.model_card import build_model_card
 from tftransfer.serving.parity import check_parity
@@ -121,6 +121,7 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
                           "(adapt.target)")
     if not cfg.name:
         cfg = replace(cfg, name=default_run_name(cfg))
+    check_run_name(cfg.name)  # before the data is listed: runs/<name>/ and the export folder are made from it
     cfg = replace(cfg, data=replace(cfg.data, image_size=image_size))
     info = configure_runtime(cfg.runtime)  # first: strategies need a fresh TensorFlow runtime
     source = source_from_config(cfg.data)

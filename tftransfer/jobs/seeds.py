@@ -17,6 +17,7 @@ from typing import Any
 from tftransfer.config.experiment import ExperimentConfig
 from tftransfer.core.io import write_json
 from tftransfer.jobs.fit import default_run_name, run_fit
+from tftransfer.runs.layout import check_run_name
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def run_seeds(cfg: ExperimentConfig, seeds: int, overwrite: bool = False, verbos
 
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
-    name = cfg.name or default_run_name(cfg)
+    name = check_run_name(cfg.name or default_run_name(cfg))
     root = Path(cfg.runs_dir) / name
     runs = []
     for offset in range(seeds):

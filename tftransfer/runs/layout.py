@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tftransfer.core.errors import RunDirError
+from tftransfer.core.errors import ConfigError, RunDirError
+from tftransfer.core.names import path_component_problem
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +61,24 @@ class RunDir:
         return self.path / "labels.txt"
 
 
+def check_run_name(name: str, what: str = "run name") -> str:
+    """`name` when it is one safe folder name (see core.names.path_component_problem), else a one-line ConfigError.
+
+    A run name becomes runs/<name>/ and saved_models/<name>/: `.`, `..`, `../../X` or `a/b` would be a path.
+    """
+    problem = path_component_problem(name)
+    if problem:
+        raise ConfigError(f"{what} {name!r} is not usable: {problem}; a {what} becomes one folder "
+                          "(runs/<name>/, saved_models/<name>/): use letters, digits, '-', '_' and '.'")
+    return name
+
+
 def create_run_dir(runs_dir: str | Path, name: str, overwrite: bool = False) -> RunDir:
-    """Makes runs/<name>/; an existing one is refused, or with overwrite moved aside (never deleted)."""
-    path = Path(runs_dir) / name
+    """Makes runs/<name>/; an existing one is refused, or with overwrite moved aside (never deleted).
+
+    `name` must be one folder name (check_run_name): a ConfigError before anything is created otherwise.
+    """
+    path = Path(runs_dir) / check_run_name(name)
     if path.exists():
         if not overwrite:
             raise RunDirError(f"run directory {path} already exists; choose another --name, or pass --overwrite "
