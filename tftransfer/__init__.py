@@ -33,6 +33,7 @@ _JOBS = {
     "adapt": "tftransfer.jobs.adapt:run_adapt",
     "inspect": "tftransfer.data.inspect:inspect_data",
     "lr_find": "tftransfer.jobs.lr_find:run_lr_find",
+    "select": "tftransfer.jobs.select:run_select",
 }
 
 # ExportCommandConfig and the like: the settings of a job besides fit as one frozen dataclass (tftransfer.config.

@@ -44,6 +44,11 @@ format_report = lazy("tftransfer.data.inspect:format_report")
 list_backbones = lazy("tftransfer.model.backbones:list_backbones")
 get_backbone_spec = lazy("tftransfer.model.backbones:get_backbone_spec")
 describe_backbone = lazy("tftransfer.model.backbones:describe_backbone")
+run_select = lazy("tftransfer.jobs.select:run_select")
+
+# tftransfer.evaluation.transferability.SCORES, first the default (a test ties them; importing it here would load
+# scikit-learn for --help).
+SELECT_CRITERIA = ("logme", "h_score", "probe_accuracy")
 
 # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) buries the messages a user needs.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -546,6 +551,49 @@ def _echo_fit_result(metrics: dict[str, Any]) -> None:
         click.echo(f"target {adapt['target']} ({adapt['target_examples']} images, adapt {adapt['method']}): "
                    + (f"accuracy {final_target:.4f}" if final_target is not None else "unlabeled"))
     click.echo(f"summary: {Path(run['run_dir']) / 'summary.md'}   tensorboard --logdir {Path(run['run_dir']).parent}")
+
+
+@main.command("select")
+@click.option("--data", required=True, help="Labelled images: anything fit's --data takes.")
+@click.option("--candidates", required=True,
+              help="Backbones to compare: names separated by commas (NAME or NAME@SIZE, e.g. "
+                   "mobilenetv2,efficientnetb0@160), or a YAML file: a list of {backbone, weights, backbone_kwargs, "
+                   "image_size}.")
+@click.option("--weights", default="imagenet", show_default=True,
+              help="Weights of the named candidates: imagenet, none or a file (a YAML entry sets its own).")
+@click.option("--image-size", type=click.IntRange(min=0), default=0,
+              help="Input size of the named candidates without @SIZE (0: each backbone's default).")
+@click.option("--rank-by", type=click.Choice(SELECT_CRITERIA), default=SELECT_CRITERIA[0], show_default=True,
+              help="Score the table is sorted by and the pick made on.")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="Cross-validation folds of the linear probe.")
+@click.option("--max-images", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Class-stratified subsample of the train + val images above this many (0: all).")
+@click.option("--budget-seconds", type=click.FloatRange(min=0), default=0.0,
+              help="Start no further candidate after this many seconds; the rest are listed as skipped (0: none).")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="A fit config whose data and runtime settings (split, seed, cache) select uses.")
+@click.option("--name", help="Output folder runs/<name>/ (default select_<data>); never overwritten.")
+@click.option("--runs-dir", default="runs", show_default=True, help="Where the output folder is made.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True)
+@_user_errors
+@_with_probe_progress
+def select_command(data: str, candidates: str, config_path: Path | None, **options: Any) -> None:
+    """Rank backbones on DATA by transferability (LogME, H-score, linear probe) and cost; recommend one."""
+    result = run_select(data, candidates, config=config_path, **options)
+    click.echo(f"\n{'rank':>4}  {'candidate':<44} {'LogME':>8} {'H-score':>8} {'probe':>14} {'batch-1 ms':>10}")
+    for entry in result.candidates:
+        if entry.get("skipped"):
+            click.echo(f"{'-':>4}  {entry['backbone']:<44} skipped: {entry['skipped']}")
+            continue
+        probe = f"{entry['probe_accuracy']:.1%} +- {entry['probe_accuracy_std']:.1%}"
+        label = f"{entry['backbone']}@{entry['image_size']} ({Path(entry['weights']).name})"
+        click.echo(f"{entry.get('rank') or '-':>4}  {label:<44} {entry['logme']:>8.4f} {entry['h_score']:>8.3f} "
+                   f"{probe:>14} {entry['latency_batch1_ms']:>10.1f}")
+    if result.recommendation:
+        click.echo(f"\nrecommendation: {result.recommendation['text']}\n  {result.recommendation['fit_command']}")
+    click.echo(f"report: {result.run_dir / 'select.md'}")
 
 
 @main.group("data")

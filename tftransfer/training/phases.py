@@ -28,6 +28,7 @@ from tftransfer.data.pipeline import Datasets
 from tftransfer.model import backbones
 from tftransfer.model.classifier import BOTTLENECK_LAYER, HEAD_LAYER, POOL_LAYER, alignment_layer, build_inference_fn
 from tftransfer.model.features import (
+    FeatureSet,
     build_chain,
     build_feature_extractor,
     build_head_model,
@@ -117,6 +118,30 @@ class FeatureCacheSpec:
     cache_dir: Path | None
 
 
+def phase1_feature_sets(extractor: Callable[[Any], np.ndarray], views: int, data: Datasets,
+                        cache: FeatureCacheSpec, seed: int) -> tuple[FeatureSet, FeatureSet | None]:
+    """The train (`views` per image) and val pooled features phase 1 trains on, through the feature cache.
+
+    `tftransfer select` calls this too (views=1), so the phase 1 of a later fit of the chosen backbone on the same
+    data reads the features select computed.
+    """
+    views = views if data.augmenter is not None else 1
+    # Random weights (key part "seed") depend on the seed even when no view is augmented.
+    parts = {**cache.key_parts,
+             "augment": f"{AUGMENT_VERSION} {data.augmenter.get_config()}" if views > 1 else None,
+             "seed": seed if views > 1 else cache.key_parts.get("seed")}
+    # View 1 is always the clean image; further views go through the training augmenter.
+    train_views = [data.ordered_train(augment=False)] + [data.ordered_train(augment=True)] * (views - 1)
+    train_set = cached_features(extractor, train_views, data.source.train, parts, cache.cache_dir, what="train")
+    val_set = None
+    if data.val is not None and data.source.val is not None:
+        # Validation images are never augmented: their key leaves out the training views' settings, so changing
+        # feature_cache_views does not recompute them.
+        val_set = cached_features(extractor, [data.val], data.source.val, cache.key_parts, cache.cache_dir,
+                                  what="val")
+    return train_set, val_set
+
+
 def head_on_features(model: keras.Model, head: HeadConfig, data: Datasets, cache: FeatureCacheSpec,
                       seed: int, target: TargetDomain | None = None,
                       data_cfg: DataConfig | None = None) -> PhaseInputs:
@@ -126,18 +151,9 @@ def head_on_features(model: keras.Model, head: HeadConfig, data: Datasets, cache
     if data.augmenter is not None and views == 1:
         logger.info("phase head trains on cached features of un-augmented images "
                     "(set phases.head.feature_cache_views > 1 for augmented views, or feature_cache=false)")
-    parts = {**cache.key_parts,
-             "augment": f"{AUGMENT_VERSION} {data.augmenter.get_config()}" if views > 1 else None,
-             "seed": seed if views > 1 else None}
-    # View 1 is always the clean image; further views go through the training augmenter.
-    train_views = [data.ordered_train(augment=False)] + [data.ordered_train(augment=True)] * (views - 1)
-    train_set = cached_features(extractor, train_views, data.source.train, parts, cache.cache_dir, what="train")
+    train_set, val_set = phase1_feature_sets(extractor, views, data, cache, seed)
     val_ds = None
-    if data.val is not None and data.source.val is not None:
-        # Validation images are never augmented: their key leaves out the training views' settings, so changing
-        # feature_cache_views does not recompute them.
-        val_set = cached_features(extractor, [data.val], data.source.val, cache.key_parts, cache.cache_dir,
-                                  what="val")
+    if val_set is not None:
         val_ds = features_dataset(val_set.features, val_set.labels, data.batch_size, training=False,
                                   shuffle_buffer=1, seed=seed)
     train_ds = features_dataset(train_set.features, train_set.labels, data.batch_size, training=True,
