@@ -12,6 +12,7 @@ import pytest
 
 from tftransfer import cli
 from tftransfer.config.commands import (
+    DomainCommandConfig,
     EvaluateCommandConfig,
     ExportCommandConfig,
     PredictCommandConfig,
@@ -25,6 +26,7 @@ COMMAND_CONFIGS = {
     "export": (ExportCommandConfig, set()),
     "predict": (PredictCommandConfig, {"csv_path", "json_path"}),
     "evaluate": (EvaluateCommandConfig, {"data", "progress"}),
+    "domain": (DomainCommandConfig, set()),
 }
 
 
@@ -104,3 +106,22 @@ def test_an_exclusive_maximum_is_checked():
     with pytest.raises(ConfigError, match="val_split: must be < 1.0, got 1.0"):
         command_config(EvaluateCommandConfig, settings={"val_split": 1})
     assert command_config(EvaluateCommandConfig, settings={"val_split": "0.5"}).val_split == 0.5
+
+
+def test_lists_come_as_comma_separated_text_lists_or_tuples():
+    cfg = command_config(DomainCommandConfig, settings={"corruptions": "fog, snow", "severities": [3, "5"],
+                                                        "adapt": "all", "adapt_severities": ""})
+    assert (cfg.corruptions, cfg.severities, cfg.adapt, cfg.adapt_severities) == (("fog", "snow"), (3, 5), ("all",), ())
+    with pytest.raises(ConfigError, match=r"severities\[1\]: expected int, got 'x'"):
+        command_config(DomainCommandConfig, settings={"severities": "1,x"})
+    with pytest.raises(ConfigError, match="folds: must be >= 2"):
+        command_config(DomainCommandConfig, settings={"folds": 1})
+
+
+def test_domain_options_parse_lists(tmp_path):
+    ctx = cli.main.commands["domain"].make_context("domain", [str(tmp_path), "--severities", "3,5", "--adapt",
+                                                              "adabn,tent", "--corruptions", "all"])
+    assert ctx.params["severities"] == (3, 5) and ctx.params["adapt"] == ("adabn", "tent")
+    assert ctx.params["corruptions"] == ("all",) and ctx.params["adapt_severities"] == ()
+    with pytest.raises(click.BadParameter, match="comma-separated int"):
+        cli.main.commands["domain"].make_context("domain", [str(tmp_path), "--severities", "3,five"])

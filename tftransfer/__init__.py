@@ -18,7 +18,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tftransfer.config.commands import EvaluateCommandConfig, ExportCommandConfig, PredictCommandConfig
+from tftransfer.config.commands import (
+    DomainCommandConfig,
+    EvaluateCommandConfig,
+    ExportCommandConfig,
+    PredictCommandConfig,
+)
 from tftransfer.config.experiment import ExperimentConfig, load_config
 from tftransfer.core.lazy import resolve
 
@@ -38,8 +43,8 @@ _JOBS = {
 
 # ExportCommandConfig and the like: the settings of a job besides fit as one frozen dataclass (tftransfer.config.
 # commands); each job takes one, or its fields as keywords.
-__all__ = ["ExperimentConfig", "EvaluateCommandConfig", "ExportCommandConfig", "PredictCommandConfig", "fit",
-           "load_config", *_JOBS]
+__all__ = ["ExperimentConfig", "DomainCommandConfig", "EvaluateCommandConfig", "ExportCommandConfig",
+           "PredictCommandConfig", "fit", "load_config", *_JOBS]
 
 
 def fit(config: str | Path | ExperimentConfig | None = None, *, values: Mapping[str, Any] | None = None,

@@ -15,6 +15,7 @@ import click
 
 from tftransfer import __version__
 from tftransfer.config.commands import (
+    DomainCommandConfig,
     EvaluateCommandConfig,
     ExportCommandConfig,
     PredictCommandConfig,
@@ -145,8 +146,27 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+class _CommaList(click.ParamType):
+    """'1,3,5' -> (1, 3, 5) for a tuple[int, ...] config field; '' -> (); a tuple (the default) stays."""
+
+    def __init__(self, item: type) -> None:
+        self.item = item
+        one = {str: "TEXT", int: "INT", float: "FLOAT"}.get(item, item.__name__.upper())
+        self.name = f"{one}[,{one}...]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(self.item(v.strip()) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(f"expected comma-separated {self.item.__name__} values, got {value!r}", param, ctx)
+
+
 def _click_type(spec: SettingSpec) -> Any:
     """The Click parameter type of a config field: its choices, its range, or its plain type."""
+    if spec.multiple:
+        return _CommaList(spec.type)
     if spec.choices:
         return click.Choice(list(spec.choices))
     if spec.type in (int, float) and (spec.min is not None or spec.max is not None):
@@ -171,7 +191,7 @@ def config_option(cls: type, name: str, *decls: str, **extra: Any) -> Callable[[
         kwargs.update(default=spec.default, is_flag=True, show_default=bool(spec.default))
     else:
         kwargs.update(type=_click_type(spec), default=spec.default,
-                      show_default=spec.default is not None and spec.default != "")
+                      show_default=spec.default not in (None, "", ()))
     kwargs.update(extra)
     return click.option(*(decls or (flag,)), name, **kwargs)
 
@@ -303,53 +323,31 @@ def fit_command(config_path: Path | None, overrides: tuple[str, ...], overwrite:
     _echo_fit_result(run_fit(cfg, overwrite=overwrite, verbose=verbose).metrics)
 
 
-def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
-    """'1,3,5' -> (1, 3, 5); an empty string -> ()."""
-    try:
-        return tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-
-
 @main.command("domain")
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
-@click.option("--source", help="Source data (default: the run's own data, its held-out split).")
-@click.option("--target", help="Target data: image folder, manifest (#domain=NAME), tfds:<name>, builtin:<name>.")
-@click.option("--target-unlabeled", is_flag=True,
-              help="Ignore target labels (a folder may then hold images in any layout).")
-@click.option("--corruptions", default="", help="Corruption suite on the source: all, or names separated by commas.")
-@click.option("--severities", default="1,2,3,4,5", show_default=True, callback=_int_list,
-              help="Corruption severities to evaluate.")
-@click.option("--adapt", default="", help="Adaptation methods on the target: adabn,adabn-aligned,bn-batch,tent "
-                                          "or all.")
-@click.option("--adapt-severities", default="", callback=_int_list,
-              help="Also run the --adapt methods on corrupted source images at these severities, e.g. 3,5.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder (default: MODEL/domain).")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size (default: the run's).")
-@click.option("--max-images", type=click.IntRange(min=0), default=2000, show_default=True,
-              help="Random subsample of each domain above this many images (0: all).")
-@click.option("--permutations", type=click.IntRange(min=1), default=1000, show_default=True,
-              help="Permutations of the MMD test.")
-@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
-              help="Cross-validation folds of the proxy A-distance.")
-@click.option("--tsne", is_flag=True, help="Also draw a t-SNE map of the features (slower than PCA).")
-@click.option("--self-check/--no-self-check", default=True, show_default=True,
-              help="Also adapt each method to the source itself and report its source accuracy.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@config_option(DomainCommandConfig, "source")
+@config_option(DomainCommandConfig, "target")
+@config_option(DomainCommandConfig, "target_unlabeled")
+@config_option(DomainCommandConfig, "corruptions")
+@config_option(DomainCommandConfig, "severities")
+@config_option(DomainCommandConfig, "adapt")
+@config_option(DomainCommandConfig, "adapt_severities")
+@config_option(DomainCommandConfig, "out_dir", "--out", type=click.Path(file_okay=False, path_type=Path))
+@config_option(DomainCommandConfig, "batch_size")
+@config_option(DomainCommandConfig, "max_images")
+@config_option(DomainCommandConfig, "permutations")
+@config_option(DomainCommandConfig, "folds")
+@config_option(DomainCommandConfig, "tsne")
+@config_option(DomainCommandConfig, "self_check")
+@config_option(DomainCommandConfig, "seed")
 @_user_errors
 @_with_probe_progress
-def domain_command(model: Path, source: str | None, target: str | None, target_unlabeled: bool, corruptions: str,
-                   severities: tuple[int, ...], adapt: str, adapt_severities: tuple[int, ...], out_dir: Path | None,
-                   batch_size: int | None, max_images: int, permutations: int, folds: int, tsne: bool,
-                   self_check: bool, seed: int) -> None:
+def domain_command(model: Path, **settings: Any) -> None:
     """How MODEL (a run directory) fares on another domain: shift measures, corruptions, cheap adaptation."""
-    if target is None and not corruptions:
+    cfg = command_config(DomainCommandConfig, settings=settings)
+    if cfg.target is None and not cfg.corruptions:
         raise click.UsageError("nothing to measure: give --target DATA and/or --corruptions all")
-    result = run_domain(model, source, target, target_unlabeled=target_unlabeled, corruptions=corruptions,
-                        severities=severities, adapt=adapt, adapt_severities=adapt_severities, out_dir=out_dir,
-                        batch_size=batch_size, max_images=max_images, seed=seed, folds=folds,
-                        permutations=permutations, tsne=tsne, self_check=self_check)
+    result = run_domain(model, cfg)
     _echo_domain(result.report, result.out_dir)
 
 

@@ -1,10 +1,10 @@
 """The settings of the commands other than fit: one frozen dataclass each, strict like the experiment config.
 
-Every default, range and choice of `tftransfer export`, `predict` and `evaluate` (and of the others as they move
-here) is written once, in a field below with experiment.py's `opt(default, help, min=, max=, choices=)` metadata;
-the job takes the dataclass, and the Click options in tftransfer/cli.py are generated from these fields (a test
-keeps them equal). Building one from keywords (`command_config`) is as strict as load_config: an unknown key or a
-bad type names the key. No TensorFlow here: --help and a bad setting come back without it.
+Every default, range and choice of `tftransfer export`, `predict`, `evaluate` and `domain` is written once, in a
+field below with experiment.py's `opt(default, help, min=, max=, choices=)` metadata; the job takes the dataclass
+(or its fields as keywords), and the Click options in tftransfer/cli.py are generated from these fields (a test
+keeps them equal). Building one (`command_config`) is as strict as load_config: an unknown key or a bad type,
+range or choice names the key. No TensorFlow here: --help and a bad setting come back without it.
 """
 
 from __future__ import annotations
@@ -77,6 +77,28 @@ class EvaluateCommandConfig:
     tfds_data_dir: str = opt("", "TFDS data_dir for tfds:<name> data.")
     latency_runs: int = opt(20, "Batch-1 predictions timed for the latency figures (0 = none).", min=0)
     ece_bins: int = opt(15, "Confidence bins of the expected calibration error.", min=1)
+
+
+@dataclass(frozen=True)
+class DomainCommandConfig:
+    """`tftransfer domain MODEL`: shift measures, corruptions and cheap adaptation of a run on another domain."""
+
+    source: str | None = opt(None, "Source data (default: the run's own data, its held-out split).")
+    target: str | None = opt(None, "Target data: image folder, manifest (#domain=NAME), tfds:<name>, builtin:<name>.")
+    target_unlabeled: bool = opt(False, "Ignore target labels (a folder may then hold images in any layout).")
+    corruptions: tuple[str, ...] = opt((), "Corruption suite on the source: all, or names separated by commas.")
+    severities: tuple[int, ...] = opt((1, 2, 3, 4, 5), "Corruption severities to evaluate.")
+    adapt: tuple[str, ...] = opt((), "Adaptation methods on the target: adabn,adabn-aligned,bn-batch,tent or all.")
+    adapt_severities: tuple[int, ...] = opt((), "Also run the --adapt methods on corrupted source images at these "
+                                                "severities, e.g. 3,5.")
+    out_dir: Path | None = opt(None, "Output folder (default: MODEL/domain).")
+    batch_size: int | None = opt(None, "Batch size (default: the run's).", min=1)
+    max_images: int = opt(2000, "Random subsample of each domain above this many images (0: all).", min=0)
+    permutations: int = opt(1000, "Permutations of the MMD test.", min=1)
+    folds: int = opt(5, "Cross-validation folds of the proxy A-distance.", min=2)
+    tsne: bool = opt(False, "Also draw a t-SNE map of the features (slower than PCA).")
+    self_check: bool = opt(True, "Also adapt each method to the source itself and report its source accuracy.")
+    seed: int = opt(0, "Seed of the subsamples and of every randomised measure.", min=0)
 
 
 C = TypeVar("C")

@@ -277,8 +277,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _coerce_tuple(value: Any, tp: Any, key: str) -> tuple[Any, ...]:
-    """A homogeneous `tuple[X, ...]` from a list or tuple, each item coerced to X (the key names the item)."""
+    """A homogeneous `tuple[X, ...]` from a list, a tuple or a comma-separated string ("1,3,5", "" = empty), each
+    item coerced to X (the key names the item)."""
     args = typing.get_args(tp)
+    if isinstance(value, str):
+        value = [item.strip() for item in value.split(",") if item.strip()]
     if not isinstance(value, (list, tuple)):
         raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__})")
     if not args:

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from tftransfer.config.commands import DomainCommandConfig, command_config
+from tftransfer.config.experiment import DataConfig
 from tftransfer.core.errors import DataError
 from tftransfer.core.io import write_json
 from tftransfer.domain import adapters as adapters_mod
@@ -34,7 +36,7 @@ from tftransfer.runs.finished import FinishedRun, load_run
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-DEFAULT_MAX_IMAGES = 2000
+DEFAULT_MAX_IMAGES = DomainCommandConfig.max_images  # jobs.adapt subsamples as the domain report does
 
 
 @dataclass
@@ -167,38 +169,36 @@ def _feature_map(source_features: np.ndarray, target_features: np.ndarray | None
     return maps
 
 
-def run_domain(model: str | Path, source: str | None = None, target: str | None = None, *,
-               target_unlabeled: bool = False, corruptions: str | Sequence[str] = (),
-               severities: Sequence[int] = (1, 2, 3, 4, 5), adapt: str | Sequence[str] = (),
-               adapt_severities: Sequence[int] = (), out_dir: str | Path | None = None, batch_size: int | None = None,
-               max_images: int = DEFAULT_MAX_IMAGES, seed: int = 0, folds: int = 5, permutations: int = 1000,
-               tsne: bool = False, self_check: bool = True) -> DomainResult:
+def run_domain(model: str | Path, config: DomainCommandConfig | None = None, **settings: Any) -> DomainResult:
     """The domain report of a run directory; see the module docstring.
 
-    source defaults to the run's own data (its held-out split); target is labeled unless target_unlabeled. Without
-    a target, only the corruption suite runs. `adapt` methods (adapters.list_adapters) need a target, or
-    adapt_severities to run on corrupted source images.
+    Settings come as a DomainCommandConfig or as its fields by keyword (`target="photos/"`, `adapt="all"`); an
+    unknown or ill-typed one is a ConfigError naming it. source defaults to the run's own data (its held-out
+    split); target is labeled unless target_unlabeled. Without a target, only the corruption suite runs. `adapt`
+    methods (adapters.list_adapters) need a target, or adapt_severities to run on corrupted source images.
     """
-
+    cfg = command_config(DomainCommandConfig, config, settings)
+    source, target, seed = cfg.source, cfg.target, cfg.seed
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    corruption_names = corruptions_mod.resolve_corruptions(corruptions) if corruptions else []
-    methods = adapters_mod.resolve_adapters(adapt) if adapt else []
-    _check_request(target, corruption_names, methods, severities, adapt_severities)
+    corruption_names = corruptions_mod.resolve_corruptions(cfg.corruptions) if cfg.corruptions else []
+    methods = adapters_mod.resolve_adapters(cfg.adapt) if cfg.adapt else []
+    _check_request(target, corruption_names, methods, cfg.severities, cfg.adapt_severities)
 
     run = load_run(model)
     if methods:
         # Fail now, not after minutes of feature extraction: every method here adapts BatchNorm.
 
         require_batchnorm(run.model, f"--adapt {','.join(methods)}")
-    batch_size = int(batch_size or (run.data_config.batch_size if run.data_config else 32))
+    batch_size = int(cfg.batch_size or (run.data_config.batch_size if run.data_config else DataConfig.batch_size))
     source_spec = source or (run.data_config.path if run.data_config else "")
     if not source_spec:
         raise DataError(f"no source data: {run.path}/config.yaml names none; pass --source")
 
     t0 = time.perf_counter()
-    src = _load_source(run, source_spec, source is not None, batch_size, max_images, seed)
-    tgt = _load_target(run, target, target_unlabeled, batch_size, max_images, seed) if target is not None else None
+    src = _load_source(run, source_spec, source is not None, batch_size, cfg.max_images, seed)
+    tgt = _load_target(run, target, cfg.target_unlabeled, batch_size, cfg.max_images, seed) \
+        if target is not None else None
     timings["load_data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -209,16 +209,16 @@ def run_domain(model: str | Path, source: str | None = None, target: str | None 
         tgt_feat, tgt_probs = features_and_probs(run.model, tgt.images, batch_size)
         timings["features"] = time.perf_counter() - t0
         report.update(_target_sections(run, target, tgt, tgt_feat, tgt_probs, src, src_feat, src_probs,
-                                       report["source"]["metrics"], methods, batch_size, seed, folds, permutations,
-                                       self_check, timings))
+                                       report["source"]["metrics"], methods, batch_size, seed, cfg.folds,
+                                       cfg.permutations, cfg.self_check, timings))
     if corruption_names:
         t0 = time.perf_counter()
-        report["corruptions"] = _corruption_suite(run, src, corruption_names, list(severities), batch_size, seed,
-                                                  methods, list(adapt_severities))
+        report["corruptions"] = _corruption_suite(run, src, corruption_names, list(cfg.severities), batch_size, seed,
+                                                  methods, list(cfg.adapt_severities))
         timings["corruptions"] = time.perf_counter() - t0
 
-    out = Path(out_dir) if out_dir is not None else run.path / "domain"
-    _write_report(report, out, src, tgt, src_feat, tgt_feat, tgt_probs, tsne, seed, timings, started)
+    out = cfg.out_dir if cfg.out_dir is not None else run.path / "domain"
+    _write_report(report, out, src, tgt, src_feat, tgt_feat, tgt_probs, cfg.tsne, seed, timings, started)
     return DomainResult(out_dir=out, report=report)
 
 
