@@ -70,6 +70,20 @@ def test_fixed_point_finds_the_evidence_maximum():
     assert tr.maximise_evidence(s, u.T @ noise, float(noise @ noise), n, d).value < found.value - 0.5
 
 
+@pytest.mark.parametrize("n,d", [(50, 200), (200, 20)])
+def test_logme_through_the_smaller_gram_matrix_equals_the_svd_route(n, d):
+    """logme_per_class takes U and s from the N x N (or D x D) eigenproblem; the evidence is the SVD's."""
+    rng = np.random.default_rng(6)
+    f = np.abs(rng.normal(size=(n, d)))
+    labels = rng.integers(0, 3, n)
+    u, s, _ = np.linalg.svd(f, full_matrices=False)
+    for label, found in zip(range(3), tr.logme_per_class(f, labels)):
+        y = (labels == label).astype(float)
+        direct = tr.maximise_evidence(s, u.T @ y, float(y @ y), n, d)
+        assert found.value == pytest.approx(direct.value, rel=1e-8)
+        assert found.alpha == pytest.approx(direct.alpha, rel=1e-6)
+
+
 @pytest.mark.parametrize("n,d", [(300, 64), (90, 256)])  # more images than dimensions, and fewer
 def test_logme_and_h_score_tell_informative_features_from_random_ones(n, d):
     features, labels = _informative(np.random.default_rng(2), n, d)
@@ -256,3 +270,23 @@ def test_select_api_budget_skips_later_candidates(tmp_path):
     assert found.recommendation is not None and "tiny@32" in found.recommendation["candidate"]
     with pytest.raises(RunDirError):
         run_select(str(data), "tiny@32", weights="none", runs_dir=tmp_path / "runs", name=found.run_dir.name)
+
+
+def test_bad_data_fails_before_the_run_folder_and_a_broken_candidate_is_left_out(tmp_path):
+    result = CliRunner().invoke(main, _select_args(tmp_path, tmp_path / "no_such_folder"))
+    assert result.exit_code == 1 and "no_such_folder" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "runs" / "pick").exists()
+
+    data = make_colour_folder(tmp_path / "colours", per_class=6)
+    (tmp_path / "broken.weights.h5").write_bytes(b"not an HDF5 file")
+    found = run_select(str(data), [{"backbone": "tiny", "weights": str(tmp_path / "broken.weights.h5"),
+                                    "image_size": 32}, "tiny@32"], weights="none", runs_dir=tmp_path / "runs",
+                       cache_dir=str(tmp_path / "cache"), folds=2, latency_runs=2)
+    broken, good = sorted(found.candidates, key=lambda c: c["weights"] == "none")
+    assert "broken.weights.h5" in broken["error"] and broken.get("rank") is None
+    assert good["rank"] == 1 and "tiny@32 (none)" in found.recommendation["candidate"]
+    assert "error: " in (found.run_dir / "select.md").read_text()
+    with pytest.raises(BackboneError, match="no candidate could be built"):
+        run_select(str(data), [{"backbone": "tiny", "weights": str(tmp_path / "broken.weights.h5")}],
+                   runs_dir=tmp_path / "runs", name="none_built", cache_dir=str(tmp_path / "cache"))
+    assert json.loads((tmp_path / "runs" / "none_built" / "select.json").read_text())["candidates"][0]["error"]

@@ -582,8 +582,9 @@ def select_command(data: str, candidates: str, config_path: Path | None, **optio
     result = run_select(data, candidates, config=config_path, **options)
     click.echo(f"\n{'rank':>4}  {'candidate':<44} {'LogME':>8} {'H-score':>8} {'probe':>14} {'batch-1 ms':>10}")
     for entry in result.candidates:
-        if entry.get("skipped"):
-            click.echo(f"{'-':>4}  {entry['backbone']:<44} skipped: {entry['skipped']}")
+        if entry.get("skipped") or entry.get("error"):
+            why = f"skipped: {entry['skipped']}" if entry.get("skipped") else "error (see select.md)"
+            click.echo(f"{'-':>4}  {entry['backbone']:<44} {why}")
             continue
         probe = f"{entry['probe_accuracy']:.1%} +- {entry['probe_accuracy_std']:.1%}"
         label = f"{entry['backbone']}@{entry['image_size']} ({Path(entry['weights']).name})"

@@ -29,6 +29,7 @@ from tftransfer.core.errors import BackboneError, ConfigError, TfTransferError
 from tftransfer.core.io import write_json
 from tftransfer.data.pipeline import Datasets, make_split_dataset
 from tftransfer.data.sources import Split
+from tftransfer.data.specs import source_from_config
 from tftransfer.evaluation.transferability import SCORES, score_features
 from tftransfer.jobs.fit import feature_cache_spec, prepare_experiment
 from tftransfer.model import backbones
@@ -124,10 +125,9 @@ def parse_candidates(candidates: str | Path | Sequence[Any], weights: str = "ima
     elif isinstance(candidates, str):
         found, where = _from_names(candidates, weights, image_size), "--candidates"
     else:
-        found = [c if isinstance(c, BackboneCandidate) else
-                 _entry_from_mapping(c if not isinstance(c, str) else {"backbone": c, "weights": weights,
-                                                                      "image_size": image_size},
-                                     f"candidates[{i}]", None) for i, c in enumerate(candidates)]
+        found = [c if isinstance(c, BackboneCandidate) else _from_names(c, weights, image_size)[0]
+                 if isinstance(c, str) else _entry_from_mapping(c, f"candidates[{i}]", None)
+                 for i, c in enumerate(candidates)]
         where = "candidates"
     if not found:
         raise ConfigError(f"{where}: no candidates given")
@@ -342,16 +342,21 @@ def _prepare(data: str, candidates: Any, weights: str, image_size: int, rank_by:
                               "twice")
         seen.add(key)
     base = load_config(config) if config else None
-    return found, [candidate_config(c, data, base, settings) for c in found]
+    configs = [candidate_config(c, data, base, settings) for c in found]
+    source_from_config(configs[0].data)  # a data error now, before the run folder exists
+    return found, configs
 
 
 def _run_one(candidate: BackboneCandidate, cfg: ExperimentConfig, index: int, total: int, max_images: int,
-             folds: int, latency_runs: int) -> tuple[dict[str, Any], Datasets]:
-    """One candidate, its errors named after it."""
+             folds: int, latency_runs: int) -> tuple[dict[str, Any], Datasets | None]:
+    """One candidate, its errors named after it; one that cannot be built is an entry with its `error`."""
     label = candidate_label(vars(candidate))
     logger.info("select %d/%d: %s", index + 1, total, label)
     try:
         entry, seen = _score_candidate(candidate, cfg, max_images, folds, latency_runs)
+    except BackboneError as exc:  # this candidate cannot be built (e.g. a weights file of another alpha): the
+        logger.error("candidate %d (%s) left out: %s", index + 1, label, exc)  # others are still compared
+        return {**vars(candidate), "error": str(exc)}, None
     except TfTransferError as exc:
         raise type(exc)(f"candidate {index + 1} ({label}): {exc}") from None
     finally:
@@ -385,11 +390,16 @@ def run_select(data: str, candidates: str | Path | Sequence[Any], *, weights: st
         if budget_seconds and i > 0 and time.perf_counter() - started >= budget_seconds:
             entries.append({**vars(candidate), "skipped": f"budget of {budget_seconds:g} s spent"})
             continue
-        entry, seen = _run_one(candidate, cfg, i, len(found), max_images, folds, latency_runs)
+        entry, data_seen = _run_one(candidate, cfg, i, len(found), max_images, folds, latency_runs)
         entries.append(entry)
+        seen = data_seen or seen
     rank_candidates(entries, rank_by)
     recommendation = recommend(entries, rank_by, data, config)
     report = _write_report(run, entries, recommendation, seen, data, rank_by, folds, max_images, started)
+    if seen is None and any(e.get("error") for e in entries):
+        first = next(e for e in entries if e.get("error"))
+        raise BackboneError(f"no candidate could be built ({run.path / 'select.json'} lists why); candidate 1: "
+                            f"{first['error']}")
     if recommendation:
         logger.info("recommendation: %s\n  %s", recommendation["text"], recommendation["fit_command"])
     return SelectResult(run.path, entries, recommendation, report)

@@ -22,8 +22,9 @@ def candidate_label(entry: dict[str, Any]) -> str:
 
 
 def _table_row(entry: dict[str, Any]) -> str:
-    if entry.get("skipped"):
-        return f"| - | {candidate_label(entry)} | skipped: {entry['skipped']} |" + " |" * 9
+    if entry.get("skipped") or entry.get("error"):
+        why = f"skipped: {entry['skipped']}" if entry.get("skipped") else f"error: {entry['error']}"
+        return f"| - | {candidate_label(entry)} | {why.replace('|', '/')} |" + " |" * 8
     acc = entry.get("probe_accuracy")
     probe = "-" if acc is None else f"{acc:.1%} +- {entry.get('probe_accuracy_std') or 0:.1%}"
     params = entry.get("params")
