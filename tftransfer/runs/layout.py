@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 from tftransfer.core.errors import ConfigError, RunDirError
 from tftransfer.core.names import path_component_problem
@@ -76,20 +84,75 @@ def check_run_name(name: str, what: str = "run name") -> str:
 def create_run_dir(runs_dir: str | Path, name: str, overwrite: bool = False) -> RunDir:
     """Makes runs/<name>/; an existing one is refused, or with overwrite moved aside (never deleted).
 
-    `name` must be one folder name (check_run_name): a ConfigError before anything is created otherwise.
+    `name` must be one folder name (check_run_name): a ConfigError before anything is created otherwise. The run
+    folder is made with one `mkdir` that fails when it exists: that is the lock, so of two processes started at
+    the same instant with the same name exactly one gets the new folder and the other a RunDirError (checking
+    first and then `mkdir(exist_ok=True)` gave both of them the same "new" folder). With overwrite, moving the old
+    run aside and making the new folder happen under an exclusive lock on runs_dir, and only the run that was
+    there when the call began is moved: never the new folder another process made meanwhile.
     """
     path = Path(runs_dir) / check_run_name(name)
-    if path.exists():
-        if not overwrite:
-            raise RunDirError(f"run directory {path} already exists; choose another --name, or pass --overwrite "
-                              f"(the old run is kept as {path}.replaced-<time>)")
-        backup = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        path.rename(backup)
-        logger.warning("moved the previous run %s to %s", path, backup)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        seen = _inode(path)
+        with _folder_lock(path.parent):
+            now = _inode(path)
+            if now is not None and now != seen:
+                raise RunDirError(f"run directory {path} was created by another process just now (a run started "
+                                  "at the same moment with the same --name); choose another --name")
+            if now is not None:
+                _move_aside(path)
+            _make_new(path)
+    else:
+        _make_new(path)
     run = RunDir(path)
-    for sub in (run.path, run.logs, run.checkpoints):
-        sub.mkdir(parents=True, exist_ok=True)
+    for sub in (run.logs, run.checkpoints):
+        sub.mkdir(exist_ok=True)
     return run
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of `path`, or None when it does not exist: tells a folder from one made in its place."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive flock on the folder itself while the block runs (released by the OS if the process dies).
+
+    Where there is no fcntl (Windows), no lock: the exclusive mkdir still gives a new folder to one process only.
+    """
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _make_new(path: Path) -> None:
+    try:
+        path.mkdir()
+    except FileExistsError:
+        raise RunDirError(f"run directory {path} already exists; choose another --name, or pass --overwrite "
+                          f"(the old run is kept as {path}.replaced-<time>)") from None
+
+
+def _move_aside(path: Path) -> None:
+    """Renames a run to <name>.replaced-<time>[-n], a name no other folder has."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    backup, n = path.with_name(f"{path.name}.replaced-{stamp}"), 1
+    while _inode(backup) is not None:
+        backup, n = path.with_name(f"{path.name}.replaced-{stamp}-{n}"), n + 1
+    path.rename(backup)
+    logger.warning("moved the previous run %s to %s", path, backup)
 
 
 def is_saved_model_dir(path: str | Path) -> bool:
