@@ -6,8 +6,9 @@ Source runs: MobileNetV2 alpha 0.5 (real ImageNet weights) at 224 px, head train
   jpeg_compression, pixelate), the labels hidden from adaptation;
 - near: Office-31 dslr -> webcam (D->W) and webcam -> dslr (W->D).
 For each task and seed, one `adapt_in_memory(method="auto")` gives the target predictions of every candidate
-(none = the fitted run unadapted, adabn-aligned, source-only / mcc / cdan-e heads on aligned features) and the
-validator's pick; a second call runs SHOT (source-free). Target labels only score the results here, and each
+(none = the fitted run unadapted, adabn-aligned, the run's head trained further with source-only / mcc / cdan-e on
+aligned features) and the validator's pick; a second call runs SHOT (source-free); ablations: MCC with a new head,
+MCC and SHOT without the aligned statistics. Target labels only score the results here, and each
 validator's pick is compared with the oracle (the best candidate by target accuracy).
 
     python benchmarks/hard_shift_adapt.py [--seeds 3] [--tasks hard,near] [--quick] [--out FILE]
@@ -77,13 +78,39 @@ def score(run: Any, inputs: Any, labels: np.ndarray, seed: int) -> dict[str, Any
     started = time.perf_counter()
     source_free = adapt_in_memory(run, inputs, "shot", recipe)
     shot_seconds = time.perf_counter() - started
-    probs = {**auto.probs, "shot": source_free.probs["shot"]}
+    probs = {**auto.probs, "shot": source_free.probs["shot"], **ablations(run, inputs, recipe)}
     accuracy = {name: float(np.mean(p.argmax(1) == labels)) for name, p in probs.items()}
     reference = Candidate(NO_ADAPTATION, probs[NO_ADAPTATION])
     pool = [Candidate(n, p) for n, p in auto.probs.items() if n != NO_ADAPTATION]
     picks = {name: choose(pool, reference, name).chosen for name in VALIDATORS if name != "dev"}
     return {"accuracy": accuracy, "auto": auto.method, "auto_accuracy": accuracy[auto.method], "picks": picks,
             "oracle": max(accuracy, key=accuracy.get), "seconds": {"auto": auto_seconds, "shot": shot_seconds}}
+
+
+def ablations(run: Any, inputs: Any, recipe: Any) -> dict[str, np.ndarray]:
+    """Which ingredient matters: MCC with a new head instead of the run's, MCC and SHOT without the aligned
+    BatchNorm statistics (target features through the stored, ImageNet, statistics)."""
+    from dataclasses import replace
+
+    from tftransfer.domain.adapters import adabn_model
+    from tftransfer.evaluation.inference import predict_outputs
+    from tftransfer.jobs.adapt import head_of_run
+    from tftransfer.model.features import build_feature_extractor
+    from tftransfer.training.adaptation.feature_head import shot, train_head
+
+    def features(model: Any, images: np.ndarray) -> np.ndarray:
+        return predict_outputs(build_feature_extractor(model), images, 32)
+
+    aligned, _ = adabn_model(run.model, inputs.target, 32, source_moments=inputs.source_moments)
+    fs, ft_aligned, ft_plain = (features(run.model, inputs.source_train.images), features(aligned, inputs.target),
+                                features(run.model, inputs.target))
+    ys, classes = inputs.source_train.labels, len(run.class_names)
+    new = train_head("mcc", fs, ys, ft_aligned, classes, replace(recipe, head_init="new")).head
+    plain = train_head("mcc", fs, ys, ft_plain, classes, recipe, init=head_of_run(run.model)).head
+    plain_shot = head_of_run(run.model)
+    shot(plain_shot, ft_plain, recipe)
+    return {"mcc (new head)": new.predict(ft_aligned)[1], "mcc (ImageNet BN)": plain.predict(ft_plain)[1],
+            "shot (ImageNet BN)": plain_shot.predict(ft_plain)[1]}
 
 
 def hard_tasks(seed: int, work: Path, quick: bool, max_images: int) -> dict[str, dict[str, Any]]:

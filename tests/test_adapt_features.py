@@ -120,6 +120,16 @@ def test_shot_wins_back_a_shift_without_source_data():
         np.testing.assert_array_equal(old, new)  # the source hypothesis (classifier) stays frozen
 
 
+def test_training_can_continue_from_a_given_head():
+    xs, ys, xt, yt = two_domains(2.2, 0.0)
+    source = train_head("source-only", xs, ys, xt, 2, RECIPE).head
+    before = accuracy(source, xt, yt)
+    continued = train_head("mcc", xs, ys, xt, 2, RECIPE, init=source)
+    assert continued.head is source and accuracy(source, xt, yt) > before + 0.03
+    with pytest.raises(ValueError, match="head_init"):
+        train_head("mcc", xs, ys, xt, 2, FeatureRecipe(steps=2, head_init="bogus"))
+
+
 def test_training_is_seeded():
     xs, ys, xt, _ = two_domains(2.2, 0.0)
     a = train_head("mcc", xs, ys, xt, 2, FeatureRecipe(steps=20, bottleneck=8)).head.predict(xt)[1]

@@ -1,9 +1,9 @@
 """The `tftransfer adapt` job: a fitted run adapted to unlabeled target images, written as a new run.
 
-Methods (METHODS): BatchNorm statistics only (adabn, adabn-aligned); a new head on the run's frozen features with
-target BatchNorm statistics aligned to the source's (source-only, mcc, cdan-e: they need the run's labeled source
-data); SHOT (shot: source-free, the run's own head adapted on target features); and `auto`, which runs the
-candidates the available data allows and keeps the one a label-free validator trusts (evaluation.validators),
+Methods (METHODS): BatchNorm statistics only (adabn, adabn-aligned); the run's head trained further on its frozen
+features with target BatchNorm statistics aligned to the source's (source-only, mcc, cdan-e: they need the run's
+labeled source data); SHOT (shot: source-free, the run's own head adapted on target features); and `auto`, which
+runs the candidates the available data allows and keeps the one a label-free validator trusts (evaluation.validators),
 or the unadapted run when none is clearly better. Target labels are never read.
 
 Aligning target statistics to the source needs the source's BatchNorm input statistics: measured from the run's
@@ -190,7 +190,8 @@ def _run_candidates(run: FinishedRun, aligned: keras.Model, target_features: np.
             head = head_of_run(aligned)
             info["histories"][name] = _summary(shot(head, target_features, recipe))
         else:
-            trained = train_head(name, *source, target_features, len(run.class_names), recipe)
+            init = head_of_run(aligned) if recipe.head_init == "run" else None
+            trained = train_head(name, *source, target_features, len(run.class_names), recipe, init=init)
             head = trained.head
             info["histories"][name] = _summary(trained.history)
         models[name], probs[name] = attach_head(aligned, head, f"{run.model.name}_{name}"), _probs(head,

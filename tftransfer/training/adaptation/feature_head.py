@@ -2,8 +2,9 @@
 
 Two ways, both on features computed once (the backbone stays frozen, so a run takes seconds, not an epoch of
 backbone passes per step):
-- `train_head`: a new head (bottleneck Dense -> BatchNorm -> ReLU -> Dense) trained on labeled source features and
-  unlabeled target features with a registered method (`source-only`, `mcc`, `cdan-e`), the TLlib recipe:
+- `train_head`: a head (the fitted run's own, or a new bottleneck Dense -> BatchNorm -> ReLU -> Dense) trained on
+  labeled source features and unlabeled target features with a registered method (`source-only`, `mcc`, `cdan-e`),
+  the TLlib recipe:
   Nesterov SGD, lr0 * (1 + 10 p)^-0.75, weight decay, source and target in one batch so the bottleneck's
   BatchNorm sees both domains.
 - `shot`: source-free (SHOT): the classifier of an existing head is frozen and the layers before it are trained on
@@ -36,6 +37,7 @@ from tftransfer.training.adaptation.losses import (
 
 logger = logging.getLogger(__name__)
 
+HEAD_INITS = ("run", "new")
 HEAD_NAME = "logits"  # the classifier keeps the name every tftransfer model's output layer has
 
 
@@ -54,6 +56,7 @@ class FeatureRecipe:
     discriminator_units: int = 256
     shot_steps: int = 300
     shot_pseudo_weight: float = 0.3
+    head_init: str = "run"  # "run": start from the fitted run's own head (the source hypothesis); "new": fresh
     seed: int = 0
 
 
@@ -140,13 +143,14 @@ class Batch:
 
 @dataclass(frozen=True)
 class FeatureMethod:
-    """A registered feature-level method: `build(recipe, num_classes)` makes its extra layers (or None), `loss`
+    """A registered feature-level method: `build(recipe, num_classes, width)` makes its extra layers for embeddings
+    `width` wide (or None), `loss`
     is its adaptation loss for a Batch (added to the source cross-entropy with recipe.weight)."""
 
     name: str
     description: str
     loss: Callable[[Batch, Any, FeatureRecipe], tf.Tensor]
-    build: Callable[[FeatureRecipe, int], Any] = lambda recipe, num_classes: None
+    build: Callable[[FeatureRecipe, int, int], Any] = lambda recipe, num_classes, width: None
 
 
 FEATURE_METHODS: dict[str, FeatureMethod] = {}
@@ -168,7 +172,30 @@ def _mcc(batch: Batch, extra: Any, recipe: FeatureRecipe) -> tf.Tensor:
     return mcc_loss(batch.target_logits, recipe.mcc_temperature)
 
 
-def _discriminator(recipe: FeatureRecipe, num_classes: int) -> keras.Sequential:
+MULTILINEAR_MAX = 4096  # above this f (x) g width, CDAN's randomized multilinear map (as in the paper)
+
+
+@dataclass
+class CdanDiscriminator:
+    """The domain classifier on f (x) g, with the fixed random projections of the randomized map when f (x) g would
+    be wider than MULTILINEAR_MAX."""
+
+    model: keras.Sequential
+    projections: tuple[tf.Tensor, tf.Tensor] | None
+
+    @property
+    def trainable_weights(self) -> list[tf.Variable]:  # noqa: D102
+        return self.model.trainable_weights
+
+    def conditioned(self, z: tf.Tensor, probs: tf.Tensor) -> tf.Tensor:
+        """f (x) g, or its randomized approximation (R_f f) * (R_g g) / sqrt(d)."""
+        if self.projections is None:
+            return cdan_input(z, probs)
+        r_f, r_g = self.projections
+        return tf.matmul(z, r_f) * tf.matmul(probs, r_g) / math.sqrt(MULTILINEAR_MAX)
+
+
+def _discriminator(recipe: FeatureRecipe, num_classes: int, width: int) -> CdanDiscriminator:
     units = recipe.discriminator_units
     init = keras.initializers.GlorotUniform(seed=recipe.seed + 7)
     model = keras.Sequential([keras.layers.Dense(units, activation="relu", kernel_initializer=init),
@@ -176,21 +203,26 @@ def _discriminator(recipe: FeatureRecipe, num_classes: int) -> keras.Sequential:
                               keras.layers.Dense(units, activation="relu", kernel_initializer=init),
                               keras.layers.Dropout(0.5, seed=recipe.seed + 1),
                               keras.layers.Dense(1, kernel_initializer=init)], name="cdan_discriminator")
-    model.build((None, recipe.bottleneck * num_classes))
-    return model
+    projections = None
+    if width * num_classes > MULTILINEAR_MAX:
+        rng = np.random.default_rng(recipe.seed + 11)
+        projections = (tf.constant(rng.standard_normal((width, MULTILINEAR_MAX)), tf.float32),
+                       tf.constant(rng.standard_normal((num_classes, MULTILINEAR_MAX)), tf.float32))
+    model.build((None, MULTILINEAR_MAX if projections is not None else width * num_classes))
+    return CdanDiscriminator(model, projections)
 
 
-def _cdan_e(batch: Batch, discriminator: keras.Sequential, recipe: FeatureRecipe) -> tf.Tensor:
+def _cdan_e(batch: Batch, discriminator: CdanDiscriminator, recipe: FeatureRecipe) -> tf.Tensor:
     z = tf.concat([batch.source, batch.target], axis=0)
     probs = tf.stop_gradient(tf.nn.softmax(tf.concat([batch.source_logits, batch.target_logits], axis=0)))
     reversed_z = gradient_reversal(z, dann_lambda(batch.progress))
-    logits = discriminator(cdan_input(reversed_z, probs), training=True)[:, 0]
+    logits = discriminator.model(discriminator.conditioned(reversed_z, probs), training=True)[:, 0]
     domain = tf.concat([tf.ones(tf.shape(batch.source)[:1]), tf.zeros(tf.shape(batch.target)[:1])], axis=0)
     bce = tf.nn.sigmoid_cross_entropy_with_logits(labels=domain, logits=logits)
     return tf.reduce_mean(entropy_weights(probs) * bce)
 
 
-register_feature_method(FeatureMethod("source-only", "a new head on the source features alone (the baseline)",
+register_feature_method(FeatureMethod("source-only", "the head trained on the source features alone (the baseline)",
                                       _no_loss))
 register_feature_method(FeatureMethod("mcc", "Minimum Class Confusion on the target predictions (Jin et al. 2020)",
                                       _mcc))
@@ -221,15 +253,19 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator):
 
 
 def train_head(method: str, source_features: np.ndarray, source_labels: np.ndarray,
-               target_features: np.ndarray, num_classes: int, recipe: FeatureRecipe = FeatureRecipe()
-               ) -> TrainedHead:
-    """Trains a new head with `method` on labeled source and unlabeled target features."""
+               target_features: np.ndarray, num_classes: int, recipe: FeatureRecipe = FeatureRecipe(),
+               init: FeatureHead | None = None) -> TrainedHead:
+    """Trains a head with `method` on labeled source and unlabeled target features: `init` (changed in place, e.g.
+    the fitted run's own head) or a new one."""
     if method not in FEATURE_METHODS:
         raise ValueError(f"unknown feature method {method!r}; choose from {', '.join(FEATURE_METHODS)}")
+    if recipe.head_init not in HEAD_INITS:
+        raise ValueError(f"head_init {recipe.head_init!r}: choose from {', '.join(HEAD_INITS)}")
     spec = FEATURE_METHODS[method]
     keras.utils.set_random_seed(recipe.seed)
-    head = new_head(source_features.shape[1], num_classes, recipe.bottleneck, recipe.seed)
-    extra = spec.build(recipe, num_classes)
+    head = init or new_head(source_features.shape[1], num_classes, recipe.bottleneck, recipe.seed)
+    width = int(head.embed(tf.zeros((2, source_features.shape[1]), tf.float32)).shape[-1])
+    extra = spec.build(recipe, num_classes, width)
     variables = head.trainable_variables + (list(extra.trainable_weights) if extra is not None else [])
     optimizer = _optimizer(recipe, recipe.steps)
     xs_all = tf.constant(source_features, tf.float32)
