@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 from click.testing import CliRunner
+from conftest import make_colour_folder
 
 from tftransfer.cli import main
-from tftransfer.training.checkpoint import list_checkpoints, load_latest
+from tftransfer.training.checkpoint import list_checkpoints, load_latest, read_checkpoint
 
 HEAD, FINETUNE = 2, 25
 
@@ -85,3 +86,26 @@ def test_no_checkpoint_yet_is_explained(tmp_path):
     (run / "config.yaml").write_text("name: r\n")
     result = CliRunner().invoke(main, ["fit", "--resume", str(run)])
     assert result.exit_code != 0 and "no checkpoint" in result.output
+
+
+def test_resume_falls_back_past_a_truncated_newest_checkpoint(tmp_path):
+    runs = tmp_path / "runs"
+    args = ["fit", "--data", str(make_colour_folder(tmp_path / "colours", per_class=6)), "--name", "cut",
+            "--set", f"runs_dir={runs}", "--set", "export.enabled=false", "--backbone", "tiny", "--weights", "none",
+            "--image-size", "32", "--batch-size", "8", "--set", "phases.head.epochs=1",
+            "--set", "phases.finetune.epochs=3", "--set", "phases.finetune.warmup_epochs=0"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    run = runs / "cut"
+    (run / "metrics.json").unlink()  # as if it had been killed after its last checkpoint
+    older, newest = list_checkpoints(run / "checkpoints")[-2:]
+    weights = newest / "model.weights.h5"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    resumed = CliRunner().invoke(main, ["fit", "--resume", str(run)])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"checkpoint {newest.name} (model.weights.h5 has 1000 bytes" in resumed.output
+    assert f"resuming from {older.name}" in resumed.output
+    history = json.loads((run / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+    for path in list_checkpoints(run / "checkpoints"):  # the damaged one was written again, not kept
+        read_checkpoint(path)

@@ -4,10 +4,16 @@ Each checkpoint is a folder `checkpoints/epoch-NNNN/` written under a temporary 
 so a SIGKILL at any moment leaves either the previous or the new checkpoint, never half of one. `state.json` says
 which phase the epoch belongs to and how far it got; the optimizer's variables (moments and step counter, which
 drives the learning-rate schedule) are restored into a freshly built optimizer.
+
+`state.json` also records the size and sha256 of every other file of the checkpoint (`files`). A resume verifies
+them and takes the newest intact checkpoint, with a warning naming the damaged ones (a truncated weights file, a
+disk error): the previous epoch's checkpoint is kept for that. Checkpoints written before checksums were recorded
+are taken as they are.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 KEEP = 2
 _PREFIX = "epoch-"
+STATE_FILE = "state.json"
+FILES_KEY = "files"  # in state.json: {file name: {"bytes": n, "sha256": hex}} of the checkpoint's other files
 
 
 @dataclass
@@ -72,13 +80,45 @@ def save_checkpoint(checkpoints: Path, model: keras.Model, optimizer: keras.opti
         np.savez(tmp / "best.npz", **_weights_arrays(best_weights))
     if extra_weights:  # weights that live outside the model, e.g. DANN's domain classifier
         np.savez(tmp / "extra.npz", **_weights_arrays(extra_weights))
-    (tmp / "state.json").write_text(json.dumps(state.__dict__, indent=1, default=float))
+    record = {**state.__dict__, FILES_KEY: _file_records(tmp)}
+    (tmp / STATE_FILE).write_text(json.dumps(record, indent=1, default=float))
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    for old in list_checkpoints(checkpoints)[:-KEEP]:
+    found = list_checkpoints(checkpoints)
+    newest = found.index(final) + 1
+    # Newer ones than this are left from before a resume that fell back past them (damaged): stale, never resumed.
+    for old in found[:max(newest - KEEP, 0)] + found[newest:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of each file of a checkpoint folder but state.json (which holds them)."""
+    return {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(folder.iterdir())
+            if p.is_file() and p.name != STATE_FILE}
+
+
+def _damage(path: Path, files: dict[str, Any]) -> str | None:
+    """What is wrong with a checkpoint's files against their records in state.json; None when all match."""
+    for name, record in sorted(files.items()):
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != record.get("bytes"):
+            return f"{name} has {size} bytes, {record.get('bytes')} were written"
+        if _sha256(file) != record.get("sha256"):
+            return f"{name} does not match its sha256"
+    return None
 
 
 def list_checkpoints(checkpoints: Path) -> list[Path]:
@@ -86,7 +126,7 @@ def list_checkpoints(checkpoints: Path) -> list[Path]:
     if not checkpoints.is_dir():
         return []
     found = [p for p in checkpoints.iterdir() if p.is_dir() and p.name.startswith(_PREFIX)
-             and (p / "state.json").is_file()]
+             and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: (int(p.name[len(_PREFIX):].split("-")[0]), p.name.endswith("-end")))
 
 
@@ -127,15 +167,39 @@ class Checkpoint:
         return _arrays_list(file) if file.is_file() else None
 
 
+def read_checkpoint(path: Path) -> Checkpoint:
+    """One checkpoint folder, verified against the checksums in its state.json; RunDirError saying what is wrong."""
+    try:
+        record = json.loads((path / STATE_FILE).read_text())
+        files = record.pop(FILES_KEY, None) if isinstance(record, dict) else None
+        state = TrainState(**record)
+    except (OSError, ValueError, TypeError) as exc:
+        raise RunDirError(f"{STATE_FILE} is damaged: {exc}") from None
+    damage = _damage(path, files) if isinstance(files, dict) else None
+    if damage:
+        raise RunDirError(damage)
+    return Checkpoint(path, state)
+
+
 def load_latest(checkpoints: Path) -> Checkpoint:
-    """The newest complete checkpoint; RunDirError when there is none."""
+    """The newest intact checkpoint (see read_checkpoint), with a warning when newer ones are damaged.
+
+    RunDirError when there is none, or when none is intact (one line naming each and what is wrong with it).
+    """
     found = list_checkpoints(checkpoints)
     if not found:
         raise RunDirError(f"no checkpoint in {checkpoints}: the run stopped before its first checkpoint (a phase "
                           "on cached features is checkpointed when it ends); start it again with --overwrite")
-    path = found[-1]
-    try:
-        state = TrainState(**json.loads((path / "state.json").read_text()))
-    except (ValueError, TypeError) as exc:
-        raise RunDirError(f"{path / 'state.json'} is damaged: {exc}") from None
-    return Checkpoint(path, state)
+    damaged: list[str] = []
+    for path in reversed(found):
+        try:
+            checkpoint = read_checkpoint(path)
+        except RunDirError as exc:
+            damaged.append(f"{path.name} ({exc})")
+            continue
+        if damaged:
+            logger.warning("checkpoint %s is damaged; resuming from %s, the newest intact one",
+                           "; ".join(damaged), path.name)
+        return checkpoint
+    raise RunDirError(f"no intact checkpoint in {checkpoints}: {'; '.join(damaged)}; the run cannot be resumed, "
+                      "start it again with --overwrite")
