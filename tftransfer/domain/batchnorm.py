@@ -17,11 +17,11 @@ import numpy as np
 import tensorflow as tf
 
 from tftransfer.core.errors import TfTransferError
+from tftransfer.model.classifier import BACKBONE_LAYER, PREPROCESS_LAYER, RESIZE_LAYER
 
 logger = logging.getLogger(__name__)
 
-BACKBONE_LAYER = "backbone"
-FRONT_LAYERS = ("resize", "preprocess")
+FRONT_LAYERS = (RESIZE_LAYER, PREPROCESS_LAYER)
 
 
 class ModelStructureError(TfTransferError):

@@ -20,6 +20,8 @@ BACKBONE_LAYER = "backbone"
 HEAD_LAYER = "logits"
 BOTTLENECK_LAYER = "bottleneck"
 POOL_LAYER = "pool"
+RESIZE_LAYER = "resize"
+PREPROCESS_LAYER = "preprocess"
 
 
 def build_model(cfg: ModelConfig, spec: BackboneSpec, num_classes: int, image_size: int,
@@ -34,8 +36,8 @@ def build_model(cfg: ModelConfig, spec: BackboneSpec, num_classes: int, image_si
         backbone = build_backbone(spec, image_size, weights, **cfg.backbone_kwargs)
     inputs = keras.Input(shape=(None, None, 3), dtype="float32", name="pixels")
     x = SkipSameSizeResizing(image_size, image_size, interpolation="bilinear", antialias=True,
-                             name="resize")(inputs)
-    x = Preprocess(spec.preprocess_mode, name="preprocess")(x)
+                             name=RESIZE_LAYER)(inputs)
+    x = Preprocess(spec.preprocess_mode, name=PREPROCESS_LAYER)(x)
     x = InferenceBackbone(backbone, name=BACKBONE_LAYER)(x)
     pool = keras.layers.GlobalAveragePooling2D if cfg.pooling == "avg" else keras.layers.GlobalMaxPooling2D
     x = pool(name=POOL_LAYER)(x)

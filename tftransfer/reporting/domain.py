@@ -12,6 +12,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from tftransfer.reporting import run_summary as run_report
+from tftransfer.reporting.markdown import table
 from tftransfer.reporting.run_summary import save_figure
 
 logger = logging.getLogger(__name__)
@@ -53,14 +54,8 @@ def _sig(value: Any) -> str:
     return f"{float(value):.3g}" if _ok(value) else _NA
 
 
-def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> list[str]:
-    align_row = align.split() if align else ["---"] * len(header)
-    return ["| " + " | ".join(header) + " |", "| " + " | ".join(align_row) + " |",
-            *("| " + " | ".join(_cell(c) for c in row) + " |" for row in rows), ""]
+    return [*table(header, rows, align), ""]
 
 
 # --- markdown --------------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from tftransfer.reporting.markdown import table
+
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -92,10 +94,7 @@ def _text(value: Any) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str] | None = None) -> list[str]:
-    align = align or ["---"] * len(header)
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
-    lines.extend("| " + " | ".join(row) + " |" for row in rows)
-    return lines
+    return table(header, rows, align, escape=False)  # cells come through _text, already escaped
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:

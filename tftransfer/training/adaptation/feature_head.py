@@ -25,6 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tftransfer.model.classifier import HEAD_LAYER
 from tftransfer.training.adaptation.losses import (
     cdan_input,
     centroid_pseudo_labels,
@@ -38,7 +39,6 @@ from tftransfer.training.adaptation.losses import (
 logger = logging.getLogger(__name__)
 
 HEAD_INITS = ("run", "new")
-HEAD_NAME = "logits"  # the classifier keeps the name every tftransfer model's output layer has
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def new_head(feature_dim: int, num_classes: int, units: int, seed: int) -> Featu
         transform=[keras.layers.Dense(units, kernel_initializer=init, name="adapt_bottleneck"),
                    keras.layers.BatchNormalization(name="adapt_bottleneck_bn"),
                    keras.layers.ReLU(name="adapt_bottleneck_relu")],
-        classifier=keras.layers.Dense(num_classes, dtype="float32", name=HEAD_NAME,
+        classifier=keras.layers.Dense(num_classes, dtype="float32", name=HEAD_LAYER,
                                       kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 1)))
     head(tf.zeros((2, feature_dim), tf.float32))
     return head
