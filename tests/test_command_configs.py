@@ -12,6 +12,7 @@ import pytest
 
 from tftransfer import cli
 from tftransfer.config.commands import (
+    AdaptCommandConfig,
     DomainCommandConfig,
     EvaluateCommandConfig,
     ExportCommandConfig,
@@ -27,6 +28,7 @@ COMMAND_CONFIGS = {
     "predict": (PredictCommandConfig, {"csv_path", "json_path"}),
     "evaluate": (EvaluateCommandConfig, {"data", "progress"}),
     "domain": (DomainCommandConfig, set()),
+    "adapt": (AdaptCommandConfig, set()),
 }
 
 

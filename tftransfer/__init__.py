@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tftransfer.config.commands import (
+    AdaptCommandConfig,
     DomainCommandConfig,
     EvaluateCommandConfig,
     ExportCommandConfig,
@@ -43,8 +44,8 @@ _JOBS = {
 
 # ExportCommandConfig and the like: the settings of a job besides fit as one frozen dataclass (tftransfer.config.
 # commands); each job takes one, or its fields as keywords.
-__all__ = ["ExperimentConfig", "DomainCommandConfig", "EvaluateCommandConfig", "ExportCommandConfig",
-           "PredictCommandConfig", "fit", "load_config", *_JOBS]
+__all__ = ["ExperimentConfig", "AdaptCommandConfig", "DomainCommandConfig", "EvaluateCommandConfig",
+           "ExportCommandConfig", "PredictCommandConfig", "fit", "load_config", *_JOBS]
 
 
 def fit(config: str | Path | ExperimentConfig | None = None, *, values: Mapping[str, Any] | None = None,

@@ -15,6 +15,7 @@ import click
 
 from tftransfer import __version__
 from tftransfer.config.commands import (
+    AdaptCommandConfig,
     DomainCommandConfig,
     EvaluateCommandConfig,
     ExportCommandConfig,
@@ -23,7 +24,7 @@ from tftransfer.config.commands import (
     command_config,
     setting_specs,
 )
-from tftransfer.config.experiment import ADAPT_JOB_METHODS, ADAPT_METHODS, RECIPES, VALIDATOR_NAMES, load_config
+from tftransfer.config.experiment import ADAPT_METHODS, RECIPES, load_config
 from tftransfer.core.errors import TfTransferError
 from tftransfer.core.lazy import lazy, resolve
 from tftransfer.data.probe import report_progress
@@ -353,26 +354,22 @@ def domain_command(model: Path, **settings: Any) -> None:
 
 @main.command("adapt")
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--target", required=True, help="Target images (labels not used): a folder, manifest, tfds:, builtin:.")
-@click.option("--method", type=click.Choice(list(ADAPT_JOB_METHODS)), default=ADAPT_JOB_METHODS[0],
-              show_default=True,
-              help="auto: run the candidates and keep the one the --validator trusts (or none); adabn: target "
-                   "BatchNorm statistics; adabn-aligned: target statistics mapped onto the source's; source-only, "
-                   "mcc, cdan-e: a new head on the features (needs the run's source data); shot: source-free SHOT.")
-@click.option("--validator", type=click.Choice(list(VALIDATOR_NAMES)), default=VALIDATOR_NAMES[0], show_default=True,
-              help="Label-free score that --method auto chooses by.")
-@click.option("--name", help="Name of the new run (default: <model>-<method>), next to MODEL.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run of that name (the old one is kept aside).")
-@click.option("--max-images", type=click.IntRange(min=1), default=2000, show_default=True,
-              help="Random subsample of the target (and of the source) above this many images.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subsample and of the new head.")
+@config_option(AdaptCommandConfig, "target", required=True)
+@config_option(AdaptCommandConfig, "method")
+@config_option(AdaptCommandConfig, "validator")
+@config_option(AdaptCommandConfig, "name")
+@config_option(AdaptCommandConfig, "overwrite")
+@config_option(AdaptCommandConfig, "max_images")
+@config_option(AdaptCommandConfig, "batch_size")
+@config_option(AdaptCommandConfig, "seed")
+@config_option(AdaptCommandConfig, "steps")
+@config_option(AdaptCommandConfig, "shot_steps")
+@config_option(AdaptCommandConfig, "head_init")
 @_user_errors
 @_with_probe_progress
-def adapt_command(model: Path, target: str, method: str, validator: str, name: str | None, overwrite: bool,
-                  max_images: int, seed: int) -> None:
+def adapt_command(model: Path, **settings: Any) -> None:
     """Write MODEL (a run directory) adapted to TARGET's images as a new run that `tftransfer export` ships."""
-    out = run_adapt(model, target, method=method, name=name, overwrite=overwrite, max_images=max_images, seed=seed,
-                    validator=validator)
+    out = run_adapt(model, command_config(AdaptCommandConfig, settings=settings))
     click.echo(f"adapted run: {out}\nship it with: tftransfer export {out}")
 
 

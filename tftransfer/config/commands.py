@@ -1,9 +1,9 @@
 """The settings of the commands other than fit: one frozen dataclass each, strict like the experiment config.
 
-Every default, range and choice of `tftransfer export`, `predict`, `evaluate` and `domain` is written once, in a
-field below with experiment.py's `opt(default, help, min=, max=, choices=)` metadata; the job takes the dataclass
-(or its fields as keywords), and the Click options in tftransfer/cli.py are generated from these fields (a test
-keeps them equal). Building one (`command_config`) is as strict as load_config: an unknown key or a bad type,
+Every default, range and choice of `tftransfer export`, `predict`, `evaluate`, `domain` and `adapt` is written
+once, in a field below with experiment.py's `opt(default, help, min=, max=, choices=)` metadata; the job takes the
+dataclass (or its fields as keywords), and the Click options in tftransfer/cli.py are generated from these fields
+(a test keeps them equal). Building one (`command_config`) is as strict as load_config: an unknown key or a bad type,
 range or choice names the key. No TensorFlow here: --help and a bad setting come back without it.
 """
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
-from tftransfer.config.experiment import build_config, opt
+from tftransfer.config.experiment import ADAPT_JOB_METHODS, VALIDATOR_NAMES, build_config, opt
 
 # A picture a few pixels wide carries no content a classifier can use (a 1x1 image upsampled to 224 px is one
 # flat colour), so its "prediction" would be noise presented as an answer. tftransfer.data.files imports it.
@@ -99,6 +99,55 @@ class DomainCommandConfig:
     tsne: bool = opt(False, "Also draw a t-SNE map of the features (slower than PCA).")
     self_check: bool = opt(True, "Also adapt each method to the source itself and report its source accuracy.")
     seed: int = opt(0, "Seed of the subsamples and of every randomised measure.", min=0)
+
+
+HEAD_INITS = ("run", "new")
+
+
+@dataclass(frozen=True)
+class FeatureRecipe:
+    """Feature-level adaptation (tftransfer.training.adaptation.feature_head); the defaults are the measured recipe
+    (docs/benchmarks.md)."""
+
+    steps: int = opt(400, "Training steps of source-only, mcc and cdan-e (32 source + 32 target features each).",
+                     min=1)
+    batch_size: int = opt(32, "Source and target features per step, each.", min=1)
+    learning_rate: float = opt(0.01, "Nesterov SGD rate lr0, annealed as lr0 (1 + 10p)^-0.75.", min=0.0,
+                               min_exclusive=True)
+    momentum: float = opt(0.9, "SGD momentum.", min=0.0, max=1.0)
+    weight_decay: float = opt(5e-4, "Weight decay.", min=0.0)
+    bottleneck: int = opt(256, "Width of a new head's bottleneck (head_init new).", min=1)
+    weight: float = opt(1.0, "Trade-off of the adaptation loss against the source loss.", min=0.0)
+    mcc_temperature: float = opt(2.5, "MCC's softmax temperature.", min=0.0, min_exclusive=True)
+    discriminator_units: int = opt(256, "cdan-e: hidden units of the two-layer domain classifier.", min=1)
+    shot_steps: int = opt(300, "SHOT's training steps on the target features.", min=1)
+    shot_pseudo_weight: float = opt(0.3, "SHOT: weight of the centroid pseudo-label loss.", min=0.0)
+    head_init: str = opt(HEAD_INITS[0], "run: continue from the fitted run's own head (the source hypothesis); "
+                                        "new: a fresh bottleneck head.", choices=HEAD_INITS)
+    seed: int = opt(0, "Seed of the head's initialisation and batch order.", min=0)
+
+
+@dataclass(frozen=True)
+class AdaptCommandConfig:
+    """`tftransfer adapt MODEL --target DATA`: the run adapted to unlabeled target images, written as a new run."""
+
+    target: str = opt("", "Target images (labels not used): a folder, manifest, tfds:, builtin:.")
+    method: str = opt(ADAPT_JOB_METHODS[0], "auto: run the candidates and keep the one the --validator trusts (or "
+                                            "none); adabn: target BatchNorm statistics; adabn-aligned: target "
+                                            "statistics mapped onto the source's; source-only, mcc, cdan-e: the "
+                                            "run's head trained further on aligned features (needs the run's source "
+                                            "data); shot: source-free SHOT.", choices=ADAPT_JOB_METHODS)
+    validator: str = opt(VALIDATOR_NAMES[0], "Label-free score that --method auto chooses by.",
+                         choices=VALIDATOR_NAMES)
+    name: str | None = opt(None, "Name of the new run (default: <model>-<method>), next to MODEL.")
+    overwrite: bool = opt(False, "Replace an existing run of that name (the old one is kept aside).")
+    max_images: int = opt(2000, "Random subsample of the target (and of the source) above this many images.", min=1)
+    batch_size: int = opt(32, "Images per batch of the feature and BatchNorm passes.", min=1)
+    seed: int = opt(0, "Seed of the subsamples and of the adapted head.", min=0)
+    steps: int = opt(FeatureRecipe.steps, "Training steps of source-only, mcc and cdan-e.", min=1)
+    shot_steps: int = opt(FeatureRecipe.shot_steps, "Training steps of shot.", min=1)
+    head_init: str = opt(FeatureRecipe.head_init, "run: continue from the fitted run's head; new: a fresh head.",
+                         choices=HEAD_INITS)
 
 
 C = TypeVar("C")

@@ -24,6 +24,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from tftransfer.config.commands import AdaptCommandConfig, FeatureRecipe, command_config
 from tftransfer.config.experiment import ADAPT_JOB_METHODS, VALIDATOR_NAMES, load_config, save_config
 from tftransfer.core.errors import ConfigError, RunDirError
 from tftransfer.core.io import write_json
@@ -32,14 +33,12 @@ from tftransfer.domain.adapters import adabn_model, copy_model, source_input_mom
 from tftransfer.domain.targets import DomainData, load_source_split, load_unlabeled_domain
 from tftransfer.evaluation.inference import predict_outputs, predict_probabilities
 from tftransfer.evaluation.validators import Candidate, Choice, choose
-from tftransfer.jobs.domain import DEFAULT_MAX_IMAGES
 from tftransfer.model.classifier import HEAD_LAYER, POOL_LAYER
 from tftransfer.model.features import build_feature_extractor
 from tftransfer.runs.finished import FinishedRun, load_run
 from tftransfer.runs.layout import RunDir, create_run_dir
 from tftransfer.training.adaptation.feature_head import (
     FeatureHead,
-    FeatureRecipe,
     list_feature_methods,
     shot,
     train_head,
@@ -232,24 +231,30 @@ def load_inputs(run: FinishedRun, target: str, method: str, batch_size: int, max
     return Inputs(target_data.images, train, None, moments)
 
 
-def run_adapt(model_path: str | Path, target: str, method: str = METHODS[0], name: str | None = None,
-              overwrite: bool = False, batch_size: int = 32, max_images: int = DEFAULT_MAX_IMAGES, seed: int = 0,
-              recipe: FeatureRecipe | None = None, validator: str = VALIDATOR_NAMES[0]) -> Path:
+def run_adapt(model_path: str | Path, config: AdaptCommandConfig | str | None = None, *,
+              recipe: FeatureRecipe | None = None, **settings: Any) -> Path:
     """`tftransfer adapt`: writes MODEL adapted to the (unlabeled) target images as a new run that export ships.
 
-    The new run (next to MODEL, default name <model>-<method>) has the adapted model.keras, the original run's
-    config (with the new name), split and labels, and adaptation.json saying what was done and, for auto, every
-    candidate's validator scores and why the choice.
+    Settings come as an AdaptCommandConfig or as its fields by keyword (`target="photos/"`, `method="shot"`; a
+    string second argument is the target). `recipe` overrides the whole FeatureRecipe (its steps, shot_steps,
+    head_init and seed then come from the settings). The new run (next to MODEL, default name <model>-<method>)
+    has the adapted model.keras, the original run's config (with the new name), split and labels, and
+    adaptation.json saying what was done and, for auto, every candidate's validator scores and why the choice.
     """
-    if method not in METHODS:
-        raise ConfigError(f"--method {method!r}: choose from {', '.join(METHODS)}")
-    recipe = replace(recipe or FeatureRecipe(), seed=seed)
+    if isinstance(config, str):
+        config, settings = None, {"target": config, **settings}
+    cfg = command_config(AdaptCommandConfig, config, settings)
+    if not cfg.target:
+        raise ConfigError("target: give the target images to adapt to (--target DATA)")
+    recipe = replace(recipe or FeatureRecipe(), steps=cfg.steps, shot_steps=cfg.shot_steps, head_init=cfg.head_init,
+                     seed=cfg.seed)
     run = load_run(model_path)
-    inputs = load_inputs(run, target, method, batch_size, max_images, seed)
-    outcome = adapt_in_memory(run, inputs, method, recipe, validator, batch_size)
-    out = _write_run(run, outcome, name or f"{run.path.name}-{method}", overwrite)
-    write_json(out.path / "adaptation.json", _record(run, target, inputs, outcome, method, recipe, validator))
-    logger.info("adapted %s to %s with %s (%d target images): %s", run.path, target, outcome.method,
+    inputs = load_inputs(run, cfg.target, cfg.method, cfg.batch_size, cfg.max_images, cfg.seed)
+    outcome = adapt_in_memory(run, inputs, cfg.method, recipe, cfg.validator, cfg.batch_size)
+    out = _write_run(run, outcome, cfg.name or f"{run.path.name}-{cfg.method}", cfg.overwrite)
+    write_json(out.path / "adaptation.json", _record(run, cfg.target, inputs, outcome, cfg.method, recipe,
+                                                      cfg.validator))
+    logger.info("adapted %s to %s with %s (%d target images): %s", run.path, cfg.target, outcome.method,
                 len(inputs.target), out.path)
     return out.path
 

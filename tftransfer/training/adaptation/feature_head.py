@@ -25,6 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tftransfer.config.commands import HEAD_INITS, FeatureRecipe
 from tftransfer.model.classifier import HEAD_LAYER
 from tftransfer.training.adaptation.losses import (
     cdan_input,
@@ -38,26 +39,8 @@ from tftransfer.training.adaptation.losses import (
 
 logger = logging.getLogger(__name__)
 
-HEAD_INITS = ("run", "new")
+DEFAULT_RECIPE = FeatureRecipe()
 
-
-@dataclass(frozen=True)
-class FeatureRecipe:
-    """Settings of feature-level adaptation (the defaults are the measured recipe, docs/benchmarks.md)."""
-
-    steps: int = 400
-    batch_size: int = 32
-    learning_rate: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    bottleneck: int = 256
-    weight: float = 1.0  # trade-off of the adaptation loss against the source loss
-    mcc_temperature: float = 2.5
-    discriminator_units: int = 256
-    shot_steps: int = 300
-    shot_pseudo_weight: float = 0.3
-    head_init: str = "run"  # "run": start from the fitted run's own head (the source hypothesis); "new": fresh
-    seed: int = 0
 
 
 class AnnealedRate(keras.optimizers.schedules.LearningRateSchedule):
@@ -253,7 +236,7 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator):
 
 
 def train_head(method: str, source_features: np.ndarray, source_labels: np.ndarray,
-               target_features: np.ndarray, num_classes: int, recipe: FeatureRecipe = FeatureRecipe(),
+               target_features: np.ndarray, num_classes: int, recipe: FeatureRecipe = DEFAULT_RECIPE,
                init: FeatureHead | None = None) -> TrainedHead:
     """Trains a head with `method` on labeled source and unlabeled target features: `init` (changed in place, e.g.
     the fitted run's own head) or a new one."""
@@ -308,7 +291,7 @@ def _check_finite(history: dict[str, list[float]], method: str) -> None:
 # --- SHOT: source-free -----------------------------------------------------------------------------------------
 
 
-def shot(head: FeatureHead, target_features: np.ndarray, recipe: FeatureRecipe = FeatureRecipe()
+def shot(head: FeatureHead, target_features: np.ndarray, recipe: FeatureRecipe = DEFAULT_RECIPE
          ) -> dict[str, list[float]]:
     """SHOT: trains `head.transform` (its classifier frozen) on target features; returns per-step losses.
 
