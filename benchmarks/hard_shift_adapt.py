@@ -173,6 +173,28 @@ def summarise(per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     return summary
 
 
+TABLE_METHODS = ("none", "adabn-aligned", "source-only", "mcc", "cdan-e", "shot", "auto")
+ABLATIONS = ("mcc (new head)", "mcc (ImageNet BN)", "shot (ImageNet BN)")
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The summary as Markdown tables: accuracy (%) mean +- std per method, ablations, validators' gaps."""
+    def cell(row: dict[str, Any], method: str) -> str:
+        value = row.get(method)
+        return f"{100 * value['mean']:.1f} +- {100 * value['std']:.1f}" if value else "-"
+
+    lines = ["| task | " + " | ".join(TABLE_METHODS) + " | auto picked |",
+             "|---|" + "---:|" * len(TABLE_METHODS) + "---|"]
+    lines += [f"| {task} | " + " | ".join(cell(row, m) for m in TABLE_METHODS) + f" | {', '.join(row['auto_picks'])} |"
+              for task, row in summary.items()]
+    lines += ["", "| task | " + " | ".join(ABLATIONS) + " | entropy pick - oracle | SND pick - oracle |",
+              "|---|" + "---:|" * (len(ABLATIONS) + 2)]
+    lines += [f"| {task} | " + " | ".join(cell(row, m) for m in ABLATIONS) + " | "
+              + " | ".join(f"{-100 * row['validator_gap_to_oracle'][v]:.1f}" for v in ("entropy", "snd")) + " |"
+              for task, row in summary.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Fit the source runs, adapt with every method, print and save the figures."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -181,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="96 px, few epochs and images: a smoke run")
     parser.add_argument("--max-images", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--table", type=Path, help="only print the Markdown tables of an earlier results file")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown(json.loads(args.table.read_text())["summary"]))
+        return 0
     if not WEIGHTS.is_file() or not HYMENOPTERA.is_dir():
         print(f"missing inputs under {SHARED}")
         return 2
@@ -200,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"summary": summary, "per_seed": per_seed, "seeds": args.seeds, "quick": args.quick,
               "seconds": time.perf_counter() - started, "load_average_start": load,
               "load_average_end": os.getloadavg()}
-    print(json.dumps(summary, indent=1))
+    print(markdown(summary))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     return 0
