@@ -31,8 +31,6 @@ from tftransfer.serving.classifier import Classifier, load_classifier, predict_b
 
 logger = logging.getLogger(__name__)
 
-MODEL_CARD_FILE = "model_card.json"
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # predict
