@@ -212,3 +212,29 @@ def test_runtime_deterministic_false_switches_op_determinism_back_off():
     assert tf_config.is_op_determinism_enabled()
     configure_runtime(RuntimeConfig(deterministic=False))
     assert not tf_config.is_op_determinism_enabled()
+
+
+def test_cosine_schedule_follows_the_steps_that_run_on_a_file_pipeline(tmp_path):
+    """Issue 14, item 11: a file pipeline's length is unknown to Keras, which counted one extra optimizer step per
+    epoch (the call that finds the data exhausted), so a cosine schedule reached zero half way through."""
+    from conftest import make_colour_folder
+
+    from tftransfer.data.sources import load_image_folder
+
+    epochs = 6
+    source = load_image_folder(make_colour_folder(tmp_path / "colours", per_class=4), val_split=0.0)
+    cfg = load_config(overrides=[f"phases.head.epochs={epochs}", "phases.head.schedule=cosine",
+                                 "phases.head.learning_rate=0.01", "phases.head.feature_cache=false",
+                                 "phases.head.restore_best=false", "phases.finetune.unfreeze_blocks=0",
+                                 "data.batch_size=16", "data.augment.flip=false"])
+    data = make_datasets(cfg.data, source, image_size=32, seed=0)
+    assert data.steps_per_epoch == 1  # 12 files, one batch an epoch
+    model, blocks = _tiny_model()
+    result = fit_phases(model, cfg, data, blocks)
+
+    assert int(model.optimizer.iterations.numpy()) == epochs
+    rates = [row["learning_rate"] for row in result.history]  # the rate of the next step, after each epoch
+    assert len(rates) == epochs
+    assert all(rate > 0 for rate in rates[:-1]), rates
+    assert rates[-1] == pytest.approx(0.0, abs=1e-9)
+    assert np.all(np.diff(rates) < 0)

@@ -28,6 +28,36 @@ logger = logging.getLogger(__name__)
 # Callbacks
 
 
+class StepCount(keras.callbacks.Callback):
+    """Keeps optimizer.iterations, which drives the learning-rate schedule, at the training steps that really ran.
+
+    Keras does not know the length of the file pipeline (its safety net drops a file only a full decode finds
+    damaged), so every epoch ends with a call that finds the data exhausted; that call still adds one to
+    `iterations` (the increment does not wait for the batch that never comes). Uncorrected, a phase of one step an
+    epoch reached the end of its cosine schedule half way, and Adam's bias correction and the adaptation's
+    progress ran ahead too. Must come before the callbacks that read the rate or save the optimizer at an
+    epoch's end.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._start = 0
+        self._ran = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:  # noqa: D102
+        self._start = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        self._ran = 0
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:  # noqa: D102
+        # `batch` is the last step of the execution; the call that ran out of data reports no end
+        self._ran = batch + 1
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:  # noqa: D102
+        iterations = self.model.optimizer.iterations
+        if int(keras.ops.convert_to_numpy(iterations)) != self._start + self._ran:
+            iterations.assign(self._start + self._ran)
+
+
 class HistoryRecorder(keras.callbacks.Callback):
     """Collects per-epoch logs of every phase, with the phase name and learning rate, in one list."""
 

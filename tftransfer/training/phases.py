@@ -53,6 +53,7 @@ from tftransfer.training.callbacks import (
     HistoryRecorder,
     NaNGuard,
     Progress,
+    StepCount,
     extra_weights,
 )
 from tftransfer.training.checkpoint import Checkpoint, save_checkpoint
@@ -370,7 +371,8 @@ def _resume_phase(state: _FitState, name: str, phase: PhaseConfig, inputs: Phase
 
 def _phase_callbacks(state: _FitState, phase: PhaseConfig, inputs: PhaseInputs, guard: NaNGuard,
                      best: BestWeights | None) -> list[keras.callbacks.Callback]:
-    callbacks = inputs.callbacks + state.shared + [guard] + ([best] if best else [])
+    # StepCount first: the callbacks after it read the learning rate and save the optimizer at an epoch's end
+    callbacks = [StepCount(), *inputs.callbacks, *state.shared, guard] + ([best] if best else [])
     if phase.early_stopping_patience and inputs.val is not None:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=phase.early_stopping_patience))
     if state.run is not None and not inputs.on_features:
