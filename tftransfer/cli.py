@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,33 +26,48 @@ from tftransfer.config.commands import (
 from tftransfer.config.experiment import ADAPT_METHODS, RECIPES, load_config
 from tftransfer.core.errors import TfTransferError
 from tftransfer.core.lazy import lazy, resolve
+from tftransfer.core.native_logs import import_tensorflow_quietly, set_log_defaults
 from tftransfer.data.probe import report_progress
 from tftransfer.model.catalog import builtin_backbones
 
+
 # Jobs import TensorFlow: they are named here and imported when a command runs, so --help and config errors are fast.
-run_fit = lazy("tftransfer.jobs.fit:run_fit")
-run_lr_find = lazy("tftransfer.jobs.lr_find:run_lr_find")
-with_suggestions = lazy("tftransfer.jobs.lr_find:with_suggestions")
-run_seeds = lazy("tftransfer.jobs.seeds:run_seeds")
-render_seeds = lazy("tftransfer.jobs.seeds:render_seeds")
-run_domain = lazy("tftransfer.jobs.domain:run_domain")
-run_adapt = lazy("tftransfer.jobs.adapt:run_adapt")
-run_evaluation = lazy("tftransfer.jobs.evaluate:run_evaluation")
-export_run = lazy("tftransfer.jobs.export:export_run")
-predict_files = lazy("tftransfer.jobs.predict:predict_files")
-inspect_data = lazy("tftransfer.data.inspect:inspect_data")
-format_report = lazy("tftransfer.data.inspect:format_report")
-list_backbones = lazy("tftransfer.model.backbones:list_backbones")
-get_backbone_spec = lazy("tftransfer.model.backbones:get_backbone_spec")
-describe_backbone = lazy("tftransfer.model.backbones:describe_backbone")
-run_select = lazy("tftransfer.jobs.select:run_select")
+def _job(target: str) -> Callable[..., Any]:
+    """lazy(target), with TensorFlow imported first by core.native_logs, its C++ start-up lines filtered out."""
+    call = lazy(target)
+
+    @functools.wraps(call)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        import_tensorflow_quietly()
+        return call(*args, **kwargs)
+
+    return run
+
+
+run_fit = _job("tftransfer.jobs.fit:run_fit")
+run_lr_find = _job("tftransfer.jobs.lr_find:run_lr_find")
+with_suggestions = _job("tftransfer.jobs.lr_find:with_suggestions")
+run_seeds = _job("tftransfer.jobs.seeds:run_seeds")
+render_seeds = _job("tftransfer.jobs.seeds:render_seeds")
+run_domain = _job("tftransfer.jobs.domain:run_domain")
+run_adapt = _job("tftransfer.jobs.adapt:run_adapt")
+run_evaluation = _job("tftransfer.jobs.evaluate:run_evaluation")
+export_run = _job("tftransfer.jobs.export:export_run")
+predict_files = _job("tftransfer.jobs.predict:predict_files")
+inspect_data = _job("tftransfer.data.inspect:inspect_data")
+format_report = _job("tftransfer.data.inspect:format_report")
+list_backbones = _job("tftransfer.model.backbones:list_backbones")
+get_backbone_spec = _job("tftransfer.model.backbones:get_backbone_spec")
+describe_backbone = _job("tftransfer.model.backbones:describe_backbone")
+run_select = _job("tftransfer.jobs.select:run_select")
 
 # tftransfer.evaluation.transferability.SCORES, first the default (a test ties them; importing it here would load
 # scikit-learn for --help).
 SELECT_CRITERIA = ("logme", "h_score", "probe_accuracy")
 
-# TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) buries the messages a user needs.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) buries the messages a user needs: a level set before
+# any TensorFlow import (the user's own TF_CPP_MIN_LOG_LEVEL is kept).
+set_log_defaults()
 
 
 class _ClickHandler(logging.Handler):
