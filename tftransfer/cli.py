@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -159,6 +160,38 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise click.ClickException("interrupted") from None
 
     return wrapper
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _output_file(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """A file a command writes at its end (--csv, --json): checked while parsing, so a bad path fails before the
+    work, not after it. Its folder must exist and be writable ('-' is stdout)."""
+    if value is None or str(value) == "-":
+        return value
+    folder = value.absolute().parent
+    if not folder.is_dir():
+        raise click.BadParameter(f"{value}: folder {folder} does not exist", ctx, param)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"{value}: folder {folder} is not writable", ctx, param)
+    return value
+
+
+def _output_dir(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """An output folder (made with its parents at the end): its nearest existing ancestor is a writable folder."""
+    if value is None:
+        return value
+    base = _nearest_existing(value)
+    if not base.is_dir():
+        raise click.BadParameter(f"{value}: {base} is a file, not a folder", ctx, param)
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"{value}: folder {base} is not writable", ctx, param)
+    return value
 
 
 class _CommaList(click.ParamType):
@@ -347,7 +380,8 @@ def fit_command(config_path: Path | None, overrides: tuple[str, ...], overwrite:
 @config_option(DomainCommandConfig, "severities")
 @config_option(DomainCommandConfig, "adapt")
 @config_option(DomainCommandConfig, "adapt_severities")
-@config_option(DomainCommandConfig, "out_dir", "--out", type=click.Path(file_okay=False, path_type=Path))
+@config_option(DomainCommandConfig, "out_dir", "--out", type=click.Path(file_okay=False, path_type=Path),
+               callback=_output_dir)
 @config_option(DomainCommandConfig, "batch_size")
 @config_option(DomainCommandConfig, "max_images")
 @config_option(DomainCommandConfig, "permutations")
@@ -440,7 +474,8 @@ def lr_find_command(config_path: Path | None, overrides: tuple[str, ...], overwr
 @config_option(EvaluateCommandConfig, "split")
 @config_option(EvaluateCommandConfig, "val_split")
 @config_option(EvaluateCommandConfig, "test_split")
-@config_option(EvaluateCommandConfig, "output", type=click.Path(file_okay=False, path_type=Path))
+@config_option(EvaluateCommandConfig, "output", type=click.Path(file_okay=False, path_type=Path),
+               callback=_output_dir)
 @config_option(EvaluateCommandConfig, "overwrite")
 @config_option(EvaluateCommandConfig, "top_k")
 @config_option(EvaluateCommandConfig, "mistakes")
@@ -507,9 +542,6 @@ def export_command(run_dir: Path, **settings: Any) -> None:
                      f"agreement {comparison['top1_agreement']:.1%}, max abs diff {comparison['max_abs_diff']:.1e})")
         click.echo(line)
     click.echo(f"model card: {result.version_dir / 'model_card.json'}")
-    if not parity["ok"]:
-        raise click.ClickException(f"the export {result.version_dir} disagrees with the run's model.keras; do not "
-                                   "serve it before finding out why")
 
 
 @main.command("predict")
@@ -518,9 +550,9 @@ def export_command(run_dir: Path, **settings: Any) -> None:
 @config_option(PredictCommandConfig, "top_k")
 @config_option(PredictCommandConfig, "batch_size")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
-              help="Write CSV here ('-' for stdout) instead of the table.")
+              callback=_output_file, help="Write CSV here ('-' for stdout) instead of the table.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
-              help="Write JSON here ('-' for stdout) instead of the table.")
+              callback=_output_file, help="Write JSON here ('-' for stdout) instead of the table.")
 @config_option(PredictCommandConfig, "image_size")
 @config_option(PredictCommandConfig, "min_side", "--min-size")
 @_user_errors
@@ -552,14 +584,17 @@ def _echo_fit_result(metrics: dict[str, Any]) -> None:
         click.echo(f"final val accuracy {final['accuracy']:.4f}  macro-F1 {final['macro_f1']:.4f}")
     export = metrics.get("export")
     if export:
-        status = "OK" if export["parity_ok"] else "FAILED"
-        click.echo(f"exported: {export['path']}  (parity max abs diff {export['parity_max_abs_diff']:.1e}: {status})")
+        status, what = ("OK", "exported") if export["parity_ok"] else ("FAILED", "rejected, not published")
+        click.echo(f"{what}: {export['path']}  (parity max abs diff {export['parity_max_abs_diff']:.1e}: {status})")
     adapt = metrics.get("adapt")
     if adapt:
         final_target = (adapt.get("final") or {}).get("accuracy")
         click.echo(f"target {adapt['target']} ({adapt['target_examples']} images, adapt {adapt['method']}): "
                    + (f"accuracy {final_target:.4f}" if final_target is not None else "unlabeled"))
     click.echo(f"summary: {Path(run['run_dir']) / 'summary.md'}   tensorboard --logdir {Path(run['run_dir']).parent}")
+    if export and not export["parity_ok"]:
+        raise click.ClickException(f"the run's export disagrees with its Keras model and was not published (kept in "
+                                   f"{export['path']}); the run itself is complete")
 
 
 @main.command("select")
@@ -613,7 +648,7 @@ def data_group() -> None:
 
 @data_group.command("inspect")
 @click.argument("data")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), callback=_output_file,
               help="Also write the full report as JSON to this file.")
 @click.option("--val-split", type=click.FloatRange(0.0, 0.9), help="As data.val_split (default from the config).")
 @click.option("--test-split", type=click.FloatRange(0.0, 0.9), help="As data.test_split.")
