@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import write_solid_images
 
 from tftransfer import cli
+from tftransfer.config.experiment import DataConfig, ExperimentConfig, save_config
 from tftransfer.core.native_logs import filtered_native_stderr, keep_line
+from tftransfer.runs.finished import load_run_source
 
+RGB = {"a_red": (250, 10, 10), "b_green": (10, 250, 10), "c_blue": (10, 10, 250)}  # sorted = channel order
 NOISE = ("oneDNN custom operations are on", "Could not find cuda drivers", "cuInit",
          "All log messages before absl::InitializeLog()")
 
@@ -69,3 +75,53 @@ def test_output_paths_are_checked_before_any_work(tmp_path, monkeypatch, command
     assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
     error = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(error) == 1 and ("does not exist" in error[0] or "not a folder" in error[0]), result.output
+
+
+def _colour_run(root: Path) -> Path:
+    """A finished run's files (as tests/test_predict.py fakes them) whose config names its data: 8 red, green and
+    blue images each, no val/ folder, so the held-out split is the run's 25% hash split."""
+    import keras
+
+    data = root / "data"
+    for index, (name, colour) in enumerate(RGB.items()):
+        write_solid_images(data / name, colour, 8, seed=index)
+    run = root / "runs" / "colour"
+    run.mkdir(parents=True)
+    save_config(ExperimentConfig(name="colour", data=DataConfig(path=str(data), val_split=0.25)), run / "config.yaml")
+    (run / "labels.txt").write_text("\n".join(RGB) + "\n")
+    (run / "metrics.json").write_text(json.dumps({"run": {"image_size": 32}}))
+    inputs = keras.Input((None, None, 3), name="pixels")
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Resizing(32, 32, name="resize")(inputs))
+    outputs = keras.layers.Dense(3, kernel_initializer=keras.initializers.Identity(10.0 / 255.0),
+                                 bias_initializer="zeros", dtype="float32", name="logits")(x)
+    keras.Model(inputs, outputs).save(run / "model.keras")
+    return run
+
+
+def test_evaluate_defaults_to_the_runs_own_held_out_data(tmp_path):
+    run = _colour_run(tmp_path)
+    held_out = load_run_source(run).val
+    assert 0 < len(held_out) < 24
+
+    result = CliRunner().invoke(cli.main, ["evaluate", str(run), "--no-progress", "--output", str(tmp_path / "e1")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "e1" / "metrics.json").read_text())
+    assert metrics["data"]["spec"] == str(tmp_path / "data") and metrics["data"]["split"] == "val"
+    assert metrics["data"]["num_examples"] == len(held_out)  # the run's validation images, no training image
+    assert "trained on" not in result.output
+
+    result = CliRunner().invoke(cli.main, ["evaluate", str(run), "--split", "all", "--no-progress",
+                                           "--output", str(tmp_path / "e2")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "e2" / "metrics.json").read_text())["data"]["num_examples"] == 24
+    warning = [line for line in result.output.splitlines() if "includes the images it was trained on" in line]
+    assert len(warning) == 1 and warning[0].startswith("warning: ")
+
+
+def test_evaluate_an_export_without_data_is_one_clear_error(tmp_path):
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "saved_model.pb").write_bytes(b"")
+    result = CliRunner().invoke(cli.main, ["evaluate", str(tmp_path / "export"), "--no-progress"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("Error: ") and len(result.output.strip().splitlines()) == 1, result.output
+    assert "give --data" in result.output

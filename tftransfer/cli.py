@@ -469,8 +469,8 @@ def lr_find_command(config_path: Path | None, overrides: tuple[str, ...], overwr
 
 @main.command("evaluate")
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
-@click.option("--data", required=True,
-              help="Image folder, CSV/JSONL manifest, .npz, tfds:<name> or builtin:<name>.")
+@click.option("--data", help="Image folder, CSV/JSONL manifest, .npz, tfds:<name> or builtin:<name> (default: a run's "
+                            "own data, its held-out split: test if it has one, else val).")
 @config_option(EvaluateCommandConfig, "split")
 @config_option(EvaluateCommandConfig, "val_split")
 @config_option(EvaluateCommandConfig, "test_split")
@@ -486,7 +486,7 @@ def lr_find_command(config_path: Path | None, overrides: tuple[str, ...], overwr
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar over the data.")
 @_user_errors
 @_with_probe_progress
-def evaluate_command(model: Path, data: str, progress: bool, **settings: Any) -> None:
+def evaluate_command(model: Path, data: str | None, progress: bool, **settings: Any) -> None:
     """Evaluate MODEL (a run directory or an exported SavedModel) on DATA: metrics.json, summary.md, plots."""
     result = run_evaluation(model, data, command_config(EvaluateCommandConfig, settings=settings), progress=progress)
     _echo_evaluation(result.metrics, result.output_dir)

@@ -80,6 +80,40 @@ def _run_data_config(classifier: Classifier) -> Any:
         return None
 
 
+OWN_HELD_OUT = "own-held-out"  # the split resolve_evaluation_data gives "auto" on a run's own data
+
+
+def resolve_evaluation_data(classifier: Classifier, data: str | None, split: str, tfds_data_dir: str = ""
+                            ) -> tuple[str, str, str]:
+    """(data, split, tfds_data_dir) to evaluate on. `data` None is the classifier's run's own data (config.yaml's
+    data.path and tfds_data_dir); there "auto" becomes OWN_HELD_OUT: the run's test split if it had one, else its
+    validation split, drawn with the run's own fractions, never every example (that would score the training
+    images). "all" on the run's own data is allowed, with a warning that it includes the training images.
+    """
+    own = _run_data_config(classifier)
+    if data is None:
+        if own is None or not own.path:
+            raise ConfigError(f"{classifier.path} is not a run directory whose config.yaml names its data; give "
+                              "--data")
+        data, tfds_data_dir = own.path, tfds_data_dir or own.tfds_data_dir
+        logger.info("evaluating on the run's own data %s", data)
+        if split == "auto":
+            split = OWN_HELD_OUT
+    if split == "all" and own is not None and own.path and _same_data(data, own.path):
+        logger.warning("--split all on the run's own data %s includes the images it was trained on: the score is "
+                       "not a held-out estimate (--split val or --split test is)", data)
+    return data, split, tfds_data_dir
+
+
+def _same_data(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
 def _safe_label(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "data"
 
@@ -140,21 +174,28 @@ def _calibration(classifier: Classifier, y: np.ndarray, probs: np.ndarray, eval_
     return result
 
 
-def run_evaluation(model: str | Path, data: str, config: EvaluateCommandConfig | None = None, *,
+def run_evaluation(model: str | Path, data: str | None = None, config: EvaluateCommandConfig | None = None, *,
                    progress: bool = False, **settings: Any) -> EvaluationResult:
     """The `tftransfer evaluate` job: a run directory or SavedModel on any data source -> metrics, summary, plots.
 
-    Settings come as an EvaluateCommandConfig or as its fields by keyword (`split="val"`); an unknown or
-    ill-typed one is a ConfigError naming it. Writes metrics.json (schema: docs/metrics_schema.md), summary.md,
-    confusion_matrix.png and reliability.png to `output` (default `default_evaluation_dir`), and for a run
-    directory the plots as TensorBoard images under <run>/logs/eval/<data>-<split>. `progress` draws a bar.
+    `data` None is a run's own data (see resolve_evaluation_data). Settings come as an EvaluateCommandConfig or
+    as its fields by keyword (`split="val"`); an unknown or ill-typed one is a ConfigError naming it. Writes
+    metrics.json (schema: docs/metrics_schema.md), summary.md, confusion_matrix.png and reliability.png to
+    `output` (default `default_evaluation_dir`), and for a run directory the plots as TensorBoard images under
+    <run>/logs/eval/<data>-<split>. `progress` draws a bar.
     """
     cfg = command_config(EvaluateCommandConfig, config, settings)
     started = time.perf_counter()
     batch_size, ece_bins = cfg.batch_size, cfg.ece_bins
+    if data is None and not RunDir(Path(model)).config.is_file():
+        raise ConfigError(f"{model} is not a run directory (no config.yaml), so it has no data of its own; give "
+                          "--data")
     classifier = load_classifier(model, image_size=cfg.image_size, batch_size=batch_size)
-    source = load_evaluation_source(data, cfg.split, classifier, cfg.val_split, cfg.test_split, cfg.tfds_data_dir)
-    examples, split_name = select_split(source, cfg.split)
+    data, split, tfds_data_dir = resolve_evaluation_data(classifier, data, cfg.split, cfg.tfds_data_dir)
+    source = load_evaluation_source(data, split, classifier, cfg.val_split, cfg.test_split, tfds_data_dir)
+    if split == OWN_HELD_OUT:
+        split = "test" if source.test is not None and len(source.test) > 0 else "val"
+    examples, split_name = select_split(source, split)
     mapping = align_classes(classifier.class_names, source.class_names, f"{data} ({split_name})")
     label = _safe_label(f"{source.name}-{split_name}")
     out = cfg.output if cfg.output is not None else default_evaluation_dir(classifier, label)
