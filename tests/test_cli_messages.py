@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,10 @@ from click.testing import CliRunner
 from conftest import write_solid_images
 
 from tftransfer import cli
-from tftransfer.config.experiment import DataConfig, ExperimentConfig, save_config
+from tftransfer.config.experiment import DataConfig, ExperimentConfig, RuntimeConfig, save_config
 from tftransfer.core.native_logs import filtered_native_stderr, keep_line
 from tftransfer.runs.finished import load_run_source
+from tftransfer.runtime import configure_runtime
 
 RGB = {"a_red": (250, 10, 10), "b_green": (10, 250, 10), "c_blue": (10, 10, 250)}  # sorted = channel order
 NOISE = ("oneDNN custom operations are on", "Could not find cuda drivers", "cuInit",
@@ -125,3 +127,13 @@ def test_evaluate_an_export_without_data_is_one_clear_error(tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.startswith("Error: ") and len(result.output.strip().splitlines()) == 1, result.output
     assert "give --data" in result.output
+
+
+def test_fit_logs_a_readable_runtime_line(caplog):
+    with caplog.at_level("INFO", logger="tftransfer.runtime"):
+        info = configure_runtime(RuntimeConfig(seed=7))
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("runtime: "))
+    assert "RuntimeInfo(" not in line and "distribution" not in line
+    assert re.fullmatch(r"runtime: (cpu|\d+ GPUs?), \w+, XLA (on|off), seed 7, (non-)?deterministic ops, "
+                        r"strategy \w+ \(\d+ replicas?\)", line), line
+    assert "RuntimeInfo(" in repr(info)  # the repr still shows every field, for debugging

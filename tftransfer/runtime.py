@@ -37,6 +37,14 @@ class RuntimeInfo:
     replicas: int = 1
     distribution: Any = field(default=None, repr=False, compare=False)  # the tf.distribute.Strategy
 
+    def __str__(self) -> str:
+        """One readable line for logs: 'cpu, float32, XLA off, seed 42, ...' (the repr keeps every field)."""
+        device = f"{self.gpus} GPU{'s' if self.gpus != 1 else ''}" if self.device == "gpu" else self.device
+        replicas = f"{self.replicas} replica{'s' if self.replicas != 1 else ''}"
+        return (f"{device}, {self.precision}, XLA {'on' if self.jit_compile else 'off'}, seed {self.seed}, "
+                f"{'deterministic' if self.deterministic else 'non-deterministic'} ops, strategy {self.strategy} "
+                f"({replicas})")
+
     def to_dict(self) -> dict:  # noqa: D102
         # Not dataclasses.asdict: it would deep-copy the strategy, which TensorFlow forbids.
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "distribution"}
