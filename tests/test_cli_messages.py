@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 from conftest import write_solid_images
@@ -137,3 +138,27 @@ def test_fit_logs_a_readable_runtime_line(caplog):
     assert re.fullmatch(r"runtime: (cpu|\d+ GPUs?), \w+, XLA (on|off), seed 7, (non-)?deterministic ops, "
                         r"strategy \w+ \(\d+ replicas?\)", line), line
     assert "RuntimeInfo(" in repr(info)  # the repr still shows every field, for debugging
+
+
+def _commands(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], click.Command]]:
+    found = [(path, group)]
+    for name, command in group.commands.items():
+        found += _commands(command, (*path, name)) if isinstance(command, click.Group) else [((*path, name), command)]
+    return found
+
+
+COMMANDS = _commands(cli.main)
+
+
+@pytest.mark.parametrize("path, command", COMMANDS, ids=[" ".join(p) or "tftransfer" for p, _ in COMMANDS])
+def test_every_help_ends_with_an_example_of_its_own_command(path, command):
+    result = CliRunner().invoke(cli.main, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    examples = [line.strip() for line in result.output.splitlines() if line.strip().startswith("Example: ")]
+    assert len(examples) == 1, result.output
+    words = examples[0].split()[1:]
+    assert words[0] == "tftransfer" and tuple(words[1:1 + len(path)]) == path, examples[0]
+    # a group's example runs one of its commands; every option the example uses exists
+    target = command.commands[words[1 + len(path)]] if isinstance(command, click.Group) else command
+    known = {opt for param in target.params for opt in (*param.opts, *param.secondary_opts)}
+    assert [w for w in words if w.startswith("-") and w not in known] == [], examples[0]

@@ -244,7 +244,8 @@ def config_option(cls: type, name: str, *decls: str, **extra: Any) -> Callable[[
     return click.option(*(decls or (flag,)), name, **kwargs)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+             epilog="Example: tftransfer fit --data images/ --backbone mobilenetv2 --name flowers")
 @click.version_option(__version__, prog_name="tftransfer")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
@@ -252,7 +253,7 @@ def main(verbose: bool) -> None:
     _setup_logging(verbose)
 
 
-@main.command("backbones")
+@main.command("backbones", epilog="Example: tftransfer backbones mobilenetv2 efficientnetb0")
 @click.option("--details", is_flag=True,
               help="Build every backbone (weights=None) to count parameters and unfreezable blocks (slow).")
 @click.argument("names", nargs=-1)
@@ -328,7 +329,8 @@ def _config_from_options(config_path: Path | None, overrides: tuple[str, ...], f
     return load_config(config_path, overrides=overrides, values=values, recipe=recipe)
 
 
-@main.command("fit")
+@main.command("fit", epilog="Example: tftransfer fit --data images/ --backbone mobilenetv2 --epochs 5 "
+                                "--name flowers")
 @_experiment_options
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Continue an interrupted run (runs/<name>) from its last finished epoch, with its own config.")
@@ -371,7 +373,8 @@ def fit_command(config_path: Path | None, overrides: tuple[str, ...], overwrite:
     _echo_fit_result(run_fit(cfg, overwrite=overwrite, verbose=verbose).metrics)
 
 
-@main.command("domain")
+@main.command("domain", epilog="Example: tftransfer domain runs/flowers --target field_photos/ "
+                                   "--corruptions all")
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @config_option(DomainCommandConfig, "source")
 @config_option(DomainCommandConfig, "target")
@@ -400,7 +403,7 @@ def domain_command(model: Path, **settings: Any) -> None:
     _echo_domain(result.report, result.out_dir)
 
 
-@main.command("adapt")
+@main.command("adapt", epilog="Example: tftransfer adapt runs/flowers --target field_photos/ --method mcc")
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @config_option(AdaptCommandConfig, "target", required=True)
 @config_option(AdaptCommandConfig, "method")
@@ -444,7 +447,8 @@ def _echo_domain(report: dict[str, Any], out: Path) -> None:
     click.echo(f"report: {out / 'domain.md'}")
 
 
-@main.command("lr-find")
+@main.command("lr-find", epilog="Example: tftransfer lr-find --data images/ --backbone mobilenetv2 "
+                                    "--phase head")
 @_experiment_options
 @click.option("--phase", "phases", type=click.Choice(["head", "finetune"]), multiple=True,
               help="Phase(s) to test (default both).")
@@ -467,7 +471,7 @@ def lr_find_command(config_path: Path | None, overrides: tuple[str, ...], overwr
     click.echo(f"plots and lr_find.json: {found['run_dir']}")
 
 
-@main.command("evaluate")
+@main.command("evaluate", epilog="Example: tftransfer evaluate runs/flowers --data test_photos/")
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.option("--data", help="Image folder, CSV/JSONL manifest, .npz, tfds:<name> or builtin:<name> (default: a run's "
                             "own data, its held-out split: test if it has one, else val).")
@@ -515,7 +519,7 @@ def _echo_evaluation(result: dict[str, Any], out: Path) -> None:
     click.echo(f"summary: {out / 'summary.md'}")
 
 
-@main.command("export")
+@main.command("export", epilog="Example: tftransfer export runs/flowers --tflite int8")
 @click.argument("run_dir", metavar="RUN", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @config_option(ExportCommandConfig, "tflite")
 @config_option(ExportCommandConfig, "model_dir", "--to")
@@ -544,7 +548,7 @@ def export_command(run_dir: Path, **settings: Any) -> None:
     click.echo(f"model card: {result.version_dir / 'model_card.json'}")
 
 
-@main.command("predict")
+@main.command("predict", epilog="Example: tftransfer predict runs/flowers photos/ --csv predictions.csv")
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.argument("images", nargs=-1, required=True)
 @config_option(PredictCommandConfig, "top_k")
@@ -597,7 +601,8 @@ def _echo_fit_result(metrics: dict[str, Any]) -> None:
                                    f"{export['path']}); the run itself is complete")
 
 
-@main.command("select")
+@main.command("select", epilog="Example: tftransfer select --data images/ "
+                                   "--candidates mobilenetv2,efficientnetb0@160")
 @click.option("--data", required=True, help="Labelled images: anything fit's --data takes.")
 @click.option("--candidates", required=True,
               help="Backbones to compare: names separated by commas (NAME or NAME@SIZE, e.g. "
@@ -641,12 +646,12 @@ def select_command(data: str, candidates: str, config_path: Path | None, **optio
     click.echo(f"report: {result.run_dir / 'select.md'}")
 
 
-@main.group("data")
+@main.group("data", epilog="Example: tftransfer data inspect images/")
 def data_group() -> None:
     """Look at a data set before training on it."""
 
 
-@data_group.command("inspect")
+@data_group.command("inspect", epilog="Example: tftransfer data inspect images/ --json report.json")
 @click.argument("data")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), callback=_output_file,
               help="Also write the full report as JSON to this file.")
