@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import COLOURS, make_colour_folder, write_solid_images
 
+import tftransfer.jobs.fit as fit_job
 from tftransfer.cli import main
 
 ACCURACY_GATE = 0.9
@@ -64,6 +65,33 @@ def test_fit_end_to_end_reaches_gate_and_serves_jpeg_bytes(tmp_path):
     served = json.loads(proc.stdout.strip().splitlines()[-1])
     assert served["names"][0] == "magenta"
     assert sum(served["p"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_fit_whose_export_fails_its_check_publishes_no_version(tmp_path, monkeypatch):
+    """Issue 14, item 1: fit checks its export in a dot-named folder TF Serving ignores; a failed check publishes
+    nothing, keeps the export aside, and fit exits non-zero after writing the run."""
+    checked = []
+
+    def failing_check(model, version_dir, pixels, batch_size=64):
+        checked.append((Path(version_dir).name, sorted(p.name for p in Path(version_dir).parent.iterdir())))
+        return 1.0
+
+    monkeypatch.setattr(fit_job, "check_parity", failing_check)
+    data = make_colour_folder(tmp_path / "colours", per_class=6, splits=True)
+    result, metrics = _fit(tmp_path, data, "colours", "--set", "phases.head.epochs=1",
+                           "--set", "phases.finetune.epochs=0")
+
+    assert result.exit_code == 1, result.output
+    assert "was not published" in result.output.strip().splitlines()[-1]
+    [(checked_name, present)] = checked
+    assert checked_name.startswith(".tmp-") and present == [checked_name]  # nothing live while checking
+    model_dir = tmp_path / "saved_models" / "colours"
+    assert not any(p.name.isdigit() for p in model_dir.iterdir())
+    export = metrics["export"]
+    assert export["published"] is False and export["version"] is None and not export["parity_ok"]
+    kept = Path(export["path"])
+    assert kept.parent == model_dir and kept.name.startswith(".rejected-") and (kept / "saved_model.pb").is_file()
+    assert "not published" in (tmp_path / "runs" / "colours" / "summary.md").read_text()
 
 
 def test_accuracy_gate_fails_on_random_labels(tmp_path):

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import tensorflow as tf
+import yaml
 from click.testing import CliRunner
 from conftest import COLOURS, make_colour_folder, write_solid_images
 
@@ -177,6 +182,61 @@ def test_export_command_writes_next_version_card_and_int8_tflite(fitted):
     again = _invoke("export", fitted["run"], "--version", "2")
     assert again.exit_code == 1 and "already exists" in again.output
     assert sorted(p.name for p in model_dir.iterdir()) == before
+
+
+def _versions(model_dir: Path) -> list[str]:
+    """The folders TF Serving would load: integer names."""
+    return sorted(p.name for p in model_dir.iterdir() if p.name.isdigit()) if model_dir.is_dir() else []
+
+
+def test_an_export_that_fails_its_check_is_never_live(fitted, tmp_path):
+    """Issue 14, item 1: the parity check runs on a dot-named folder TF Serving ignores; a failed check publishes
+    no version, exits non-zero with one line saying where the rejected export is kept."""
+    copy = tmp_path / "copy"
+    shutil.copytree(fitted["run"], copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["export"]["parity_tolerance"] = 0.0
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    model_dir = tmp_path / "saved_models" / "copy"
+
+    result = _invoke("export", copy, "--to", model_dir)
+    assert result.exit_code == 1, result.output
+    [error] = [line for line in result.output.splitlines() if "Error" in line]  # one line, the last
+    assert result.output.strip().endswith(error) and error.startswith("Error: the export disagrees with")
+    assert "nothing was published" in error
+    assert _versions(model_dir) == []
+    [kept] = [p for p in model_dir.iterdir()]
+    assert kept.name.startswith(".rejected-") and str(kept) in error
+    card = json.loads((kept / "model_card.json").read_text())
+    assert card["export"]["published"] is False and card["export"]["parity"]["ok"] is False
+
+
+def test_an_export_killed_during_its_check_leaves_nothing_live(fitted, tmp_path):
+    """Issue 14, item 1: SIGKILL while the check runs leaves no version; the next export removes the dead
+    process's temporary folder and publishes version 1."""
+    model_dir = tmp_path / "saved_models" / "colours"
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from pathlib import Path
+        import tftransfer.jobs.export as job
+
+        def killed(*args, **kwargs):
+            assert not any(p.name.isdigit() for p in Path(sys.argv[2]).iterdir())  # nothing live while checking
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        job.check_parity_fresh_process = killed
+        job.export_run(sys.argv[1], model_dir=Path(sys.argv[2]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, str(fitted["run"]), str(model_dir)], capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert _versions(model_dir) == []
+    [leftover] = [p for p in model_dir.iterdir()]
+    assert leftover.name.startswith(".tmp-")
+
+    result = _invoke("export", fitted["run"], "--to", model_dir)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1"]
 
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

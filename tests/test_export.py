@@ -28,8 +28,11 @@ from tftransfer.serving.savedmodel import (
     next_version,
     predict_exported_bytes,
     predict_exported_pixels,
+    publish_export,
+    reject_export,
     signature_defs_text,
     signature_summary,
+    stage_export,
 )
 
 IMAGE_SIZE = 32
@@ -134,18 +137,49 @@ def test_next_version_ignores_non_versions(tmp_path: Path) -> None:
     assert next_version(tmp_path) == 4
 
 
-def test_leftover_temp_dir_is_not_a_version(model: keras.Model, tmp_path: Path) -> None:
+def _dead_pid() -> int:
+    """The id of a process that has ended (and been reaped)."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    return int(proc.stdout)
+
+
+def test_leftover_temp_dirs_are_no_versions_and_dead_exporters_ones_are_cleaned(model: keras.Model,
+                                                                                tmp_path: Path) -> None:
     model_dir = tmp_path / "tiny"
-    leftover = model_dir / ".tmp-1-4242-crashed"
-    leftover.mkdir(parents=True)
-    (leftover / "saved_model.pb").write_bytes(b"half written")
+    dead = model_dir / f".tmp-1-{_dead_pid()}-crashed"  # an exporter killed during its check
+    alive = model_dir / f".tmp-1-{os.getppid()}-running"  # one still running: never touched
+    for leftover in (dead, alive):
+        leftover.mkdir(parents=True)
+        (leftover / "saved_model.pb").write_bytes(b"half written")
 
     assert next_version(model_dir) == 1
     version_dir = export_saved_model(model, model_dir, CLASS_NAMES, IMAGE_SIZE)
 
     assert version_dir == model_dir / "1"
-    assert sorted(p.name for p in model_dir.iterdir()) == [".tmp-1-4242-crashed", "1"]
+    assert sorted(p.name for p in model_dir.iterdir()) == sorted([alive.name, "1"])
     load_exported(version_dir)
+
+
+def test_a_staged_export_is_no_version_until_published_and_a_rejected_one_never(model: keras.Model,
+                                                                                 tmp_path: Path) -> None:
+    """Issue 14, item 1: TF Serving loads any integer-named folder as soon as it appears, so the check runs on a
+    dot-named folder and only a passed check renames it to a version."""
+    model_dir = tmp_path / "tiny"
+    staged = stage_export(model, model_dir, CLASS_NAMES, IMAGE_SIZE)
+    assert staged.path.parent == model_dir and staged.path.name.startswith(".")
+    assert [p.name for p in model_dir.iterdir()] == [staged.path.name] and next_version(model_dir) == 1
+    load_exported(staged.path)  # complete: what the check loads
+
+    kept = reject_export(staged)
+    assert kept.parent == model_dir and kept.name.startswith(".rejected-") and (kept / "saved_model.pb").is_file()
+    assert not staged.path.exists() and next_version(model_dir) == 1
+
+    seen = []
+    second = stage_export(model, model_dir, CLASS_NAMES, IMAGE_SIZE)
+    version_dir = publish_export(second, prepare=lambda final: seen.append((final, final.exists())))
+    assert version_dir == model_dir / "1" and seen == [(version_dir, False)]
+    assert sorted(p.name for p in model_dir.iterdir()) == sorted([kept.name, "1"])
 
 
 def test_version_appearing_meanwhile_takes_next_number(

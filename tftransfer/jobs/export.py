@@ -11,12 +11,21 @@ from tftransfer.config.commands import ExportCommandConfig, command_config
 from tftransfer.config.experiment import ExportConfig, read_yaml
 from tftransfer.core.errors import DataError, RunDirError
 from tftransfer.core.io import read_json, write_json
+from tftransfer.data.sources import DataSource
 from tftransfer.runs.finished import load_run_model, load_run_source, read_labels, run_image_size
 from tftransfer.runs.layout import RunDir, check_run_name
 from tftransfer.serving.contract import MODEL_CARD_FILE
 from tftransfer.serving.model_card import build_model_card
-from tftransfer.serving.parity import check_parity_fresh_process, parity_inputs
-from tftransfer.serving.savedmodel import export_saved_model, next_version, saved_model_size
+from tftransfer.serving.parity import ParityError, check_parity_fresh_process, parity_inputs
+from tftransfer.serving.savedmodel import (
+    StagedExport,
+    discard_export,
+    next_version,
+    publish_export,
+    reject_export,
+    saved_model_size,
+    stage_export,
+)
 from tftransfer.serving.tflite import export_tflite
 
 logger = logging.getLogger(__name__)
@@ -42,13 +51,16 @@ class ExportResult:
 
 
 def export_run(run_dir: str | Path, config: ExportCommandConfig | None = None, **settings: Any) -> ExportResult:
-    """The `tftransfer export` job: a finished run -> the next SavedModel version, checked and described.
+    """The `tftransfer export` job: a finished run -> the next SavedModel version, checked, then published.
 
     Settings come as an ExportCommandConfig or as its fields by keyword (`export_run(run, tflite="int8")`); an
-    unknown or ill-typed one is a ConfigError naming it. Writes <export.dir>/<name>/<version>/ (or under
-    `model_dir`) with model_card.json, checks it against the run's model.keras in a fresh process on real
-    validation images (pixels and encoded bytes), and with `tflite` adds model_<mode>.tflite with its size and
-    accuracy against the SavedModel.
+    unknown or ill-typed one is a ConfigError naming it. Writes the SavedModel with model_card.json into a
+    dot-named folder of <export.dir>/<name>/ (or of `model_dir`), which TF Serving ignores, checks it against
+    the run's model.keras in a fresh process on real validation images (pixels and encoded bytes), with `tflite`
+    adds model_<mode>.tflite with its size and accuracy against the SavedModel, and only then renames it to
+    <version>/. A failed check publishes nothing: the export is set aside as .rejected-<time>-<random>/ and
+    ParityError says where; a process killed before the rename leaves no version (its .tmp-* folder is removed
+    by the next export).
     """
     cfg = command_config(ExportCommandConfig, config, settings)
     tflite, version = cfg.tflite, cfg.version
@@ -75,23 +87,53 @@ def export_run(run_dir: str | Path, config: ExportCommandConfig | None = None, *
     top_k = cfg.top_k or int(export_cfg.get("top_k", ExportConfig.top_k))
     tolerance = float(export_cfg.get("parity_tolerance", ExportConfig.parity_tolerance))
 
-    version_dir = export_saved_model(model, target, names, image_size, top_k, version=version,
-                                     model_card=build_model_card(run.path))
+    # Written and checked under a dot-name TF Serving ignores; a version only once the check passed.
+    staged = stage_export(model, target, names, image_size, top_k, version=version,
+                          model_card=build_model_card(run.path))
+    try:
+        return _check_and_publish(staged, model, run, source, cfg, tolerance)
+    except BaseException:
+        discard_export(staged)  # a rejected export was moved aside before: nothing left here to remove
+        raise
+
+
+def _check_and_publish(staged: StagedExport, model: Any, run: RunDir, source: DataSource | None,
+                       cfg: ExportCommandConfig, tolerance: float) -> ExportResult:
+    """The parity check (and TFLite) on the staged export, then the rename to its version; ParityError if it fails."""
+    image_size = run_image_size(run.path)
     pixels, encoded, described = parity_inputs(source, image_size, cfg.parity_images)
-    parity = check_parity_fresh_process(model, version_dir, pixels, encoded, tolerance=tolerance)
+    parity = check_parity_fresh_process(model, staged.path, pixels, encoded, tolerance=tolerance)
     parity["data"] = described
     if not parity["ok"]:
-        logger.error("the export %s disagrees with %s: max abs probability difference %.2e > %.0e", version_dir,
-                     run.model, parity["max_abs_diff"], tolerance)
+        _reject(staged, run.model, parity)
     tflite_entry = None
-    if tflite is not None:
-        tflite_entry = export_tflite(model, version_dir, image_size, tflite, source,
-                                     representative_images=cfg.representative_images,
-                                     batch_size=cfg.batch_size)
-    card = read_json(version_dir / MODEL_CARD_FILE)
-    card["export"] = {"path": str(version_dir), "version": int(version_dir.name),
-                      "saved_model_size_bytes": saved_model_size(version_dir),
-                      "parity": {k: v for k, v in parity.items() if k != "signatures_text"}}
+    if cfg.tflite is not None:
+        tflite_entry = export_tflite(model, staged.path, image_size, cfg.tflite, source,
+                                     representative_images=cfg.representative_images, batch_size=cfg.batch_size)
+    card = read_json(staged.path / MODEL_CARD_FILE)
     card["tflite"] = tflite_entry
-    write_json(version_dir / MODEL_CARD_FILE, card)
+    version_dir = publish_export(staged, prepare=lambda final: _write_card(staged.path, card, final, parity))
     return ExportResult(version_dir, card, parity, tflite_entry)
+
+
+def _write_card(folder: Path, card: dict[str, Any], version_dir: Path, parity: dict[str, Any]) -> None:
+    """The model card with the export's entry: the version folder it becomes, its size and its parity check."""
+    card["export"] = {"path": str(version_dir), "version": int(version_dir.name),
+                      "saved_model_size_bytes": saved_model_size(folder),
+                      "parity": {k: v for k, v in parity.items() if k != "signatures_text"}}
+    if card.get("tflite"):
+        card["tflite"]["file"] = str(version_dir / Path(card["tflite"]["file"]).name)
+    write_json(folder / MODEL_CARD_FILE, card)
+
+
+def _reject(staged: StagedExport, keras_model: Path, parity: dict[str, Any]) -> None:
+    """Sets a staged export that failed the parity check aside (never a version) and raises ParityError."""
+    card = read_json(staged.path / MODEL_CARD_FILE)
+    card["export"] = {"path": None, "version": None, "published": False,
+                      "parity": {k: v for k, v in parity.items() if k != "signatures_text"}}
+    write_json(staged.path / MODEL_CARD_FILE, card)
+    kept = reject_export(staged)
+    message = (f"the export disagrees with {keras_model}: max abs probability difference "
+               f"{parity['max_abs_diff']:.2e} > tolerance {parity['tolerance']:.0e} in a fresh process on "
+               f"{parity['data']}; nothing was published, the rejected export is kept in {kept}")
+    raise ParityError(message, parity, kept)

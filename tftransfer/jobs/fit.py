@@ -33,7 +33,7 @@ from tftransfer.runs.layout import RunDir, check_run_name, create_run_dir
 from tftransfer.runtime import RuntimeInfo, configure_runtime
 from tftransfer.serving.model_card import build_model_card
 from tftransfer.serving.parity import check_parity
-from tftransfer.serving.savedmodel import export_saved_model
+from tftransfer.serving.savedmodel import discard_export, publish_export, reject_export, stage_export
 from tftransfer.training.adaptation.target import TargetDomain, load_target
 from tftransfer.training.callbacks import tensorboard_hparams
 from tftransfer.training.checkpoint import Checkpoint, load_latest
@@ -230,22 +230,29 @@ def _train(exp: Experiment, run: RunDir, checkpoint: Checkpoint | None,
 
 
 def _export(exp: Experiment, run: RunDir, final_val: dict | None) -> tuple[Path | None, dict[str, Any] | None]:
-    """With export.enabled, the SavedModel and its parity check against the Keras model: (its folder, metrics entry)."""
+    """With export.enabled, the SavedModel checked against the Keras model before it is published: (its version
+    folder, or None when the check failed and nothing was published; the metrics entry)."""
     cfg, model, source, data = exp.cfg, exp.model, exp.source, exp.data
     if not cfg.export.enabled:
         return None, None
-    export_dir = export_saved_model(model, Path(cfg.export.dir) / cfg.name, source.class_names,
-                                    exp.image_size, top_k=cfg.export.top_k,
-                                    model_card=build_model_card(run.path, val_metrics=final_val))
+    staged = stage_export(model, Path(cfg.export.dir) / cfg.name, source.class_names, exp.image_size,
+                          top_k=cfg.export.top_k, model_card=build_model_card(run.path, val_metrics=final_val))
     parity_data = data.val if data.val is not None else data.train
-    diff = check_parity(model, export_dir, take_pixels(parity_data, 256))
-    export_entry = {"path": str(export_dir), "version": int(export_dir.name), "parity_max_abs_diff": diff,
-                    "parity_tolerance": cfg.export.parity_tolerance,
-                    "parity_ok": bool(diff <= cfg.export.parity_tolerance)}
-    if not export_entry["parity_ok"]:
-        logger.error("exported model disagrees with the Keras model: max abs diff %.2e > %.0e", diff,
-                     cfg.export.parity_tolerance)
-    return export_dir, export_entry
+    try:
+        # In the staged folder, which TF Serving ignores: a version appears only once the check passed.
+        diff = check_parity(model, staged.path, take_pixels(parity_data, 256))
+        ok = bool(diff <= cfg.export.parity_tolerance)
+        export_dir = publish_export(staged) if ok else reject_export(staged)
+    except BaseException:
+        discard_export(staged)
+        raise
+    export_entry = {"path": str(export_dir), "version": int(export_dir.name) if ok else None, "published": ok,
+                    "parity_max_abs_diff": diff, "parity_tolerance": cfg.export.parity_tolerance, "parity_ok": ok}
+    if not ok:
+        logger.error("the export disagrees with the Keras model (max abs probability difference %.2e > %.0e); "
+                     "nothing was published, the rejected export is kept in %s", diff, cfg.export.parity_tolerance,
+                     export_dir)
+    return (export_dir if ok else None), export_entry
 
 
 def _fit_metrics(exp: Experiment, run: RunDir, fitted: FitPhasesResult, final_val: dict | None,

@@ -286,6 +286,9 @@ def _export_section(metrics: Mapping[str, Any]) -> list[str]:
     if ok is False:
         lines += [
             (
+                "The exported model's outputs differ from the trained model's by more than the tolerance: it was "
+                "not published as a version (TF Serving does not see it; it is kept at the path above)."
+                if export.get("published") is False else
                 "The exported model's outputs differ from the trained model's by more than the tolerance: "
                 "do not serve it before finding out why."
             ),

@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer.core.errors import RunDirError
+from tftransfer.core.errors import RunDirError, TfTransferError
 from tftransfer.data.files import make_indexed_dataset
 from tftransfer.data.images import decode_and_resize
 from tftransfer.data.sources import DataSource, Split
@@ -30,6 +30,15 @@ from tftransfer.serving.savedmodel import (
 logger = logging.getLogger(__name__)
 
 
+class ParityError(TfTransferError):
+    """An export disagreed with the Keras model: it was not published; `kept` is where it was set aside."""
+
+    def __init__(self, message: str, parity: dict[str, Any], kept: Path) -> None:
+        super().__init__(message)
+        self.parity = parity
+        self.kept = kept
+
+
 def check_parity(model: keras.Model, version_dir: str | Path, pixels: np.ndarray, batch_size: int = 64) -> float:
     """Reloads the export and returns the max abs difference between its and the Keras model's probabilities."""
     pixels = np.asarray(pixels, dtype=np.float32)
@@ -40,8 +49,6 @@ def check_parity(model: keras.Model, version_dir: str | Path, pixels: np.ndarray
     diff = float(np.max(np.abs(exported - expected)))
     logger.info("export parity for %s: max abs probability difference %.3g", version_dir, diff)
     return diff
-
-
 
 
 def check_parity_fresh_process(model: keras.Model, version_dir: str | Path, pixels: np.ndarray,

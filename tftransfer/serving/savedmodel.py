@@ -18,10 +18,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
+import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,9 @@ logger = logging.getLogger(__name__)
 # TF Serving only loads children whose names parse as integers, so a dot-prefixed name keeps a half-written
 # export invisible to it until the final rename.
 _TMP_PREFIX = ".tmp-"
+_TMP_NAME = re.compile(rf"^{re.escape(_TMP_PREFIX)}\d+-(\d+)-")  # .tmp-<version>-<pid>-<random>
+# An export that failed its check, kept for a look (never cleaned: the user removes it).
+_REJECTED_PREFIX = ".rejected-"
 
 
 def next_version(model_dir: Path) -> int:
@@ -58,6 +64,16 @@ def next_version(model_dir: Path) -> int:
         return 1
     versions = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir()]
     return max(versions, default=0) + 1
+
+
+@dataclass(frozen=True)
+class StagedExport:
+    """A SavedModel written under a dot-name inside its model folder: TF Serving ignores it until it is published."""
+
+    path: Path  # the temporary folder, .tmp-<version>-<pid>-<random>
+    model_dir: Path
+    version: int  # the number it is published as (or, unless fixed, the first one tried)
+    fixed: bool  # an explicit version: published exactly as that or not at all
 
 
 def export_saved_model(
@@ -72,10 +88,30 @@ def export_saved_model(
 ) -> Path:
     """Writes model as the next version (or as `version`) under model_dir and returns the version directory.
 
-    The SavedModel is written into a temporary directory inside model_dir and renamed into place, so TF
-    Serving never sees a partial version and an existing version is never overwritten (an explicit `version`
-    that exists is a RunDirError). A model_card.json goes inside: the input contract, classes and versions,
-    plus whatever `model_card` adds (see `build_model_card`).
+    `stage_export` and `publish_export` in one step, for a caller that checks nothing in between (the jobs check
+    the staged folder before publishing it). An existing version is never overwritten (an explicit `version`
+    that exists is a RunDirError).
+    """
+    staged = stage_export(model, model_dir, class_names, image_size, top_k, version=version, model_card=model_card)
+    return publish_export(staged)
+
+
+def stage_export(
+    model: keras.Model,
+    model_dir: str | Path,
+    class_names: Sequence[str],
+    image_size: int,
+    top_k: int = 5,
+    *,
+    version: int | None = None,
+    model_card: Mapping[str, Any] | None = None,
+) -> StagedExport:
+    """Writes the SavedModel into a temporary dot-named folder inside model_dir, not yet a version.
+
+    TF Serving loads any integer-named folder as soon as it appears, so the export is checked here and only then
+    renamed into place (`publish_export`), or set aside (`reject_export`). A model_card.json goes inside: the input
+    contract, classes and versions, plus whatever `model_card` adds (see `build_model_card`). Temporary folders
+    left by exporters that died (killed during a check) are removed first.
     """
     names = _validate_class_names(class_names)
     if image_size < 1:
@@ -99,6 +135,7 @@ def export_saved_model(
         raise RunDirError(f"export path {model_dir / str(version)} already exists and exports never overwrite; "
                           f"leave out the version to write the next one ({next_version(model_dir)})")
     model_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_exports(model_dir)
     version = version if fixed else next_version(model_dir)
     # Not tempfile.mkdtemp: its 0700 mode would survive the rename and lock out a TF Serving running as
     # another user. The random suffix keeps a stale temp dir of a crashed run with a reused pid from colliding.
@@ -113,12 +150,65 @@ def export_saved_model(
         (tmp_dir / LABELS_FILE).write_text(labels_text, encoding="utf-8")
         card = {**base_model_card(names, image_size, min(top_k, len(names))), **dict(model_card or {})}
         write_json(tmp_dir / MODEL_CARD_FILE, card)
-        version_dir = _publish(tmp_dir, model_dir, version, fixed=fixed)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
+    return StagedExport(tmp_dir, model_dir, int(version), fixed)
+
+
+def publish_export(staged: StagedExport, prepare: Callable[[Path], None] | None = None) -> Path:
+    """Renames a staged export to its version (the first free one unless fixed) and returns the version folder.
+
+    `prepare(version_dir)` runs on the staged folder before each rename attempt, with the folder it is about to
+    become (to write that path into the model card while TF Serving cannot see it yet). On failure the staged
+    folder is removed.
+    """
+    try:
+        version_dir = _publish(staged.path, staged.model_dir, staged.version, fixed=staged.fixed, prepare=prepare)
+    except BaseException:
+        discard_export(staged)
+        raise
     logger.info("exported SavedModel version %s to %s", version_dir.name, version_dir)
     return version_dir
+
+
+def reject_export(staged: StagedExport) -> Path:
+    """Moves a staged export that failed its check aside, to a dot-name TF Serving ignores, and returns it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside = staged.model_dir / f"{_REJECTED_PREFIX}{stamp}-{uuid.uuid4().hex[:8]}"
+    os.rename(staged.path, aside)
+    return aside
+
+
+def discard_export(staged: StagedExport) -> None:
+    """Removes a staged export (nothing was published)."""
+    shutil.rmtree(staged.path, ignore_errors=True)
+
+
+def clean_stale_exports(model_dir: Path) -> list[Path]:
+    """Removes the temporary folders of exporters that no longer run (their pid is gone); returns them."""
+    removed = []
+    for path in sorted(Path(model_dir).glob(f"{_TMP_PREFIX}*")):
+        found = _TMP_NAME.match(path.name)
+        if found is None or not path.is_dir() or _process_alive(int(found.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+        logger.info("removed %s, left by an export that did not finish", path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (another user's counts; a reused id keeps a folder, never loses one)."""
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load_exported(version_dir: str | Path) -> Any:
@@ -243,7 +333,8 @@ def _build_archive(model: keras.Model, names: tuple[str, ...], image_size: int, 
     return archive
 
 
-def _publish(tmp_dir: Path, model_dir: Path, version: int, fixed: bool = False) -> Path:
+def _publish(tmp_dir: Path, model_dir: Path, version: int, fixed: bool = False,
+             prepare: Callable[[Path], None] | None = None) -> Path:
     """Renames tmp_dir to the first free version >= version (exactly `version` when fixed) and returns it."""
     while True:
         # Another exporter may have published since we started; never reuse or go below its number.
@@ -251,6 +342,8 @@ def _publish(tmp_dir: Path, model_dir: Path, version: int, fixed: bool = False) 
             version = max(version, next_version(model_dir))
         target = model_dir / str(version)
         if not target.exists():
+            if prepare is not None:
+                prepare(target)
             try:
                 # Linux's rename would also replace an *empty* directory created in the instant since the check
                 # above; that loses nothing, and a non-empty one makes rename fail, handled below.
