@@ -1,6 +1,7 @@
 """`tftransfer select` on real data: the offline candidates (MobileNet-0.25, MobileNetV2-0.35, MobileNetV2-0.5 with
 their real ImageNet weights from ../shared/data/weights) at several input sizes, plus a random-weights sanity
-candidate, on hymenoptera (or any folder with train/ and val/).
+candidate, on hymenoptera (or any labelled folder: `--data ../shared/data/datasets/office31/dslr/images`, split
+as the config's data.val_split says when it has no val/ folder).
 
 It runs select twice with one fresh feature cache: **cold** (every feature computed) and **warm** (every feature
 read back), and records both wall times, the ranking and the load average. With `--finetune` it then fits every
@@ -119,8 +120,7 @@ def agreement(scored: list[dict[str, Any]], truth: list[float]) -> dict[str, Any
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    missing = [str(p) for p in [args.data / "train", args.data / "val", *(WEIGHTS / f for _, _, f in FAMILIES)]
-               if not p.exists()]
+    missing = [str(p) for p in [args.data, *(WEIGHTS / f for _, _, f in FAMILIES)] if not p.exists()]
     if missing:
         print("missing: " + ", ".join(missing), file=sys.stderr)
         return 2
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         payload["warm"] = timed_select(work, args.data, entries, "select-warm", args.max_images)
         print(f"select over {len(entries)} candidates: cold {payload['cold']['seconds']:.1f} s, warm "
               f"{payload['warm']['seconds']:.1f} s; load {payload['cold']['load_average_before']}")
+        write_json(args.out, payload)  # kept if the fine-tuning below is interrupted
         if args.finetune:
             scored = [c for c in payload["cold"]["candidates"] if c.get("rank")]
             runs = [finetune(work, args.data, c, args.head_epochs, args.finetune_epochs) for c in scored]

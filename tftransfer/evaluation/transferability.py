@@ -19,11 +19,13 @@ Each score maps (features [N, D], integer labels [N]) to one number, higher is b
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 from sklearn.covariance import ledoit_wolf
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
@@ -33,6 +35,10 @@ from tftransfer.core.errors import DataError
 
 LOGME_MAX_ITER = 100
 LOGME_TOL = 1e-5  # relative change of alpha / beta between iterations that ends the fixed-point loop
+# L-BFGS iterations of each probe fit. The held-out accuracy settles long before the loss: on Office-31 dslr
+# (31 classes, 1280-d features) 100 and 1000 iterations gave the same accuracy for every backbone, and a random-
+# weights backbone's features, which never converge, cost 4x less.
+PROBE_MAX_ITER = 100
 
 
 def _as_arrays(features: np.ndarray, labels: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -172,7 +178,8 @@ def linear_probe(features: np.ndarray, labels: np.ndarray, folds: int = 5, seed:
                  c: float = 1.0) -> ProbeResult:
     """Stratified k-fold accuracy (mean and std over folds) of standardised features -> logistic regression.
 
-    The number of folds drops to the smallest class's size when that is below `folds` (at least 2).
+    The number of folds drops to the smallest class's size when that is below `folds` (at least 2). Each fit
+    stops after PROBE_MAX_ITER iterations, converged or not.
     """
     f, y = _as_arrays(features, labels, "linear probe")
     smallest = int(np.bincount(np.unique(y, return_inverse=True)[1]).min())
@@ -182,8 +189,10 @@ def linear_probe(features: np.ndarray, labels: np.ndarray, folds: int = 5, seed:
                         f"{smallest}")
     scores = []
     for train, test in StratifiedKFold(k, shuffle=True, random_state=seed).split(f, y):
-        probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000))
-        probe.fit(f[train], y[train])
+        probe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=PROBE_MAX_ITER))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            probe.fit(f[train], y[train])
         scores.append(float(np.mean(probe.predict(f[test]) == y[test])))
     return ProbeResult(float(np.mean(scores)), float(np.std(scores)), k)
 

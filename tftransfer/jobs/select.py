@@ -398,8 +398,8 @@ def run_select(data: str, candidates: str | Path | Sequence[Any], *, weights: st
     report = _write_report(run, entries, recommendation, seen, data, rank_by, folds, max_images, started)
     if seen is None and any(e.get("error") for e in entries):
         first = next(e for e in entries if e.get("error"))
-        raise BackboneError(f"no candidate could be built ({run.path / 'select.json'} lists why); candidate 1: "
-                            f"{first['error']}")
+        raise BackboneError(f"no candidate could be built ({run.path / 'select.json'} lists why); "
+                            f"{candidate_label(first)}: {first['error']}")
     if recommendation:
         logger.info("recommendation: %s\n  %s", recommendation["text"], recommendation["fit_command"])
     return SelectResult(run.path, entries, recommendation, report)
