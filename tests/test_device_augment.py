@@ -290,7 +290,7 @@ def test_resume_restores_the_optimizer_into_the_augmenting_model(tmp_path, monke
     monkeypatch.setattr(keras.Model, "fit", spy_fit)
     fit_phases(model, cfg, data, blocks, run=run)
     stopped = run.checkpoints / "epoch-0001"  # the per-epoch checkpoint, before the phase's end
-    saved = ckpt.Checkpoint(stopped, ckpt.TrainState(**json.loads((stopped / "state.json").read_text())))
+    saved = ckpt.read_checkpoint(stopped)
     assert saved.state.phase == "finetune" and not saved.state.phase_done
 
     restored = []
