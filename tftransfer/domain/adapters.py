@@ -25,7 +25,6 @@ never updates the stored ones.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,9 +35,8 @@ import numpy as np
 import tensorflow as tf
 
 from tftransfer.core.errors import ConfigError
-from tftransfer.core.numerics import stable_softmax
+from tftransfer.core.numerics import entropy, marginal_entropy, stable_softmax
 from tftransfer.domain import batchnorm
-from tftransfer.domain.shift import entropy
 from tftransfer.evaluation.inference import batches_of, predict_probabilities
 from tftransfer.model.features import POOL_LAYER, build_head_model
 
@@ -413,12 +411,12 @@ class _CollapseGuard:
         batch_entropy = float(entropy(probs).mean())
         if self.first_entropy is None:
             self.first_entropy = batch_entropy
-            self.ref_diversity = _diversity(self.reference[:seen] if self.reference is not None else probs)
+            self.ref_diversity = marginal_entropy(self.reference[:seen] if self.reference is not None else probs)
         if index == 0:
             return None
-        adapted_div = _diversity(np.concatenate(outputs))
+        adapted_div = marginal_entropy(np.concatenate(outputs))
         if self.reference is not None:
-            self.ref_diversity = _diversity(self.reference[:seen])
+            self.ref_diversity = marginal_entropy(self.reference[:seen])
         if self.ref_diversity > 0 and adapted_div < self.min_diversity_ratio * self.ref_diversity:
             return (f"predicted class distribution degenerated: diversity {adapted_div:.3f} < "
                     f"{self.min_diversity_ratio} x {self.ref_diversity:.3f} (unadapted) after {seen} images")
@@ -481,11 +479,6 @@ def _tent_fallback(learner: _TentLearner, collapse: str, info: dict[str, Any], r
     info["fallback"] = "batch statistics without TENT updates"
     probs = predict_probabilities(learner.stats_model, shuffled, batch_size)
     return AdaptationResult("tent", _unshuffle(probs, order), time.perf_counter() - started, info=info)
-
-
-def _diversity(probs: np.ndarray) -> float:
-    c = probs.shape[1]
-    return float(entropy(np.asarray(probs, np.float64).mean(axis=0)) / math.log(c))
 
 
 register_adapter(Adapter("adabn", _adabn, "AdaBN: BatchNorm moving statistics set to the exact target statistics, "

@@ -25,6 +25,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from tftransfer.core.numerics import entropy, marginal_entropy
 from tftransfer.domain import batchnorm
 
 logger = logging.getLogger(__name__)
@@ -241,12 +242,6 @@ def batchnorm_drift(model: keras.Model, target_batches: Iterable[np.ndarray],
 # --- label-free signals on predictions ---------------------------------------------------------------------------
 
 
-def entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Shannon entropy in nats."""
-    p = np.asarray(p, np.float64)
-    return -np.sum(p * np.log(np.clip(p, _EPS, 1.0)), axis=axis)
-
-
 def prediction_signals(probs: Any, class_names: Sequence[str] | None = None,
                        reference_probs: Any | None = None) -> dict[str, Any]:
     """Mean confidence, entropy and the predicted class distribution; vs a reference when given.
@@ -270,7 +265,7 @@ def prediction_signals(probs: Any, class_names: Sequence[str] | None = None,
         "predicted_distribution": _named(dist, class_names),
         # Entropy of the average prediction over the data, normalised: 1 = classes predicted evenly, 0 = always
         # the same class (the collapse TENT must avoid).
-        "prediction_diversity": float(entropy(p.mean(axis=0)) / math.log(c)),
+        "prediction_diversity": marginal_entropy(p),
     }
     if reference_probs is not None:
         ref = np.asarray(reference_probs, np.float64)

@@ -22,6 +22,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from tftransfer.config.experiment import VALIDATOR_NAMES
+from tftransfer.core.numerics import entropy, marginal_entropy
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +39,9 @@ class Candidate:
     source_val_features: np.ndarray | None = None
 
 
-def _entropy_rows(probs: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(probs, np.float64), 1e-12, 1.0)
-    return -np.sum(p * np.log(p), axis=1)
-
-
 def entropy_score(candidate: Candidate) -> float:
     """Minus the mean target prediction entropy (nats)."""
-    return -float(np.mean(_entropy_rows(candidate.target_probs)))
+    return -float(np.mean(entropy(candidate.target_probs)))
 
 
 def snd_score(candidate: Candidate, temperature: float = 0.05) -> float:
@@ -58,7 +54,7 @@ def snd_score(candidate: Candidate, temperature: float = 0.05) -> float:
     logits -= logits.max(axis=1, keepdims=True)
     soft = np.exp(logits)
     soft /= soft.sum(axis=1, keepdims=True)
-    return float(np.mean(_entropy_rows(soft)))
+    return float(np.mean(entropy(soft)))
 
 
 def dev_score(candidate: Candidate, seed: int = 0) -> float:
@@ -82,12 +78,6 @@ def dev_score(candidate: Candidate, seed: int = 0) -> float:
 
 
 VALIDATORS: dict[str, Callable[[Candidate], float]] = {"entropy": entropy_score, "snd": snd_score, "dev": dev_score}
-
-
-def marginal_entropy(probs: np.ndarray) -> float:
-    """Entropy of the mean prediction, as a fraction of log(classes): 1 = spread evenly, 0 = one class."""
-    mean = np.asarray(probs, np.float64).mean(axis=0)
-    return float(_entropy_rows(mean[None])[0] / np.log(max(len(mean), 2)))
 
 
 def is_collapsed(candidate: Candidate, reference: Candidate, tolerance: float = 0.5) -> bool:
