@@ -253,3 +253,9 @@ def test_source_free_adaptation_uses_kept_statistics_and_says_what_is_missing(fi
     assert adapt(str(copy), "--target", str(target), "--method", "shot").exit_code == 0
     needs_source = CliRunner().invoke(main, ["adapt", str(copy), "--target", str(target), "--method", "mcc"])
     assert needs_source.exit_code != 0 and "source" in needs_source.output
+
+
+def test_auto_refuses_a_validator_it_cannot_feed(fitted, tmp_path):
+    run_dir, _ = fitted
+    result = CliRunner().invoke(main, ["adapt", str(run_dir), "--target", str(tmp_path), "--validator", "dev"])
+    assert result.exit_code != 0 and "dev" in result.output and "Traceback" not in result.output

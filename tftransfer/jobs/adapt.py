@@ -246,6 +246,10 @@ def run_adapt(model_path: str | Path, config: AdaptCommandConfig | str | None = 
     cfg = command_config(AdaptCommandConfig, config, settings)
     if not cfg.target:
         raise ConfigError("target: give the target images to adapt to (--target DATA)")
+    if cfg.method == "auto" and cfg.validator == "dev":
+        # DEV scores a candidate on the source validation split, which adapt does not pass its candidates yet;
+        # without it every score is NaN and auto would silently keep the unadapted run.
+        raise ConfigError("validator: dev is not available to adapt --method auto yet; use entropy or snd")
     recipe = replace(recipe or FeatureRecipe(), steps=cfg.steps, shot_steps=cfg.shot_steps, head_init=cfg.head_init,
                      seed=cfg.seed)
     run = load_run(model_path)
