@@ -363,7 +363,7 @@ def fit_command(config_path: Path | None, overrides: tuple[str, ...], overwrite:
     cfg = _config_from_options(config_path, overrides, flags, recipe)
     if lr_find:
         found = run_lr_find(cfg, overwrite=overwrite)
-        click.echo(f"lr-find: {found['suggested']} ({found['run_dir']})")
+        _echo_suggestions(found, kept="the config's rate is kept")
         cfg = with_suggestions(cfg, found["suggested"])
     if seeds > 1:
         summary = run_seeds(cfg, seeds, overwrite=overwrite, verbose=verbose)
@@ -466,8 +466,15 @@ def lr_find_command(config_path: Path | None, overrides: tuple[str, ...], overwr
     cfg = _config_from_options(config_path, overrides, flags)
     found = run_lr_find(cfg, phases=phases or ("head", "finetune"), steps=steps, min_lr=min_lr, max_lr=max_lr,
                         overwrite=overwrite)
-    for phase, lr in found["suggested"].items():
-        click.echo(f"{phase:<9} suggested learning rate: {lr:.2e}" if lr else f"{phase:<9} no suggestion")
+    _echo_suggestions(found)
+
+
+def _echo_suggestions(found: dict[str, Any], kept: str = "") -> None:
+    for phase, entry in found["phases"].items():
+        lr = entry["suggested_learning_rate"]
+        tail = f"; {kept}" if kept else ""
+        click.echo(f"{phase:<9} suggested learning rate: {lr:.2e}" if lr
+                   else f"{phase:<9} no suggestion: {entry['reason']}{tail}")
     click.echo(f"plots and lr_find.json: {found['run_dir']}")
 
 
@@ -525,16 +532,23 @@ def _echo_evaluation(result: dict[str, Any], out: Path) -> None:
 @config_option(ExportCommandConfig, "model_dir", "--to")
 @config_option(ExportCommandConfig, "version")
 @config_option(ExportCommandConfig, "top_k")
+@config_option(ExportCommandConfig, "force")
+@click.option("--signatures", "show_signatures", is_flag=True, help="Print the SavedModel's signature listing.")
 @_user_errors
-def export_command(run_dir: Path, **settings: Any) -> None:
-    """Export a finished RUN as the next SavedModel version, check it in a fresh process, optionally TFLite."""
+def export_command(run_dir: Path, show_signatures: bool, **settings: Any) -> None:
+    """Export a finished RUN as the next SavedModel version, check it in a fresh process, optionally TFLite.
+
+    A model below the majority-class rate plus export.min_gain_over_chance, or below the newest version's
+    validation accuracy on the same split, is not published (TF Serving serves the highest version) unless --force.
+    """
     result = export_run(run_dir, command_config(ExportCommandConfig, settings=settings))
     parity = result.parity
     status = "OK" if parity["ok"] else "FAILED"
     click.echo(f"\nexported: {result.version_dir}")
     click.echo(f"parity in a fresh process on {parity['data']}: max abs probability difference "
                f"{parity['max_abs_diff']:.1e} (tolerance {parity['tolerance']:.0e}): {status}")
-    click.echo(result.signatures_text, nl=False)
+    if show_signatures:
+        click.echo(result.signatures_text, nl=False)
     lite = result.tflite
     if lite:
         line = f"\ntflite {lite['mode']}: {lite['file']}  {lite['size_bytes']:,} bytes " \

@@ -44,6 +44,8 @@ class ExportCommandConfig:
     parity_images: int = opt(32, "Validation images the parity check compares export and model.keras on.", min=1)
     representative_images: int = opt(100, "Training images that calibrate an int8 TFLite model.", min=1)
     batch_size: int = opt(32, "Batch size of the TFLite accuracy comparison.", min=1)
+    force: bool = opt(False, "Publish even when the export gate refuses the model (below chance plus margin, or "
+                             "worse than the newest version on the same split).")
 
 
 @dataclass(frozen=True)

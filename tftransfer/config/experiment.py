@@ -173,6 +173,10 @@ class ExportConfig:
     top_k: int = _opt(5, "classes returned per image by the serving signature", min=1)
     parity_tolerance: float = _opt(1e-4, "max abs probability difference allowed between export and Keras model",
                                    min=0.0)
+    min_gain_over_chance: float = _opt(0.05, "a model whose validation accuracy is below the majority-class rate "
+                                             "plus this is not published", min=0.0, max=1.0)
+    max_regression: float = _opt(0.0, "a model this much (or more) below the newest version's validation accuracy "
+                                      "on the same split is not published", min=0.0, max=1.0)
 
 
 # Mirrors tftransfer.training.adaptation.methods.METHODS (config must not import TensorFlow; a test ties them).

@@ -15,6 +15,7 @@ from tftransfer.data.sources import DataSource
 from tftransfer.runs.finished import load_run_model, load_run_source, read_labels, run_image_size
 from tftransfer.runs.layout import RunDir, check_run_name
 from tftransfer.serving.contract import MODEL_CARD_FILE
+from tftransfer.serving.gate import gate_export
 from tftransfer.serving.model_card import build_model_card
 from tftransfer.serving.parity import ParityError, check_parity_fresh_process, parity_inputs
 from tftransfer.serving.savedmodel import (
@@ -87,14 +88,25 @@ def export_run(run_dir: str | Path, config: ExportCommandConfig | None = None, *
     top_k = cfg.top_k or int(export_cfg.get("top_k", ExportConfig.top_k))
     tolerance = float(export_cfg.get("parity_tolerance", ExportConfig.parity_tolerance))
 
+    card = build_model_card(run.path)
+    # Before anything is written: a model worse than guessing or than the served version stays in its run.
+    card["gate"] = gate_export(card, _val_metrics(run), target, _gate_setting(export_cfg, "min_gain_over_chance"),
+                               _gate_setting(export_cfg, "max_regression"), force=cfg.force)
     # Written and checked under a dot-name TF Serving ignores; a version only once the check passed.
-    staged = stage_export(model, target, names, image_size, top_k, version=version,
-                          model_card=build_model_card(run.path))
+    staged = stage_export(model, target, names, image_size, top_k, version=version, model_card=card)
     try:
         return _check_and_publish(staged, model, run, source, cfg, tolerance)
     except BaseException:
         discard_export(staged)  # a rejected export was moved aside before: nothing left here to remove
         raise
+
+
+def _val_metrics(run: RunDir) -> dict[str, Any] | None:
+    return (read_json(run.metrics).get("final") or {}).get("val") if run.metrics.is_file() else None
+
+
+def _gate_setting(export_cfg: dict[str, Any], key: str) -> float:
+    return float(export_cfg.get(key, getattr(ExportConfig, key)))
 
 
 def _check_and_publish(staged: StagedExport, model: Any, run: RunDir, source: DataSource | None,

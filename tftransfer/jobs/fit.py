@@ -31,6 +31,7 @@ from tftransfer.model.classifier import build_model, get_backbone
 from tftransfer.reporting import run_summary as report
 from tftransfer.runs.layout import RunDir, check_run_name, create_run_dir
 from tftransfer.runtime import RuntimeInfo, configure_runtime
+from tftransfer.serving.gate import ExportGateError, gate_export
 from tftransfer.serving.model_card import build_model_card
 from tftransfer.serving.parity import check_parity
 from tftransfer.serving.savedmodel import discard_export, publish_export, reject_export, stage_export
@@ -235,8 +236,17 @@ def _export(exp: Experiment, run: RunDir, final_val: dict | None) -> tuple[Path 
     cfg, model, source, data = exp.cfg, exp.model, exp.source, exp.data
     if not cfg.export.enabled:
         return None, None
-    staged = stage_export(model, Path(cfg.export.dir) / cfg.name, source.class_names, exp.image_size,
-                          top_k=cfg.export.top_k, model_card=build_model_card(run.path, val_metrics=final_val))
+    model_dir = Path(cfg.export.dir) / cfg.name
+    card = build_model_card(run.path, val_metrics=final_val)
+    try:
+        card["gate"] = gate_export(card, final_val, model_dir, cfg.export.min_gain_over_chance,
+                                   cfg.export.max_regression, force=False)
+    except ExportGateError as refused:
+        # the run is complete and kept: only its publication is refused
+        logger.warning("%s: tftransfer export %s --force", refused, run.path)
+        return None, {"path": None, "version": None, "published": False, "gate": str(refused)}
+    staged = stage_export(model, model_dir, source.class_names, exp.image_size,
+                          top_k=cfg.export.top_k, model_card=card)
     parity_data = data.val if data.val is not None else data.train
     try:
         # In the staged folder, which TF Serving ignores: a version appears only once the check passed.

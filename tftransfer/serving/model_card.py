@@ -21,12 +21,6 @@ logger = logging.getLogger(__name__)
 # Model card
 
 
-
-
-
-
-
-
 def _weights_origin(weights: str) -> dict[str, Any]:
     """Where the backbone's starting weights came from; a local file is identified by its sha256."""
 
