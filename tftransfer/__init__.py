@@ -8,6 +8,7 @@ The public Python API (each returns the same typed result the matching command p
     exported = tftransfer.export(result.run_dir, tflite="int8")
     preds = tftransfer.predict(result.run_dir, ["photo.jpg"])
     shift = tftransfer.domain_report(result.run_dir, target="other_domain/", adapt="all")
+    small = tftransfer.distill(result.run_dir, "mobilenet", values={"model.weights": "w.h5"}, train_baseline=True)
 
 Importing tftransfer does not import TensorFlow; each function imports its job on first use.
 """
@@ -40,6 +41,7 @@ _JOBS = {
     "inspect": "tftransfer.data.inspect:inspect_data",
     "lr_find": "tftransfer.jobs.lr_find:run_lr_find",
     "select": "tftransfer.jobs.select:run_select",
+    "distill": "tftransfer.jobs.distill:run_distill",
 }
 
 # ExportCommandConfig and the like: the settings of a job besides fit as one frozen dataclass (tftransfer.config.

@@ -61,6 +61,7 @@ list_backbones = _job("tftransfer.model.backbones:list_backbones")
 get_backbone_spec = _job("tftransfer.model.backbones:get_backbone_spec")
 describe_backbone = _job("tftransfer.model.backbones:describe_backbone")
 run_select = _job("tftransfer.jobs.select:run_select")
+run_distill = _job("tftransfer.jobs.distill:run_distill")
 
 # tftransfer.evaluation.transferability.SCORES, first the default (a test ties them; importing it here would load
 # scikit-learn for --help).
@@ -371,6 +372,63 @@ def fit_command(config_path: Path | None, overrides: tuple[str, ...], overwrite:
         click.echo(f"seeds summary: {Path(cfg.runs_dir) / summary['name'] / 'seeds.json'}")
         return
     _echo_fit_result(run_fit(cfg, overwrite=overwrite, verbose=verbose).metrics)
+
+
+_DISTILL_FLAGS = {  # flag name -> the config key it sets
+    "data": "data.path", "weights": "model.weights", "image_size": "data.image_size", "name": "name",
+    "batch_size": "data.batch_size", "alpha": "distill.alpha", "temperature": "distill.temperature",
+    "views": "distill.views", "unlabeled": "distill.unlabeled", "baseline": "distill.baseline",
+}
+
+
+@main.command("distill", epilog="Example: tftransfer distill runs/big_teacher --student mobilenet "
+                                    "--unlabeled more_photos/ --train-baseline")
+@click.argument("teacher", metavar="TEACHER_RUN", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--student", required=True, help="The student's backbone (see `tftransfer backbones`).  "
+                                               "[model.backbone]")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML experiment config for the student; flags and --set override it.")
+@click.option("-s", "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override any config key, e.g. --set distill.views=8 (repeatable).")
+@click.option("--data", help="Labelled training data (default: the teacher run's data settings).  [data.path]")
+@click.option("--weights", help="The student's weights: imagenet, none or a file.  [model.weights]")
+@click.option("--image-size", type=click.IntRange(min=1), help="The student's input size.  [data.image_size]")
+@click.option("--epochs", type=click.IntRange(min=0), help="Epochs of each phase.  [phases.*.epochs]")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Batch size.  [data.batch_size]")
+@click.option("--name", help="Run name (default <student>_from_<teacher run>).  [name]")
+@click.option("--alpha", type=click.FloatRange(0, 1), help="Weight of the soft loss.  [distill.alpha]")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True),
+              help="Softmax temperature of the soft targets.  [distill.temperature]")
+@click.option("--views", type=click.IntRange(min=1), help="Fixed views per image.  [distill.views]")
+@click.option("--unlabeled", type=click.Path(exists=True, file_okay=False),
+              help="A folder of unlabeled images the teacher labels.  [distill.unlabeled]")
+@click.option("--baseline", type=click.Path(exists=True, file_okay=False),
+              help="A run of the same student without the teacher, compared in summary.md.  [distill.baseline]")
+@click.option("--train-baseline", is_flag=True,
+              help="First train the same student without the teacher (<name>_baseline), compared in summary.md.")
+@click.option("--overwrite", is_flag=True, help="Replace existing runs of these names (the old ones are kept aside).")
+@click.option("--progress", is_flag=True, help="Show Keras progress bars.")
+@_user_errors
+@_with_probe_progress
+def distill_command(teacher: Path, student: str, config_path: Path | None, overrides: tuple[str, ...],
+                    epochs: int | None, train_baseline: bool, overwrite: bool, progress: bool,
+                    **flags: Any) -> None:
+    """Train a small STUDENT on TEACHER_RUN's soft targets (knowledge distillation), as a new run."""
+    if train_baseline and flags.get("baseline"):
+        raise click.UsageError("give --baseline RUN or --train-baseline, not both")
+    values = {_DISTILL_FLAGS[flag]: value for flag, value in flags.items() if value is not None}
+    if epochs is not None:
+        values.update({"phases.head.epochs": epochs, "phases.finetune.epochs": epochs})
+    result = run_distill(teacher, student, config=config_path, values=values, overrides=overrides,
+                         train_baseline=train_baseline, overwrite=overwrite, verbose=1 if progress else 0)
+    _echo_fit_result(result.metrics)
+    distill = result.metrics.get("distill") or {}
+    rows = [("teacher", (distill.get("teacher") or {}).get("here")), ("student", distill.get("student")),
+            ("baseline", distill.get("baseline"))]
+    for label, entry in rows:
+        if entry:
+            click.echo(f"  {label:<9} val accuracy {entry['accuracy']:.4f}  agreement with teacher "
+                       f"{entry['agreement_with_teacher']:.1%}  KL to teacher {entry['kl_to_teacher']:.4f}")
 
 
 @main.command("domain", epilog="Example: tftransfer domain runs/flowers --target field_photos/ "

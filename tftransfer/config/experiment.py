@@ -209,6 +209,24 @@ class AdaptConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation (Hinton et al. 2015) from a finished teacher run; off while `teacher` is empty."""
+
+    teacher: str = _opt("", "the teacher: a finished run directory (runs/<name>) whose classes are the data's; "
+                            "empty = no distillation")
+    alpha: float = _opt(0.7, "weight of the soft loss T^2 KL(teacher_T || student_T); the hard-label "
+                             "cross-entropy gets 1 - alpha", min=0.0, max=1.0)
+    temperature: float = _opt(4.0, "softmax temperature T of the soft targets", min=0.0, min_exclusive=True)
+    views: int = _opt(4, "fixed views per training image, each with its teacher prediction computed once and "
+                         "cached: the clean image plus views-1 seeded augmented ones (both phases train on them; "
+                         "phase 2 draws one of them per image per epoch)", min=1)
+    unlabeled: str = _opt("", "a folder of unlabeled images (any layout) the teacher labels; they add only the "
+                              "soft loss")
+    max_unlabeled: int = _opt(0, "use at most this many unlabeled images (random, seeded); 0 = all", min=0)
+    baseline: str = _opt("", "a run of the same student trained without the teacher, compared in summary.md")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """Everything one `tftransfer fit` run needs."""
 
@@ -218,6 +236,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     phases: PhasesConfig = field(default_factory=PhasesConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 

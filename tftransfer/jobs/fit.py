@@ -23,12 +23,14 @@ from tftransfer.core.errors import ConfigError, RunDirError
 from tftransfer.core.io import read_json, write_json
 from tftransfer.data.images import DECODE_VERSION
 from tftransfer.data.pipeline import Datasets, make_datasets, make_split_dataset, take_pixels
-from tftransfer.data.sources import DataSource
+from tftransfer.data.sources import DataSource, Split
 from tftransfer.data.specs import source_from_config
+from tftransfer.evaluation.inference import predict_dataset
 from tftransfer.evaluation.metrics import evaluate_model
 from tftransfer.model import backbones
 from tftransfer.model.classifier import build_model, get_backbone
 from tftransfer.reporting import run_summary as report
+from tftransfer.runs.finished import load_run
 from tftransfer.runs.layout import RunDir, check_run_name, create_run_dir
 from tftransfer.runtime import RuntimeInfo, configure_runtime
 from tftransfer.serving.gate import ExportGateError, gate_export
@@ -38,6 +40,14 @@ from tftransfer.serving.savedmodel import discard_export, publish_export, reject
 from tftransfer.training.adaptation.target import TargetDomain, load_target
 from tftransfer.training.callbacks import tensorboard_hparams
 from tftransfer.training.checkpoint import Checkpoint, load_latest
+from tftransfer.training.distill import (
+    Distillation,
+    Teacher,
+    build_distill_views,
+    check_distill_config,
+    load_teacher,
+    load_unlabeled,
+)
 from tftransfer.training.phases import FeatureCacheSpec, FitPhasesResult, PhaseResult, TrainingError, fit_phases
 
 logger = logging.getLogger(__name__)
@@ -108,6 +118,8 @@ class Experiment:
     model: keras.Model
     target: TargetDomain | None = None
     l2sp_reference: dict[int, np.ndarray] | None = None
+    teacher: Teacher | None = None  # with distill.teacher
+    unlabeled: Split | None = None  # distill.unlabeled's images
 
 
 def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
@@ -120,6 +132,8 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
     if cfg.adapt.method != "none" and not cfg.adapt.target:
         raise ConfigError(f"adapt.method {cfg.adapt.method} needs target images: give --target DATA "
                           "(adapt.target)")
+    if cfg.distill.teacher:
+        check_distill_config(cfg)  # before the data is listed: a combination distillation refuses
     if not cfg.name:
         cfg = replace(cfg, name=default_run_name(cfg))
     check_run_name(cfg.name)  # before the data is listed: runs/<name>/ and the export folder are made from it
@@ -144,12 +158,71 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
     if cfg.adapt.target:
         target = load_target(cfg.adapt.target, source.class_names, cfg.data, max_images=cfg.adapt.max_target_images,
                              seed=cfg.runtime.seed)
+    teacher, unlabeled = _distill_inputs(cfg, source)
     reference = None
     finetune = cfg.phases.finetune
     if finetune.l2_sp_alpha > 0 and finetune.epochs > 0 and finetune.unfreeze_blocks > 0:
         # The starting point L2-SP pulls toward: the pretrained values, taken before anything trains or resumes.
         reference = {id(v): np.array(v.numpy(), np.float32) for v in get_backbone(model).trainable_weights}
-    return Experiment(cfg, spec, image_size, source, info, blocks, data, model, target, reference)
+    return Experiment(cfg, spec, image_size, source, info, blocks, data, model, target, reference, teacher, unlabeled)
+
+
+def _distill_inputs(cfg: ExperimentConfig, source: DataSource) -> tuple[Teacher | None, Split | None]:
+    """With distill.teacher: the teacher run (checked against the data's classes) and the unlabeled images."""
+    if not cfg.distill.teacher:
+        if cfg.distill.unlabeled or cfg.distill.baseline:
+            raise ConfigError("distill.unlabeled and distill.baseline need distill.teacher")
+        return None, None
+    teacher = load_teacher(cfg.distill.teacher, source.class_names)
+    unlabeled = None
+    if cfg.distill.unlabeled:
+        unlabeled = load_unlabeled(cfg.distill.unlabeled, cfg.distill.max_unlabeled, cfg.runtime.seed)
+    logger.info("distilling from %s (%s, val accuracy %s)%s", teacher.path, teacher.backbone,
+                f"{teacher.val_accuracy:.4f}" if teacher.val_accuracy is not None else "unknown",
+                f" with {len(unlabeled)} unlabeled images" if unlabeled is not None else "")
+    return teacher, unlabeled
+
+
+def _distillation(exp: Experiment) -> Distillation | None:
+    """The fixed views and their teacher logits, made while the student still has its initial weights."""
+    if exp.teacher is None:
+        return None
+    cfg = exp.cfg
+    cache = feature_cache_spec(cfg, exp.spec, exp.image_size)
+    views = build_distill_views(exp.model, exp.teacher, exp.data, exp.unlabeled, cfg.distill, cfg.runtime.seed,
+                                cache.key_parts, cache.cache_dir)
+    return Distillation(views, cfg.distill.alpha, cfg.distill.temperature)
+
+
+def _agreement(probs: np.ndarray, teacher_probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy, top-1 agreement with the teacher and mean KL(teacher || model) at temperature 1."""
+    eps = 1e-7
+    kl = np.sum(teacher_probs * (np.log(teacher_probs + eps) - np.log(probs + eps)), axis=1)
+    return {"accuracy": float(np.mean(np.argmax(probs, 1) == labels)),
+            "agreement_with_teacher": float(np.mean(np.argmax(probs, 1) == np.argmax(teacher_probs, 1))),
+            "kl_to_teacher": float(np.mean(kl))}
+
+
+def distill_metrics(exp: Experiment, model: keras.Model, distill: Distillation) -> dict[str, Any]:
+    """metrics.json's distill part: the teacher, the settings, and teacher vs student (vs baseline) on val."""
+    cfg, teacher = exp.cfg.distill, exp.teacher
+    assert teacher is not None
+    entry: dict[str, Any] = {
+        "teacher": {"path": str(teacher.path), "backbone": teacher.backbone, "image_size": teacher.run.image_size,
+                    "val_accuracy": teacher.val_accuracy, "model_sha256": teacher.model_hash},
+        "alpha": cfg.alpha, "temperature": cfg.temperature, "views": distill.views.views,
+        "train_images": len(exp.source.train), "unlabeled_images": len(exp.unlabeled) if exp.unlabeled else 0,
+        "unlabeled": cfg.unlabeled or None, "views_from_cache": distill.views.from_cache}
+    if exp.data.val is None:
+        return entry
+    labels, teacher_probs = predict_dataset(teacher.run.model, exp.data.val)
+    _, probs = predict_dataset(model, exp.data.val)
+    entry["teacher"]["here"] = _agreement(teacher_probs, teacher_probs, labels)
+    entry["student"] = _agreement(probs, teacher_probs, labels)
+    if cfg.baseline:
+        _, baseline_probs = predict_dataset(load_run(cfg.baseline).model, exp.data.val)
+        entry["baseline"] = {"path": cfg.baseline, **_agreement(baseline_probs, teacher_probs, labels)}
+    return entry
 
 
 def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int = 0,
@@ -168,6 +241,7 @@ def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int 
     exp = prepare_experiment(cfg)
     cfg, source, data, model = exp.cfg, exp.source, exp.data, exp.model
     run = _open_run(exp, Path(resume) if resume is not None else None, overwrite)
+    distill = _distillation(exp)  # before a checkpoint's weights: phase 1's features are the initial backbone's
     evaluate_val = None
     if data.val is not None:
         def evaluate_val(m: keras.Model) -> dict[str, Any]:
@@ -178,7 +252,7 @@ def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int 
         # from an uninterrupted run (tf.data iterator state is not checkpointed).
         keras.utils.set_random_seed(cfg.runtime.seed + checkpoint.state.epoch)
         logger.info("resuming %s from %s (%d epochs done)", run.path, checkpoint.path.name, checkpoint.state.epoch)
-    fitted = _train(exp, run, checkpoint, evaluate_val, verbose)
+    fitted = _train(exp, run, checkpoint, evaluate_val, verbose, distill)
     write_json(run.history, fitted.history)
     model.save(run.model)
 
@@ -189,6 +263,8 @@ def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int 
     metrics = _fit_metrics(exp, run, fitted, final_val, export_entry, started)
     if exp.target is not None:
         metrics["adapt"] = adaptation_summary(model, cfg, exp.target, data, fitted.history)
+    if distill is not None:
+        metrics["distill"] = distill_metrics(exp, model, distill)
     _write_plots(report, run, fitted, final_val)
     write_json(run.metrics, metrics)
     report.write_summary(metrics, run.path)
@@ -216,7 +292,8 @@ def _open_run(exp: Experiment, resumed: Path | None, overwrite: bool) -> RunDir:
 
 
 def _train(exp: Experiment, run: RunDir, checkpoint: Checkpoint | None,
-           evaluate_val: Callable[[keras.Model], dict[str, Any]] | None, verbose: int) -> FitPhasesResult:
+           evaluate_val: Callable[[keras.Model], dict[str, Any]] | None, verbose: int,
+           distill: Distillation | None = None) -> FitPhasesResult:
     """Both phases in the runtime's scope; Ctrl-C says how to resume."""
     cfg = exp.cfg
     try:
@@ -224,7 +301,7 @@ def _train(exp: Experiment, run: RunDir, checkpoint: Checkpoint | None,
             return fit_phases(exp.model, cfg, exp.data, exp.blocks, run=run, jit_compile=exp.info.jit_compile,
                               verbose=verbose, evaluate_phase=evaluate_val,
                               feature_cache=feature_cache_spec(cfg, exp.spec, exp.image_size), resume=checkpoint,
-                              target=exp.target, l2sp_reference=exp.l2sp_reference)
+                              target=exp.target, l2sp_reference=exp.l2sp_reference, distill=distill)
     except KeyboardInterrupt:
         raise TrainingError(f"interrupted. Every finished epoch is checkpointed in {run.checkpoints}; continue with: "
                             f"tftransfer fit --resume {run.path}") from None

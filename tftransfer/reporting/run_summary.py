@@ -327,6 +327,7 @@ def render_summary_markdown(metrics: Mapping[str, Any], *, run_dir: Path | None 
     lines += _phases_section(metrics)
     lines += _final_section(metrics)
     lines += _adapt_section(metrics)
+    lines += _distill_section(metrics)
     lines += _export_section(metrics)
     lines += _plots_section(run_dir)
     return "\n".join(lines).rstrip("\n") + "\n"
@@ -352,6 +353,39 @@ def _adapt_section(metrics: Mapping[str, Any]) -> list[str]:
                 for rule, entry in ((r, _mapping(e)) for r, e in selection.items())]
         lines += ["Which epoch each model-selection rule picks, and the target accuracy there:", "",
                   *_table(["Rule", "Epoch", "Phase", "Target accuracy"], rows), ""]
+    return lines
+
+
+def _distill_section(metrics: Mapping[str, Any]) -> list[str]:
+    """A distilled run: the teacher, the settings, and teacher vs student vs the no-teacher baseline on val."""
+    distill = metrics.get("distill")
+    if not isinstance(distill, Mapping):
+        return []
+    teacher = _mapping(distill.get("teacher"))
+    unlabeled = distill.get("unlabeled_images") or 0
+    lines = ["## Distillation", "",
+             f"Teacher `{_text(teacher.get('path'))}` ({_text(teacher.get('backbone'))} at "
+             f"{_int(teacher.get('image_size'))} px; its own val accuracy {_pct(teacher.get('val_accuracy'))}). "
+             f"alpha {_num(distill.get('alpha'))}, temperature {_num(distill.get('temperature'))}, "
+             f"{_int(distill.get('views'))} fixed views per image with the teacher's logits computed once"
+             f"{' (read from the cache)' if distill.get('views_from_cache') else ''}; "
+             f"{_int(distill.get('train_images'))} labelled training images"
+             + (f" and {_int(unlabeled)} unlabeled ones (`{_text(distill.get('unlabeled'))}`)" if unlabeled else "")
+             + ".", ""]
+    rows = []
+    for label, key in (("Teacher", None), ("Student (distilled)", "student"),
+                       ("Baseline (same student, no teacher)", "baseline")):
+        entry = _mapping(_mapping(teacher).get("here")) if key is None else _mapping(distill.get(key))
+        if entry:
+            rows.append([label, _pct(entry.get("accuracy")), _pct(entry.get("agreement_with_teacher")),
+                         _num(entry.get("kl_to_teacher"), 4)])
+    if rows:
+        lines += ["On this run's validation images:", "",
+                  *_table(["Model", "Val accuracy", "Top-1 agreement with teacher", "KL(teacher || model)"], rows),
+                  ""]
+    if not distill.get("baseline"):
+        lines += ["No baseline: `tftransfer distill --train-baseline` (or `--baseline RUN`) adds the same student "
+                  "trained without the teacher.", ""]
     return lines
 
 

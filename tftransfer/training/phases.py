@@ -57,6 +57,13 @@ from tftransfer.training.callbacks import (
     extra_weights,
 )
 from tftransfer.training.checkpoint import Checkpoint, save_checkpoint
+from tftransfer.training.distill import (
+    Distillation,
+    DistillTrainer,
+    view_feature_dataset,
+    view_pixel_dataset,
+    view_steps,
+)
 from tftransfer.training.schedule import build_optimizer, compile_for_phase
 
 logger = logging.getLogger(__name__)
@@ -224,9 +231,14 @@ def _adaptive_inputs(name: str, phase: PhaseConfig, model: keras.Model, inputs: 
                        on_features=inputs.on_features)
 
 
+def _own_loss(model: keras.Model) -> bool:
+    """Whether the phase model computes its own losses (and class weights) in its train_step."""
+    return isinstance(model, (AdaptiveTrainer, DistillTrainer))
+
+
 def compile_inputs(inputs: PhaseInputs, phase: PhaseConfig, num_classes: int, jit_compile: bool) -> None:
-    """Compiles a phase's model: the AdaptiveTrainer computes its own losses, a plain model gets the task loss."""
-    if isinstance(inputs.model, AdaptiveTrainer):
+    """Compiles a phase's model: the trainers compute their own losses, a plain model gets the task loss."""
+    if _own_loss(inputs.model):
         inputs.model.compile(optimizer=build_optimizer(phase, inputs.steps_per_epoch), jit_compile=jit_compile)
     else:
         compile_for_phase(inputs.model, phase, inputs.steps_per_epoch, num_classes, jit_compile)
@@ -276,10 +288,12 @@ class _FitState:
     total_epochs: int = 0
     augmenter: keras.Layer | None = None  # the training-step augmenter, when data.augment_in_model
     method_restored: bool = False
+    distill: Distillation | None = None
 
 
 def _start_fit(model: keras.Model, cfg: ExperimentConfig, data: Datasets, run: RunDir | None, jit_compile: bool,
-               resume: Checkpoint | None, target: TargetDomain | None) -> _FitState:
+               resume: Checkpoint | None, target: TargetDomain | None,
+               distill: Distillation | None = None) -> _FitState:
     """The history recorder (with a resumed run's rows), TensorBoard, class weights and the adaptation method."""
     recorder = HistoryRecorder()
     progress = Progress(recorder)
@@ -294,7 +308,7 @@ def _start_fit(model: keras.Model, cfg: ExperimentConfig, data: Datasets, run: R
                     ", ".join(f"{data.class_names[i]} {w:.2f}" for i, w in class_weight.items()))
     method = build_method(cfg.adapt) if target is not None else None
     return _FitState(model, cfg, data, run, jit_compile, resume, target, recorder, progress, shared, class_weight,
-                     method)
+                     method, distill=distill)
 
 
 _Plan = list[tuple[str, PhaseConfig, Callable[[], FreezeReport]]]
@@ -315,6 +329,8 @@ def _phase_inputs(state: _FitState, name: str, phase: PhaseConfig, feature_cache
                   l2sp_reference: dict[int, np.ndarray] | None) -> PhaseInputs:
     """What the phase fits: images or cached features, through the AdaptiveTrainer or the step augmenter."""
     cfg, data, model, head = state.cfg, state.data, state.model, state.cfg.phases.head
+    if state.distill is not None:
+        return _distill_inputs(state, state.distill, name == "head" and head.feature_cache, feature_cache)
     if name == "head" and head.feature_cache and feature_cache is not None:
         inputs = head_on_features(model, head, data, feature_cache, cfg.runtime.seed, state.target, cfg.data)
     else:
@@ -322,6 +338,36 @@ def _phase_inputs(state: _FitState, name: str, phase: PhaseConfig, feature_cache
     inputs = _adaptive_inputs(name, phase, model, inputs, cfg, data, state.target, l2sp_reference,
                               state.class_weight, state.epoch, state.total_epochs, state.method, state.augmenter)
     return _augmenting_inputs(inputs, state.augmenter, name)
+
+
+def _distill_inputs(state: _FitState, distill: Distillation, on_features: bool,
+                    feature_cache: FeatureCacheSpec | None) -> PhaseInputs:
+    """A distillation phase: the head on the cached features of the fixed views, or the model on the views'
+    pixels, each with its cached teacher logits, through the DistillTrainer (the views are the augmentation)."""
+    data, model, seed = state.data, state.model, state.cfg.runtime.seed
+    views = distill.views
+    on_features = on_features and feature_cache is not None
+    val = data.val
+    if on_features:
+        assert feature_cache is not None
+        net = build_head_model(model)
+        train = view_feature_dataset(views, data.batch_size, data.shuffle_buffer, seed)
+        if data.val is not None and data.source.val is not None:
+            extractor = build_inference_fn(build_feature_extractor(model))
+            found = cached_features(extractor, [data.val], data.source.val, feature_cache.key_parts,
+                                    feature_cache.cache_dir, what="val")
+            val = features_dataset(found.features, found.labels, data.batch_size, training=False, shuffle_buffer=1,
+                                   seed=seed)
+    else:
+        net = model
+        train = view_pixel_dataset(views, data.batch_size, data.shuffle_buffer, seed)
+    trainer = DistillTrainer(net, distill.alpha, distill.temperature, name="distill")
+    where = "cached features of " if on_features else ""
+    note = (f"{where}{views.views} fixed view{'s' if views.views > 1 else ''} of {views.images} images with cached "
+            f"teacher logits (distill alpha {distill.alpha:g}, temperature {distill.temperature:g}"
+            f"{', from cache' if views.from_cache else ''})")
+    return PhaseInputs(trainer, train, val, view_steps(views, data.batch_size, on_features), note=note,
+                       on_features=on_features)
 
 
 def _augmenting_inputs(inputs: PhaseInputs, augmenter: keras.Layer | None, name: str) -> PhaseInputs:
@@ -457,7 +503,7 @@ def _run_phase(state: _FitState, name: str, phase: PhaseConfig, set_trainable: C
     state.jit_compile = _fit_falling_back_from_xla(
         state, name, phase, inputs, initial_epoch=initial_epoch, epochs=state.epoch + phase.epochs,
         callbacks=_phase_callbacks(state, phase, inputs, guard, best), verbose=verbose,
-        class_weight=None if isinstance(inputs.model, AdaptiveTrainer) else state.class_weight)
+        class_weight=None if _own_loss(inputs.model) else state.class_weight)
     return _end_phase(state, name, phase, inputs, report, best, guard, started, evaluate_phase)
 
 
@@ -466,7 +512,8 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
                evaluate_phase: Callable[[keras.Model], dict[str, Any]] | None = None,
                feature_cache: FeatureCacheSpec | None = None, resume: Checkpoint | None = None,
                target: TargetDomain | None = None,
-               l2sp_reference: dict[int, np.ndarray] | None = None) -> FitPhasesResult:
+               l2sp_reference: dict[int, np.ndarray] | None = None,
+               distill: Distillation | None = None) -> FitPhasesResult:
     """Runs phase 1 (head on a frozen backbone) and phase 2 (top blocks unfrozen), each skipped at 0 epochs.
 
     With `feature_cache` (and phases.head.feature_cache on), phase 1 trains the head on cached pooled features.
@@ -474,8 +521,9 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
     epoch is checkpointed; `resume` (whose weights are already in `model`) continues from such a checkpoint.
     With a `target` (and cfg.adapt.method) or L2-SP, phases train through the AdaptiveTrainer. When
     `data.augment_in_model`, phases on images augment inside the training step (tftransfer.training.augment_step).
+    With `distill`, both phases train on its fixed views and teacher logits (tftransfer.training.distill).
     """
-    state = _start_fit(model, cfg, data, run, jit_compile, resume, target)
+    state = _start_fit(model, cfg, data, run, jit_compile, resume, target, distill)
     finished = {d["name"]: d for d in resume.state.completed} if resume is not None else {}
     plan = _phase_plan(model, cfg, blocks)
     state.total_epochs = sum(phase.epochs for _, phase, _ in plan)  # DANN's lambda ramps over the whole run
