@@ -133,3 +133,45 @@ def test_two_workers_on_loopback_train_in_lockstep(tmp_path):
     # both workers logged the same epochs (their weights are the same all-reduced ones)
     lines = [[line.split("(")[0] for line in out.splitlines() if line.startswith("epoch ")] for out in outputs]
     assert len(lines[0]) == 4 and lines[0] == lines[1]
+
+
+def _start_workers(args: list[str], cluster: dict) -> list[subprocess.Popen]:
+    return [subprocess.Popen(args, env=_env({"cluster": cluster, "task": {"type": "worker", "index": i}}),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
+def test_a_killed_worker_then_both_restarted_resume_with_no_epoch_lost(tmp_path):
+    import signal
+    import time
+
+    from tftransfer.training.checkpoint import list_checkpoints
+
+    runs = tmp_path / "runs"
+    args = _fit_args(runs, "killed") + ["--set", "phases.finetune.epochs=8"]  # the later --set wins
+    checkpoints = runs / "killed" / "checkpoints"
+    procs = _start_workers(args, {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]})
+    try:
+        deadline = time.time() + 180
+        while not any(json.loads((c / "state.json").read_text())["epoch"] >= 4 for c in list_checkpoints(checkpoints)
+                      if not c.name.endswith("-end")):
+            assert all(p.poll() is None for p in procs), "a worker ended before it could be killed"
+            assert time.time() < deadline, "phase 2 never reached its second epoch"
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGKILL)
+        procs[0].send_signal(signal.SIGKILL)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+    assert not (runs / "killed" / "metrics.json").exists()
+    resume = [sys.executable, "-m", "tftransfer", "fit", "--resume", str(runs / "killed")]
+    procs = _start_workers(resume, {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]})
+    try:
+        errors = [p.communicate(timeout=240)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    history = json.loads((runs / "killed" / "history.json").read_text())
+    assert [row["epoch"] for row in history] == list(range(1, 11))  # none lost, none repeated
