@@ -8,6 +8,7 @@ multiplying the learning rate by k too, with a warmup (phases.*.warmup_epochs).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -35,15 +36,20 @@ class RuntimeInfo:
     deterministic: bool
     strategy: str = "default"
     replicas: int = 1
+    workers: int = 1  # processes training together (multiworker)
+    task: str = ""  # this process's TF_CONFIG task, e.g. "worker 1" (multiworker)
+    chief: bool = True  # whether this process writes the run directory (every process but a non-chief worker)
     distribution: Any = field(default=None, repr=False, compare=False)  # the tf.distribute.Strategy
 
     def __str__(self) -> str:
         """One readable line for logs: 'cpu, float32, XLA off, seed 42, ...' (the repr keeps every field)."""
         device = f"{self.gpus} GPU{'s' if self.gpus != 1 else ''}" if self.device == "gpu" else self.device
         replicas = f"{self.replicas} replica{'s' if self.replicas != 1 else ''}"
+        workers = f", {self.workers} workers, this one {self.task}{' (chief)' if self.chief else ''}" \
+            if self.workers > 1 else ""
         return (f"{device}, {self.precision}, XLA {'on' if self.jit_compile else 'off'}, seed {self.seed}, "
                 f"{'deterministic' if self.deterministic else 'non-deterministic'} ops, strategy {self.strategy} "
-                f"({replicas})")
+                f"({replicas}{workers})")
 
     def to_dict(self) -> dict:  # noqa: D102
         # Not dataclasses.asdict: it would deep-copy the strategy, which TensorFlow forbids.
@@ -127,14 +133,83 @@ def _tpu() -> tf.distribute.Strategy:
     return tf.distribute.TPUStrategy(resolver)
 
 
+@dataclass(frozen=True)
+class WorkerTask:
+    """This process's place in a multi-worker cluster, from TF_CONFIG."""
+
+    task_type: str  # "worker" or "chief"
+    index: int
+    workers: int  # processes in the cluster (chief included)
+    has_chief_job: bool = False
+
+    @property
+    def is_chief(self) -> bool:
+        """The one that writes the run directory, checkpoints and exports (TensorFlow's convention: the chief
+        task, or worker 0 when the cluster has no chief)."""
+        return self.task_type == "chief" or (self.task_type == "worker" and self.index == 0
+                                             and not self.has_chief_job)
+
+    def __str__(self) -> str:
+        return f"{self.task_type} {self.index} of {self.workers} processes{' (chief)' if self.is_chief else ''}"
+
+
+def _config_error(why: str) -> ConfigError:
+    return ConfigError(f"TF_CONFIG {why} (expected e.g. {{\"cluster\": {{\"worker\": [\"host1:port\", "
+                       f"\"host2:port\"]}}, \"task\": {{\"type\": \"worker\", \"index\": 0}}}})")
+
+
+def _check_cluster(cluster: Any) -> dict[str, list[str]]:
+    if not isinstance(cluster, dict) or not cluster:
+        raise _config_error("has no \"cluster\" object")
+    for job, addresses in cluster.items():
+        if job not in ("worker", "chief"):
+            raise _config_error(f"cluster.{job}: only \"worker\" and \"chief\" jobs take part in multi-worker "
+                                "training (parameter servers are not supported)")
+        if not isinstance(addresses, list) or not addresses:
+            raise _config_error(f"cluster.{job} must be a non-empty list of \"host:port\" addresses")
+        for address in addresses:
+            host, _, port = str(address).rpartition(":")
+            if not host or not port.isdigit():
+                raise _config_error(f"cluster.{job}: {address!r} is not a \"host:port\" address")
+    if len(cluster.get("chief", [])) > 1:
+        raise _config_error("cluster.chief lists more than one address; a cluster has one chief")
+    if "worker" not in cluster and "chief" not in cluster:
+        raise _config_error("cluster has neither a \"chief\" nor a \"worker\" job")
+    return cluster
+
+
+def worker_task(raw: str | None = None) -> WorkerTask:
+    """TF_CONFIG (default: the environment's) checked and read; a one-line ConfigError naming what is wrong."""
+    raw = os.environ.get("TF_CONFIG", "") if raw is None else raw
+    if not raw.strip():
+        raise ConfigError("runtime.strategy=multiworker needs the TF_CONFIG environment variable (the cluster's "
+                          "addresses and this process's task); see the README's multi-worker section")
+    try:
+        parsed = json.loads(raw)
+    except ValueError as exc:
+        raise _config_error(f"is not valid JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise _config_error("is not a JSON object")
+    cluster = _check_cluster(parsed.get("cluster"))
+    task = parsed.get("task")
+    if not isinstance(task, dict):
+        raise _config_error("has no \"task\" object")
+    task_type, index = task.get("type"), task.get("index", 0)
+    if task_type not in cluster:
+        raise _config_error(f"task.type {task_type!r} is not a job of the cluster ({', '.join(sorted(cluster))})")
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(cluster[task_type]):
+        raise _config_error(f"task.index {index!r} is not an index into cluster.{task_type} "
+                            f"({len(cluster[task_type])} addresses)")
+    return WorkerTask(task_type, index, sum(len(a) for a in cluster.values()), has_chief_job="chief" in cluster)
+
+
 def _multiworker() -> tf.distribute.Strategy:
-    # Checked on Keras 3.15.1 / TF 2.21 with 2 local workers: Model.fit under MultiWorkerMirroredStrategy fails
-    # with "Attempt to convert a value (PerReplica...)"; upstream keras-team/keras#20585, tensorflow#72388.
-    raise ConfigError("runtime.strategy=multiworker: Keras 3's Model.fit does not work with TensorFlow's "
-                      "MultiWorkerMirroredStrategy (keras-team/keras#20585, still open in Keras "
-                      f"{keras.__version__}); train on one machine with runtime.strategy=mirrored (all local GPUs)"
-                      + ("; TF_CONFIG is set, which makes strategy=auto choose multiworker: unset it or set "
-                         "runtime.strategy" if os.environ.get("TF_CONFIG") else ""))
+    # Keras 3's Model.fit fails under this strategy (keras-team/keras#20585: "Attempt to convert a value
+    # (PerReplica...)"); tftransfer trains it with its own step driver (tftransfer.training.loop).
+    task = worker_task()
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    logger.info("multi-worker: %s, %d replicas in sync", task, strategy.num_replicas_in_sync)
+    return strategy
 
 
 STRATEGIES: dict[str, Callable[[], tf.distribute.Strategy]] = {
@@ -170,8 +245,11 @@ def configure_runtime(cfg: RuntimeConfig) -> RuntimeInfo:
     precision = resolve_precision(cfg.precision, capability)
     keras.mixed_precision.set_global_policy(precision)
     jit = resolve_jit(cfg.jit, capability is not None)
+    task = worker_task() if strategy_name == "multiworker" else None
     info = RuntimeInfo(device="gpu" if gpus else "cpu", gpus=gpus, precision=precision, jit_compile=jit,
                        seed=cfg.seed, deterministic=cfg.deterministic, strategy=strategy_name,
-                       replicas=distribution.num_replicas_in_sync, distribution=distribution)
+                       replicas=distribution.num_replicas_in_sync, workers=task.workers if task else 1,
+                       task=f"{task.task_type} {task.index}" if task else "", chief=task.is_chief if task else True,
+                       distribution=distribution)
     logger.info("runtime: %s", info)
     return info

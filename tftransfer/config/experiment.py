@@ -157,9 +157,12 @@ class RuntimeConfig:
                     choices=("auto", "on", "off"))
     deterministic: bool = _opt(False, "deterministic ops and data order (slower; for tests and debugging)")
     cache_dir: str = _opt("", "feature cache folder (default $TFTRANSFER_CACHE or ~/.cache/tftransfer)")
-    strategy: str = _opt("auto", "tf.distribute strategy; auto = mirrored over several GPUs, else default "
-                                 "(multiworker is refused: Keras 3's fit does not support it)",
+    strategy: str = _opt("auto", "tf.distribute strategy; auto = multiworker under TF_CONFIG, tpu with TPU_NAME, "
+                                 "mirrored over several GPUs, else default",
                          choices=("auto", "default", "mirrored", "multiworker", "tpu"))
+    loop: str = _opt("auto", "training step driver: keras = Model.fit, tftransfer = tftransfer's own loop "
+                             "(training.loop); auto = tftransfer under multiworker, keras otherwise",
+                     choices=("auto", "keras", "tftransfer"))
     cpu_replicas: int = _opt(0, "split the CPU into this many logical devices (to try mirrored training "
                                 "without GPUs); 0 = no split", min=0)
 

@@ -6,6 +6,8 @@ import logging
 import math
 import platform
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -239,8 +241,26 @@ def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int 
         cfg, checkpoint = _resume_point(Path(resume))
     assert cfg is not None
     exp = prepare_experiment(cfg)
+    if exp.info.chief:
+        return _fit_job(exp, _open_run(exp, Path(resume) if resume is not None else None, overwrite), checkpoint,
+                        verbose, started)
+    # A non-chief worker of a multi-worker run trains in lockstep with the chief but writes nothing of the run's:
+    # its run directory and export go to a temporary folder, removed at the end (the TF multi-worker guide's rule).
+    scratch = Path(tempfile.mkdtemp(prefix=f"tftransfer-{exp.info.task.replace(' ', '')}-"))
+    try:
+        exp = replace(exp, cfg=replace(exp.cfg, runs_dir=str(scratch / "runs"),
+                                       export=replace(exp.cfg.export, dir=str(scratch / "saved"))))
+        logger.info("%s is not the chief: it writes its run files to %s (removed at the end)", exp.info.task,
+                    scratch)
+        return _fit_job(exp, _open_run(exp, None, overwrite=True), checkpoint, verbose, started)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _fit_job(exp: Experiment, run: RunDir, checkpoint: Checkpoint | None, verbose: int,
+             started: float) -> FitResult:
+    """run_fit after the run directory is open: train, save, evaluate, export, write the metrics."""
     cfg, source, data, model = exp.cfg, exp.source, exp.data, exp.model
-    run = _open_run(exp, Path(resume) if resume is not None else None, overwrite)
     distill = _distillation(exp)  # before a checkpoint's weights: phase 1's features are the initial backbone's
     evaluate_val = None
     if data.val is not None:

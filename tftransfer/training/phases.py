@@ -64,6 +64,7 @@ from tftransfer.training.distill import (
     view_pixel_dataset,
     view_steps,
 )
+from tftransfer.training.loop import fit_loop, holds_first_replica, is_multiworker, resolve_loop, share_from_chief
 from tftransfer.training.schedule import build_optimizer, compile_for_phase
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,19 @@ def phase1_feature_sets(extractor: Callable[[Any], np.ndarray], views: int, data
     return train_set, val_set
 
 
+def _shared_features(found: FeatureSet | None, views: int) -> FeatureSet:
+    """Under multiworker the feature cache is computed (or read) once, by the process holding replica 0, and sent
+    to the others through the strategy's all-reduce: no cache folder needs to be shared between machines."""
+    strategy = tf.distribute.get_strategy()
+    if not is_multiworker(strategy):
+        assert found is not None
+        return found
+    features = share_from_chief(strategy, found.features if found else None)
+    labels = share_from_chief(strategy, found.labels if found else None).astype(np.int64)  # one dtype on all
+    return FeatureSet(features, labels, views, bool(found.from_cache) if found else False,
+                      found.path if found else None)
+
+
 def head_on_features(model: keras.Model, head: HeadConfig, data: Datasets, cache: FeatureCacheSpec,
                       seed: int, target: TargetDomain | None = None,
                       data_cfg: DataConfig | None = None) -> PhaseInputs:
@@ -159,7 +173,11 @@ def head_on_features(model: keras.Model, head: HeadConfig, data: Datasets, cache
     if data.augmenter is not None and views == 1:
         logger.info("phase head trains on cached features of un-augmented images "
                     "(set phases.head.feature_cache_views > 1 for augmented views, or feature_cache=false)")
-    train_set, val_set = phase1_feature_sets(extractor, views, data, cache, seed)
+    first = holds_first_replica(tf.distribute.get_strategy())  # True but under multiworker's other workers
+    train_set, val_set = phase1_feature_sets(extractor, views, data, cache, seed) if first else (None, None)
+    has_val = data.val is not None and data.source.val is not None
+    train_set = _shared_features(train_set, views)
+    val_set = _shared_features(val_set, 1) if has_val else None
     val_ds = None
     if val_set is not None:
         val_ds = features_dataset(val_set.features, val_set.labels, data.batch_size, training=False,
@@ -169,8 +187,9 @@ def head_on_features(model: keras.Model, head: HeadConfig, data: Datasets, cache
     target_features = target_index = None
     if target is not None:
         assert data_cfg is not None, "a target needs the data settings its pipeline uses"
-        target_set = cached_features(extractor, [target_ordered(target, data.image_size, data_cfg)],
-                                     target.split, cache.key_parts, cache.cache_dir, what="target")
+        target_set = _shared_features(cached_features(
+            extractor, [target_ordered(target, data.image_size, data_cfg)], target.split, cache.key_parts,
+            cache.cache_dir, what="target") if first else None, 1)
         target_features, target_index = target_set.features, target_set.labels
     steps = max(1, math.ceil(len(train_set.labels) / data.batch_size))
     return PhaseInputs(build_head_model(model), train_ds, val_ds, steps,
@@ -289,6 +308,7 @@ class _FitState:
     augmenter: keras.Layer | None = None  # the training-step augmenter, when data.augment_in_model
     method_restored: bool = False
     distill: Distillation | None = None
+    loop: str = "keras"  # the step driver: Model.fit, or tftransfer's own (training.loop)
 
 
 def _start_fit(model: keras.Model, cfg: ExperimentConfig, data: Datasets, run: RunDir | None, jit_compile: bool,
@@ -308,7 +328,7 @@ def _start_fit(model: keras.Model, cfg: ExperimentConfig, data: Datasets, run: R
                     ", ".join(f"{data.class_names[i]} {w:.2f}" for i, w in class_weight.items()))
     method = build_method(cfg.adapt) if target is not None else None
     return _FitState(model, cfg, data, run, jit_compile, resume, target, recorder, progress, shared, class_weight,
-                     method, distill=distill)
+                     method, distill=distill, loop=resolve_loop(cfg.runtime.loop))
 
 
 _Plan = list[tuple[str, PhaseConfig, Callable[[], FreezeReport]]]
@@ -444,7 +464,11 @@ def _fit_falling_back_from_xla(state: _FitState, name: str, phase: PhaseConfig, 
             if state.jit_compile and not jit:  # the fallback
                 compile_inputs(inputs, phase, len(state.data.class_names), False)
             try:
-                inputs.model.fit(inputs.train, validation_data=inputs.val, shuffle=False, **fit_kwargs)
+                if state.loop == "keras":
+                    inputs.model.fit(inputs.train, validation_data=inputs.val, shuffle=False, **fit_kwargs)
+                else:  # the same callbacks and arguments, tftransfer's step driver
+                    fit_loop(inputs.model, inputs.train, validation_data=inputs.val,
+                             global_batch=state.data.batch_size, **fit_kwargs)
                 return jit
             except tf.errors.OpError as exc:
                 if not jit or len(state.recorder.rows) != rows_before:
