@@ -78,8 +78,9 @@ def test_fit_whose_export_fails_its_check_publishes_no_version(tmp_path, monkeyp
 
     monkeypatch.setattr(fit_job, "check_parity", failing_check)
     data = make_colour_folder(tmp_path / "colours", per_class=6, splits=True)
+    # the quality gate would refuse this chance-level model first: off here, so the parity check is what refuses
     result, metrics = _fit(tmp_path, data, "colours", "--set", "phases.head.epochs=1",
-                           "--set", "phases.finetune.epochs=0")
+                           "--set", "phases.finetune.epochs=0", "--set", "export.min_gain_over_chance=0")
 
     assert result.exit_code == 1, result.output
     assert "was not published" in result.output.strip().splitlines()[-1]
@@ -104,6 +105,9 @@ def test_accuracy_gate_fails_on_random_labels(tmp_path):
     result, metrics = _fit(tmp_path, root, "random")
     assert result.exit_code == 0, result.output
     assert metrics["final"]["val"]["accuracy"] < ACCURACY_GATE
+    # issue 13 item 2: the chance-level model is not published as a version, and fit says so
+    assert metrics["export"]["published"] is False and "majority-class rate" in metrics["export"]["gate"]
+    assert "not exported:" in result.output
 
 
 def test_existing_run_is_refused_then_kept_aside_with_overwrite(tmp_path):

@@ -24,7 +24,7 @@ from tftransfer.core.errors import ConfigError
 
 # command name -> its config, and the options of the command that are not settings of the job
 COMMAND_CONFIGS = {
-    "export": (ExportCommandConfig, set()),
+    "export": (ExportCommandConfig, {"show_signatures"}),
     "predict": (PredictCommandConfig, {"csv_path", "json_path"}),
     "evaluate": (EvaluateCommandConfig, {"data", "progress"}),
     "domain": (DomainCommandConfig, set()),

@@ -156,7 +156,7 @@ def test_cli_choices_mirror_the_library_registries():
 
 def test_export_command_writes_next_version_card_and_int8_tflite(fitted):
     model_dir = fitted["export"].parent
-    result = _invoke("export", fitted["run"], "--tflite", "int8")
+    result = _invoke("export", fitted["run"], "--tflite", "int8", "--signatures")
     assert result.exit_code == 0, result.output
     version_dir = model_dir / "2"
     assert f"exported: {version_dir}" in result.output

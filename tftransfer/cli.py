@@ -659,7 +659,9 @@ def _echo_fit_result(metrics: dict[str, Any]) -> None:
     if final:
         click.echo(f"final val accuracy {final['accuracy']:.4f}  macro-F1 {final['macro_f1']:.4f}")
     export = metrics.get("export")
-    if export:
+    if export and "gate" in export:
+        click.echo(f"not exported: {export['gate']}")
+    elif export:
         status, what = ("OK", "exported") if export["parity_ok"] else ("FAILED", "rejected, not published")
         click.echo(f"{what}: {export['path']}  (parity max abs diff {export['parity_max_abs_diff']:.1e}: {status})")
     adapt = metrics.get("adapt")
@@ -668,7 +670,7 @@ def _echo_fit_result(metrics: dict[str, Any]) -> None:
         click.echo(f"target {adapt['target']} ({adapt['target_examples']} images, adapt {adapt['method']}): "
                    + (f"accuracy {final_target:.4f}" if final_target is not None else "unlabeled"))
     click.echo(f"summary: {Path(run['run_dir']) / 'summary.md'}   tensorboard --logdir {Path(run['run_dir']).parent}")
-    if export and not export["parity_ok"]:
+    if export and not export.get("parity_ok", True):
         raise click.ClickException(f"the run's export disagrees with its Keras model and was not published (kept in "
                                    f"{export['path']}); the run itself is complete")
 
