@@ -30,10 +30,16 @@ logger = logging.getLogger(__name__)
 class DistillResult:
     """The distilled run, and the baseline run trained alongside it (if any)."""
 
-    run_dir: Path
-    metrics: dict[str, Any]
-    baseline: FitResult | None
     fit: FitResult
+    baseline: FitResult | None
+
+    @property
+    def run_dir(self) -> Path:  # noqa: D102
+        return self.fit.run_dir
+
+    @property
+    def metrics(self) -> dict[str, Any]:  # noqa: D102
+        return self.fit.metrics
 
 
 def _teacher_data(teacher: Path) -> dict[str, Any]:
@@ -83,4 +89,4 @@ def run_distill(teacher: str | Path, student: str, *, config: str | Path | None 
         baseline = run_fit(base_cfg, overwrite=overwrite, verbose=verbose)
         cfg = replace(cfg, distill=replace(cfg.distill, baseline=str(baseline.run_dir)))
     result = run_fit(cfg, overwrite=overwrite, verbose=verbose)
-    return DistillResult(run_dir=result.run_dir, metrics=result.metrics, baseline=baseline, fit=result)
+    return DistillResult(fit=result, baseline=baseline)

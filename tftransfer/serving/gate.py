@@ -11,6 +11,7 @@ from typing import Any
 from tftransfer.core.errors import TfTransferError
 from tftransfer.core.io import read_json
 from tftransfer.serving.contract import MODEL_CARD_FILE
+from tftransfer.serving.savedmodel import next_version
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +40,11 @@ def majority_rate(val_metrics: dict[str, Any] | None) -> float | None:
 
 def newest_version_card(model_dir: Path) -> tuple[int, dict[str, Any]] | None:
     """The highest published version under model_dir (what TF Serving serves) and its model card, if it has one."""
-    if not model_dir.is_dir():
+    newest = next_version(model_dir) - 1
+    if newest == 0:
         return None
-    versions = sorted((int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir()), reverse=True)
-    for version in versions[:1]:
-        card_path = model_dir / str(version) / MODEL_CARD_FILE
-        return version, (read_json(card_path) if card_path.is_file() else {})
-    return None
+    card_path = model_dir / str(newest) / MODEL_CARD_FILE
+    return newest, (read_json(card_path) if card_path.is_file() else {})
 
 
 def _same_split(card: dict[str, Any], other: dict[str, Any]) -> bool:
