@@ -117,12 +117,7 @@ def test_two_workers_on_loopback_train_in_lockstep(tmp_path):
     procs = [subprocess.Popen(_fit_args(runs, "mw"), env=_env({"cluster": cluster,
                                                                "task": {"type": "worker", "index": i}}),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        outputs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    outputs = [out for out, _ in _finish(procs)]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert sorted(p.name for p in runs.iterdir()) == ["mw"]  # the chief alone wrote a run directory
     assert "is not the chief" in outputs[1]
@@ -133,6 +128,16 @@ def test_two_workers_on_loopback_train_in_lockstep(tmp_path):
     # both workers logged the same epochs (their weights are the same all-reduced ones)
     lines = [[line.split("(")[0] for line in out.splitlines() if line.startswith("epoch ")] for out in outputs]
     assert len(lines[0]) == 4 and lines[0] == lines[1]
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[str, str]]:
+    """Each worker's (stdout, stderr) once it exits; any still running after the timeout is killed."""
+    try:
+        return [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
 
 
 def _start_workers(args: list[str], cluster: dict) -> list[subprocess.Popen]:
@@ -166,12 +171,7 @@ def test_a_killed_worker_then_both_restarted_resume_with_no_epoch_lost(tmp_path)
     assert not (runs / "killed" / "metrics.json").exists()
     resume = [sys.executable, "-m", "tftransfer", "fit", "--resume", str(runs / "killed")]
     procs = _start_workers(resume, {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]})
-    try:
-        errors = [p.communicate(timeout=240)[1] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    errors = [err for _, err in _finish(procs)]
     assert [p.returncode for p in procs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
     history = json.loads((runs / "killed" / "history.json").read_text())
     assert [row["epoch"] for row in history] == list(range(1, 11))  # none lost, none repeated
