@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import COLOURS, make_colour_folder, write_solid_images
 
-import tftransfer.jobs.fit as fit_job
+import tftransfer.serving.publish as publish
 from tftransfer.cli import main
 
 ACCURACY_GATE = 0.9
@@ -48,6 +48,12 @@ def test_fit_end_to_end_reaches_gate_and_serves_jpeg_bytes(tmp_path):
     export_dir = Path(metrics["export"]["path"])
     assert export_dir == tmp_path / "saved_models" / "colours" / "1"
     assert "final val accuracy" in result.output
+    # issue 12: fit publishes through export's path, so its model card has export's shape: the fresh-process
+    # parity check on pixels and encoded bytes, the gate, and the export entry
+    card = json.loads((export_dir / "model_card.json").read_text())
+    assert card["export"]["published"] is True and card["export"]["version"] == 1
+    assert card["export"]["parity"]["fresh_process"] and card["export"]["parity"]["serving_default"]["images"] > 0
+    assert card["gate"]["passed"] and "tflite" in card
 
     # A fresh Python process (no tftransfer import) loads the SavedModel and classifies JPEG bytes.
     probe = write_solid_images(tmp_path / "probe", COLOURS["magenta"], 1, size=57, seed=999)[0]
@@ -72,11 +78,11 @@ def test_fit_whose_export_fails_its_check_publishes_no_version(tmp_path, monkeyp
     nothing, keeps the export aside, and fit exits non-zero after writing the run."""
     checked = []
 
-    def failing_check(model, version_dir, pixels, batch_size=64):
+    def failing_check(model, version_dir, pixels, encoded=(), tolerance=1e-4):
         checked.append((Path(version_dir).name, sorted(p.name for p in Path(version_dir).parent.iterdir())))
-        return 1.0
+        return {"max_abs_diff": 1.0, "tolerance": tolerance, "ok": False}
 
-    monkeypatch.setattr(fit_job, "check_parity", failing_check)
+    monkeypatch.setattr(publish, "check_parity_fresh_process", failing_check)
     data = make_colour_folder(tmp_path / "colours", per_class=6, splits=True)
     # the quality gate would refuse this chance-level model first: off here, so the parity check is what refuses
     result, metrics = _fit(tmp_path, data, "colours", "--set", "phases.head.epochs=1",

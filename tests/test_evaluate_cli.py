@@ -219,12 +219,13 @@ def test_an_export_killed_during_its_check_leaves_nothing_live(fitted, tmp_path)
         import os, signal, sys
         from pathlib import Path
         import tftransfer.jobs.export as job
+        import tftransfer.serving.publish as publish
 
         def killed(*args, **kwargs):
             assert not any(p.name.isdigit() for p in Path(sys.argv[2]).iterdir())  # nothing live while checking
             os.kill(os.getpid(), signal.SIGKILL)
 
-        job.check_parity_fresh_process = killed
+        publish.check_parity_fresh_process = killed
         job.export_run(sys.argv[1], model_dir=Path(sys.argv[2]))
     """)
     proc = subprocess.run([sys.executable, "-c", script, str(fitted["run"]), str(model_dir)], capture_output=True,

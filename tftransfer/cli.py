@@ -19,6 +19,7 @@ from tftransfer.config.commands import (
     DomainCommandConfig,
     EvaluateCommandConfig,
     ExportCommandConfig,
+    LrFindCommandConfig,
     PredictCommandConfig,
     SettingSpec,
     command_config,
@@ -30,6 +31,7 @@ from tftransfer.core.lazy import lazy, resolve
 from tftransfer.core.native_logs import import_tensorflow_quietly, set_log_defaults
 from tftransfer.data.probe import report_progress
 from tftransfer.model.catalog import builtin_backbones
+from tftransfer.runs.records import RunMetrics
 
 
 # Jobs import TensorFlow: they are named here and imported when a command runs, so --help and config errors are fast.
@@ -198,24 +200,28 @@ def _output_dir(ctx: click.Context, param: click.Parameter, value: Path | None) 
 class _CommaList(click.ParamType):
     """'1,3,5' -> (1, 3, 5) for a tuple[int, ...] config field; '' -> (); a tuple (the default) stays."""
 
-    def __init__(self, item: type) -> None:
-        self.item = item
+    def __init__(self, item: type, choices: tuple[Any, ...] | None = None) -> None:
+        self.item, self.choices = item, choices
         one = {str: "TEXT", int: "INT", float: "FLOAT"}.get(item, item.__name__.upper())
-        self.name = f"{one}[,{one}...]"
+        self.name = f"{one}[,{one}...]" if not choices else "[" + "|".join(map(str, choices)) + "][,...]"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, tuple):
             return value
         try:
-            return tuple(self.item(v.strip()) for v in str(value).split(",") if v.strip())
+            items = tuple(self.item(v.strip()) for v in str(value).split(",") if v.strip())
         except ValueError:
             self.fail(f"expected comma-separated {self.item.__name__} values, got {value!r}", param, ctx)
+        bad = [v for v in items if self.choices and v not in self.choices]
+        if bad:
+            self.fail(f"{bad[0]!r} is not one of {', '.join(map(str, self.choices))}", param, ctx)
+        return items
 
 
 def _click_type(spec: SettingSpec) -> Any:
     """The Click parameter type of a config field: its choices, its range, or its plain type."""
     if spec.multiple:
-        return _CommaList(spec.type)
+        return _CommaList(spec.type, spec.choices)
     if spec.choices:
         return click.Choice(list(spec.choices))
     if spec.type in (int, float) and (spec.min is not None or spec.max is not None):
@@ -508,22 +514,19 @@ def _echo_domain(report: dict[str, Any], out: Path) -> None:
 @main.command("lr-find", epilog="Example: tftransfer lr-find --data images/ --backbone mobilenetv2 "
                                     "--phase head")
 @_experiment_options
-@click.option("--phase", "phases", type=click.Choice(["head", "finetune"]), multiple=True,
-              help="Phase(s) to test (default both).")
-@click.option("--steps", type=click.IntRange(min=10), default=100, show_default=True,
-              help="Optimizer steps of the exponential learning-rate ramp.")
-@click.option("--min-lr", type=click.FloatRange(min=0, min_open=True), default=1e-7, show_default=True)
-@click.option("--max-lr", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@config_option(LrFindCommandConfig, "phases", "--phase")
+@config_option(LrFindCommandConfig, "steps")
+@config_option(LrFindCommandConfig, "min_lr")
+@config_option(LrFindCommandConfig, "max_lr")
 @_user_errors
 @_with_probe_progress
 def lr_find_command(config_path: Path | None, overrides: tuple[str, ...], overwrite: bool, phases: tuple[str, ...],
                     steps: int, min_lr: float, max_lr: float, **flags: Any) -> None:
     """Learning-rate range test: loss against an exponentially growing rate, with a suggested rate per phase."""
-    if min_lr >= max_lr:
-        raise click.BadParameter("--min-lr must be below --max-lr")
+    ramp = command_config(LrFindCommandConfig, None, {"phases": phases, "steps": steps, "min_lr": min_lr,
+                                                      "max_lr": max_lr})  # min < max before TensorFlow loads
     cfg = _config_from_options(config_path, overrides, flags)
-    found = run_lr_find(cfg, phases=phases or ("head", "finetune"), steps=steps, min_lr=min_lr, max_lr=max_lr,
-                        overwrite=overwrite)
+    found = run_lr_find(cfg, ramp, overwrite=overwrite)
     _echo_suggestions(found)
 
 
@@ -649,27 +652,27 @@ def predict_command(model: Path, images: tuple[str, ...], csv_path: Path | None,
 
 
 def _echo_fit_result(metrics: dict[str, Any]) -> None:
-    run = metrics["run"]
-    click.echo(f"\nrun: {run['run_dir']}")
-    for phase in metrics["phases"]:
+    record = RunMetrics.from_dict(metrics)
+    run_dir = record.run_dir or Path(".")
+    click.echo(f"\nrun: {run_dir}")
+    for phase in record.phases:
         val = phase.get("val") or {}
         acc = f"val accuracy {val['accuracy']:.4f}" if "accuracy" in val else "no validation data"
         click.echo(f"  {phase['name']:<9} {phase['epochs_run']:>3} epochs  {phase['seconds']:7.1f} s  {acc}")
-    final = (metrics.get("final") or {}).get("val")
-    if final:
-        click.echo(f"final val accuracy {final['accuracy']:.4f}  macro-F1 {final['macro_f1']:.4f}")
-    export = metrics.get("export")
+    if record.val:
+        click.echo(f"final val accuracy {record.val['accuracy']:.4f}  macro-F1 {record.val['macro_f1']:.4f}")
+    export = record.export
     if export and "gate" in export:
         click.echo(f"not exported: {export['gate']}")
     elif export:
         status, what = ("OK", "exported") if export["parity_ok"] else ("FAILED", "rejected, not published")
         click.echo(f"{what}: {export['path']}  (parity max abs diff {export['parity_max_abs_diff']:.1e}: {status})")
-    adapt = metrics.get("adapt")
+    adapt = record.adapt
     if adapt:
-        final_target = (adapt.get("final") or {}).get("accuracy")
+        final_target = record.target_accuracy
         click.echo(f"target {adapt['target']} ({adapt['target_examples']} images, adapt {adapt['method']}): "
                    + (f"accuracy {final_target:.4f}" if final_target is not None else "unlabeled"))
-    click.echo(f"summary: {Path(run['run_dir']) / 'summary.md'}   tensorboard --logdir {Path(run['run_dir']).parent}")
+    click.echo(f"summary: {run_dir / 'summary.md'}   tensorboard --logdir {run_dir.parent}")
     if export and not export.get("parity_ok", True):
         raise click.ClickException(f"the run's export disagrees with its Keras model and was not published (kept in "
                                    f"{export['path']}); the run itself is complete")

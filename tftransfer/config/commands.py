@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar, Union
 
 from tftransfer.config.experiment import ADAPT_JOB_METHODS, VALIDATOR_NAMES, build_config, opt
+from tftransfer.core.errors import ConfigError
 
 # A picture a few pixels wide carries no content a classifier can use (a 1x1 image upsampled to 224 px is one
 # flat colour), so its "prediction" would be noise presented as an answer. tftransfer.data.files imports it.
@@ -46,6 +47,21 @@ class ExportCommandConfig:
     batch_size: int = opt(32, "Batch size of the TFLite accuracy comparison.", min=1)
     force: bool = opt(False, "Publish even when the export gate refuses the model (below chance plus margin, or "
                              "worse than the newest version on the same split).")
+
+
+@dataclass(frozen=True)
+class LrFindCommandConfig:
+    """`tftransfer lr-find`: the learning-rate range test of fit's experiment, a suggested rate per phase."""
+
+    phases: tuple[str, ...] = opt(("head", "finetune"), "Phase(s) to test, separated by commas.",
+                                  choices=("head", "finetune"))
+    steps: int = opt(100, "Optimizer steps of the exponential learning-rate ramp.", min=10)
+    min_lr: float = opt(1e-7, "Lowest learning rate of the ramp.", min=0.0, min_exclusive=True)
+    max_lr: float = opt(1.0, "Highest learning rate of the ramp.", min=0.0, min_exclusive=True)
+
+    def __post_init__(self) -> None:
+        if self.min_lr >= self.max_lr:
+            raise ConfigError(f"min_lr (--min-lr) {self.min_lr:g} must be below max_lr (--max-lr) {self.max_lr:g}")
 
 
 @dataclass(frozen=True)

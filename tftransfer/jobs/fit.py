@@ -19,12 +19,13 @@ import numpy as np
 import tensorflow as tf
 
 import tftransfer
+from tftransfer.config.commands import ExportCommandConfig
 from tftransfer.config.experiment import ExperimentConfig, load_config, save_config
 from tftransfer.core.cache import default_cache_dir, file_hash
 from tftransfer.core.errors import ConfigError, RunDirError
 from tftransfer.core.io import read_json, write_json
 from tftransfer.data.images import DECODE_VERSION
-from tftransfer.data.pipeline import Datasets, make_datasets, make_split_dataset, take_pixels
+from tftransfer.data.pipeline import Datasets, make_datasets, make_split_dataset
 from tftransfer.data.sources import DataSource, Split
 from tftransfer.data.specs import source_from_config
 from tftransfer.evaluation.inference import predict_dataset
@@ -34,11 +35,11 @@ from tftransfer.model.classifier import build_model, get_backbone
 from tftransfer.reporting import run_summary as report
 from tftransfer.runs.finished import load_run
 from tftransfer.runs.layout import RunDir, check_run_name, create_run_dir
+from tftransfer.runs.records import RunMetrics
 from tftransfer.runtime import RuntimeInfo, configure_runtime
-from tftransfer.serving.gate import ExportGateError, gate_export
-from tftransfer.serving.model_card import build_model_card
-from tftransfer.serving.parity import check_parity
-from tftransfer.serving.savedmodel import discard_export, publish_export, reject_export, stage_export
+from tftransfer.serving.gate import ExportGateError
+from tftransfer.serving.parity import ParityError
+from tftransfer.serving.publish import publish_model
 from tftransfer.training.adaptation.target import TargetDomain, load_target
 from tftransfer.training.callbacks import tensorboard_hparams
 from tftransfer.training.checkpoint import Checkpoint, load_latest
@@ -280,13 +281,13 @@ def _fit_job(exp: Experiment, run: RunDir, checkpoint: Checkpoint | None, verbos
     if final_val is None and evaluate_val is not None:
         final_val = evaluate_val(model)
     export_dir, export_entry = _export(exp, run, final_val)
-    metrics = _fit_metrics(exp, run, fitted, final_val, export_entry, started)
-    if exp.target is not None:
-        metrics["adapt"] = adaptation_summary(model, cfg, exp.target, data, fitted.history)
-    if distill is not None:
-        metrics["distill"] = distill_metrics(exp, model, distill)
+    record = replace(_fit_metrics(exp, run, fitted, final_val, export_entry, started),
+                     adapt=adaptation_summary(model, cfg, exp.target, data, fitted.history)
+                     if exp.target is not None else None,
+                     distill=distill_metrics(exp, model, distill) if distill is not None else None)
     _write_plots(report, run, fitted, final_val)
-    write_json(run.metrics, metrics)
+    record.write(run.metrics)
+    metrics = record.to_dict()
     report.write_summary(metrics, run.path)
     return FitResult(run_dir=run.path, metrics=metrics, export_dir=export_dir, model=model)
 
@@ -328,47 +329,35 @@ def _train(exp: Experiment, run: RunDir, checkpoint: Checkpoint | None,
 
 
 def _export(exp: Experiment, run: RunDir, final_val: dict | None) -> tuple[Path | None, dict[str, Any] | None]:
-    """With export.enabled, the SavedModel checked against the Keras model before it is published: (its version
-    folder, or None when the check failed and nothing was published; the metrics entry)."""
-    cfg, model, source, data = exp.cfg, exp.model, exp.source, exp.data
+    """With export.enabled, the run published through `export`'s path (gate, staged SavedModel, fresh-process
+    parity check, rename): (its version folder, or None when it was refused; the metrics entry)."""
+    cfg = exp.cfg
     if not cfg.export.enabled:
         return None, None
     model_dir = Path(cfg.export.dir) / cfg.name
-    card = build_model_card(run.path, val_metrics=final_val)
     try:
-        card["gate"] = gate_export(card, final_val, model_dir, cfg.export.min_gain_over_chance,
-                                   cfg.export.max_regression, force=False)
+        result = publish_model(exp.model, run, model_dir, exp.source.class_names, exp.image_size, exp.source,
+                               ExportCommandConfig(), cfg.export, final_val)
     except ExportGateError as refused:
         # the run is complete and kept: only its publication is refused
         logger.warning("%s: tftransfer export %s --force", refused, run.path)
         return None, {"path": None, "version": None, "published": False, "gate": str(refused)}
-    staged = stage_export(model, model_dir, source.class_names, exp.image_size,
-                          top_k=cfg.export.top_k, model_card=card)
-    parity_data = data.val if data.val is not None else data.train
-    try:
-        # In the staged folder, which TF Serving ignores: a version appears only once the check passed.
-        diff = check_parity(model, staged.path, take_pixels(parity_data, 256))
-        ok = bool(diff <= cfg.export.parity_tolerance)
-        export_dir = publish_export(staged) if ok else reject_export(staged)
-    except BaseException:
-        discard_export(staged)
-        raise
-    export_entry = {"path": str(export_dir), "version": int(export_dir.name) if ok else None, "published": ok,
-                    "parity_max_abs_diff": diff, "parity_tolerance": cfg.export.parity_tolerance, "parity_ok": ok}
-    if not ok:
-        logger.error("the export disagrees with the Keras model (max abs probability difference %.2e > %.0e); "
-                     "nothing was published, the rejected export is kept in %s", diff, cfg.export.parity_tolerance,
-                     export_dir)
-    return (export_dir if ok else None), export_entry
+    except ParityError as failed:
+        logger.error("%s", failed)
+        return None, {"path": str(failed.kept), "version": None, "published": False,
+                      "parity_max_abs_diff": failed.parity["max_abs_diff"],
+                      "parity_tolerance": cfg.export.parity_tolerance, "parity_ok": False}
+    return result.version_dir, {"path": str(result.version_dir), "version": int(result.version_dir.name),
+                                "published": True, "parity_max_abs_diff": result.parity["max_abs_diff"],
+                                "parity_tolerance": cfg.export.parity_tolerance, "parity_ok": True}
 
 
 def _fit_metrics(exp: Experiment, run: RunDir, fitted: FitPhasesResult, final_val: dict | None,
-                 export_entry: dict[str, Any] | None, started: float) -> dict[str, Any]:
+                 export_entry: dict[str, Any] | None, started: float) -> RunMetrics:
     """metrics.json without the adaptation part: the run, its phases, the final validation and the export."""
     cfg, source, info = exp.cfg, exp.source, exp.info
-    return {
-        "schema_version": 1,
-        "run": {"name": cfg.name, "backbone": exp.spec.name, "weights": cfg.model.weights,
+    return RunMetrics(
+        run={"name": cfg.name, "backbone": exp.spec.name, "weights": cfg.model.weights,
                 "image_size": exp.image_size, "num_classes": len(source.class_names),
                 "class_names": source.class_names, "train_examples": len(source.train),
                 "val_examples": exp.data.val_examples, "skipped_files": len(source.skipped),
@@ -378,12 +367,12 @@ def _fit_metrics(exp: Experiment, run: RunDir, fitted: FitPhasesResult, final_va
                 "keras_version": keras.__version__, "python_version": platform.python_version(),
                 "runtime": {**info.to_dict(), "jit_compile": fitted.jit_compile,
                             "augment_placement": exp.data.augment_placement}},
-        "phases": [_phase_entry(phase, phase.val) for phase in fitted.phases],
-        "final": {"val": final_val,
-                  "eval_images_per_second": final_val.get("images_per_second") if final_val else None},
-        "export": export_entry,
-        "timings": {"total_seconds": time.perf_counter() - started},
-    }
+        phases=[_phase_entry(phase, phase.val) for phase in fitted.phases],
+        final={"val": final_val,
+               "eval_images_per_second": final_val.get("images_per_second") if final_val else None},
+        export=export_entry,
+        timings={"total_seconds": time.perf_counter() - started},
+    )
 
 
 def adaptation_summary(model: keras.Model, cfg: ExperimentConfig, target: TargetDomain, data: Datasets,

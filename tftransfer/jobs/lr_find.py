@@ -15,6 +15,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from tftransfer.config.commands import LrFindCommandConfig, command_config
 from tftransfer.config.experiment import ExperimentConfig
 from tftransfer.core.io import write_json
 from tftransfer.jobs.fit import feature_cache_spec, prepare_experiment
@@ -51,10 +52,12 @@ def plot_range_test(test: RangeTest, path: Path) -> Path:
     return path
 
 
-def run_lr_find(cfg: ExperimentConfig, phases: tuple[str, ...] = ("head", "finetune"), steps: int = 100,
-                min_lr: float = 1e-7, max_lr: float = 1.0, overwrite: bool = False) -> dict[str, Any]:
-    """`tftransfer lr-find`: range tests into runs/<name>-lr-find/ (JSON, PNG, TensorBoard scalars)."""
-
+def run_lr_find(cfg: ExperimentConfig, config: LrFindCommandConfig | None = None, overwrite: bool = False,
+                **settings: Any) -> dict[str, Any]:
+    """`tftransfer lr-find`: range tests into runs/<name>-lr-find/ (JSON, PNG, TensorBoard scalars). Settings come
+    as an LrFindCommandConfig or its fields by keyword (`run_lr_find(cfg, phases=("head",), steps=50)`)."""
+    ramp = command_config(LrFindCommandConfig, config, settings)
+    phases, steps, min_lr, max_lr = ramp.phases, ramp.steps, ramp.min_lr, ramp.max_lr
     exp = prepare_experiment(cfg)
     cfg = exp.cfg
     # With placement model the training batches come un-augmented: the ramp trains through the augmenter as fit does.

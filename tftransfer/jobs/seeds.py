@@ -18,14 +18,15 @@ from tftransfer.config.experiment import ExperimentConfig
 from tftransfer.core.io import write_json
 from tftransfer.jobs.fit import default_run_name, run_fit
 from tftransfer.runs.layout import check_run_name
+from tftransfer.runs.records import RunMetrics
 
 logger = logging.getLogger(__name__)
 
 # What the summary aggregates: name -> how to read it from a run's metrics.json (None when absent).
-SEED_METRICS: dict[str, Callable[[dict[str, Any]], float | None]] = {
-    "val_accuracy": lambda m: ((m.get("final") or {}).get("val") or {}).get("accuracy"),
-    "target_accuracy": lambda m: (((m.get("adapt") or {}).get("final")) or {}).get("accuracy"),
-    "total_seconds": lambda m: (m.get("timings") or {}).get("total_seconds"),
+SEED_METRICS: dict[str, Callable[[RunMetrics], float | None]] = {
+    "val_accuracy": lambda m: m.val_accuracy,
+    "target_accuracy": lambda m: m.target_accuracy,
+    "total_seconds": lambda m: m.total_seconds,
 }
 
 
@@ -53,7 +54,8 @@ def run_seeds(cfg: ExperimentConfig, seeds: int, overwrite: bool = False, verbos
         keras.backend.clear_session()
         result = run_fit(run_cfg, overwrite=overwrite, verbose=verbose)
         entry = {"seed": seed, "run_dir": str(result.run_dir)}
-        entry.update({key: read(result.metrics) for key, read in SEED_METRICS.items()})
+        record = RunMetrics.from_dict(result.metrics)
+        entry.update({key: read(record) for key, read in SEED_METRICS.items()})
         runs.append(entry)
     summary: dict[str, Any] = {"name": name, "seeds": [r["seed"] for r in runs], "adapt_method": cfg.adapt.method,
                                "target": cfg.adapt.target or None, "runs": runs}

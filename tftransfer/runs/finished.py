@@ -21,6 +21,7 @@ from tftransfer.core.io import read_json
 from tftransfer.data.sources import DataSource
 from tftransfer.data.specs import source_from_config
 from tftransfer.runs.layout import RunDir, is_saved_model_dir
+from tftransfer.runs.records import RunMetrics, read_run_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +41,9 @@ class FinishedRun:
         """The run directory's file layout."""
         return RunDir(self.path)
 
-    def metrics(self) -> dict[str, Any]:
-        """metrics.json, or {} when the run has none."""
-        return read_json(self.layout.metrics) if self.layout.metrics.is_file() else {}
+    def metrics(self) -> RunMetrics | None:
+        """metrics.json, or None when the run has none."""
+        return read_run_metrics(self.layout.metrics)
 
     def source(self) -> DataSource | None:
         """The run's training data listed again (see load_run_source)."""
@@ -75,10 +76,9 @@ def load_run_model(run_dir: str | Path) -> Any:
 def run_image_size(run_dir: str | Path) -> int:
     """The input size a run trained at: metrics.json's run.image_size, else config.yaml's data.image_size."""
     run = RunDir(Path(run_dir))
-    if run.metrics.is_file():
-        size = (read_json(run.metrics).get("run") or {}).get("image_size")
-        if isinstance(size, int) and size > 0:
-            return size
+    metrics = read_run_metrics(run.metrics)
+    if metrics is not None and metrics.image_size is not None:
+        return metrics.image_size
     size = (read_yaml(run.config).get("data") or {}).get("image_size") if run.config.is_file() else None
     if isinstance(size, int) and size > 0:
         return size

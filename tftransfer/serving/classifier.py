@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 
 from tftransfer.core.errors import RunDirError
-from tftransfer.core.io import read_json
 from tftransfer.evaluation.inference import predict_probabilities
 from tftransfer.runs.finished import load_run, read_labels
 from tftransfer.runs.layout import RunDir, is_saved_model_dir, latest_version_dir
 from tftransfer.serving.contract import LABELS_FILE, MODEL_CARD_FILE
+from tftransfer.serving.model_card import ModelCard
 from tftransfer.serving.savedmodel import load_exported, predict_exported_pixels
 
 logger = logging.getLogger(__name__)
@@ -85,21 +85,20 @@ def _load_run(path: Path, image_size: int | None) -> Classifier:
 def _load_saved_model(path: Path, image_size: int | None, batch_size: int) -> Classifier:
 
     loaded = load_exported(path)  # RunDirError when a signature is missing
-    card_path = path / MODEL_CARD_FILE
-    card = read_json(card_path) if card_path.is_file() else {}
+    card = ModelCard.read(path / MODEL_CARD_FILE) or ModelCard()
     labels = path / LABELS_FILE if (path / LABELS_FILE).is_file() else path / "assets" / LABELS_FILE
     names = read_labels(labels)
-    size = image_size or (card.get("input") or {}).get("image_size")
+    size = image_size or card.image_size
     if not isinstance(size, int) or size < 1:
         raise RunDirError(f"{path} has no {MODEL_CARD_FILE} saying its input size; pass --image-size")
-    run_dir = card.get("run_dir")
+    run_dir = card.run_dir
     run_path = Path(run_dir) if run_dir and RunDir(Path(run_dir)).config.is_file() else None
 
     def predict(pixels: np.ndarray) -> np.ndarray:
         return predict_exported_pixels(loaded, pixels, batch_size=batch_size)
 
     return Classifier(kind="saved_model", path=path, class_names=names, image_size=size, predict=predict,
-                      run_dir=run_path, saved_model=loaded, card=card)
+                      run_dir=run_path, saved_model=loaded, card=card.to_dict())
 
 
 def predict_batches(classifier: Classifier, dataset: Any, total: int, progress: bool = False,

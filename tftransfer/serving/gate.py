@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from tftransfer.core.errors import TfTransferError
-from tftransfer.core.io import read_json
 from tftransfer.serving.contract import MODEL_CARD_FILE
+from tftransfer.serving.model_card import ModelCard
 from tftransfer.serving.savedmodel import next_version
 
 logger = logging.getLogger(__name__)
@@ -38,17 +38,17 @@ def majority_rate(val_metrics: dict[str, Any] | None) -> float | None:
     return max(max(supports) / sum(supports), 1.0 / len(supports))
 
 
-def newest_version_card(model_dir: Path) -> tuple[int, dict[str, Any]] | None:
-    """The highest published version under model_dir (what TF Serving serves) and its model card, if it has one."""
+def newest_version_card(model_dir: Path) -> tuple[int, ModelCard] | None:
+    """The highest published version under model_dir (what TF Serving serves) and its model card (empty when it
+    has none)."""
     newest = next_version(model_dir) - 1
     if newest == 0:
         return None
-    card_path = model_dir / str(newest) / MODEL_CARD_FILE
-    return newest, (read_json(card_path) if card_path.is_file() else {})
+    return newest, ModelCard.read(model_dir / str(newest) / MODEL_CARD_FILE) or ModelCard()
 
 
-def _same_split(card: dict[str, Any], other: dict[str, Any]) -> bool:
-    mine, theirs = card.get("training_data") or {}, other.get("training_data") or {}
+def _same_split(card: dict[str, Any], other: ModelCard) -> bool:
+    mine, theirs = card.get("training_data") or {}, other.training_data or {}
     keys = ("fingerprint", "split_method", "val_examples")
     return mine.get("fingerprint") is not None and all(mine.get(k) == theirs.get(k) for k in keys)
 
@@ -70,7 +70,7 @@ def check_export(card: dict[str, Any], val_metrics: dict[str, Any] | None, model
     newest = newest_version_card(model_dir)
     if newest is not None:
         version, other = newest
-        previous = (other.get("validation_metrics") or {}).get("accuracy")
+        previous = other.val_accuracy
         comparable = previous is not None and _same_split(card, other)
         record["previous_version"] = {"version": version, "val_accuracy": previous, "same_split": comparable}
         if comparable and accuracy < previous - max_regression:

@@ -71,24 +71,28 @@ def check_parity_fresh_process(model: keras.Model, version_dir: str | Path, pixe
             (work / f"image_{i:06d}").write_bytes(data)
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         started = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "tftransfer.serving.probe", "--probe", str(version_dir), tmp],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         try:
-            proc = subprocess.run([sys.executable, "-m", "tftransfer.serving.probe", "--probe", str(version_dir), tmp],
-                                  capture_output=True, text=True, env=env, timeout=timeout, check=False)
+            # The Keras side runs while the new process imports TensorFlow and loads the export.
+            keras_pixels, keras_bytes = _keras_side(model, pixels, encoded, image_size)
+            _, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             raise RunDirError(f"checking the export {version_dir} in a fresh process took over {timeout:.0f} s") \
                 from exc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         if proc.returncode != 0:
-            tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+            tail = "\n".join(stderr.strip().splitlines()[-5:])
             raise RunDirError(f"the export {version_dir} failed in a fresh process (exit {proc.returncode}):\n{tail}")
         probe = json.loads((work / "probe.json").read_text())
         pixel_probs = np.load(work / "pixels_probs.npy")
         bytes_probs = np.load(work / "bytes_probs.npy")
     seconds = time.perf_counter() - started
-    pixel_diff = float(np.max(np.abs(pixel_probs - predict_probabilities(model, pixels)))) if len(pixels) else 0.0
-    bytes_diff = 0.0
-    if encoded and image_size:
-        decoded = tf.stack([decode_and_resize(tf.constant(data), image_size) for data in encoded]).numpy()
-        bytes_diff = float(np.max(np.abs(bytes_probs - predict_probabilities(model, decoded))))
+    pixel_diff = float(np.max(np.abs(pixel_probs - keras_pixels))) if len(pixels) else 0.0
+    bytes_diff = float(np.max(np.abs(bytes_probs - keras_bytes))) if keras_bytes is not None else 0.0
     diff = max(pixel_diff, bytes_diff)
     logger.info("fresh-process parity for %s: max abs probability difference %.3g (%d pixel arrays, %d encoded "
                 "images, %.1f s)", version_dir, diff, len(pixels), len(encoded), seconds)
@@ -97,6 +101,16 @@ def check_parity_fresh_process(model: keras.Model, version_dir: str | Path, pixe
             "serving_default": {"images": len(encoded), "max_abs_diff": bytes_diff},
             "tftransfer_layers_imported": probe["tftransfer_layers_imported"], "seconds": seconds,
             "signatures": probe["signatures"], "signatures_text": probe["signatures_text"]}
+
+
+def _keras_side(model: keras.Model, pixels: np.ndarray, encoded: Sequence[bytes],
+                image_size: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The Keras model's probabilities on the pixels, and on the bytes decoded by the training pipeline's function."""
+    on_pixels = predict_probabilities(model, pixels) if len(pixels) else np.zeros((0,), np.float32)
+    if not (encoded and image_size):
+        return on_pixels, None
+    decoded = tf.stack([decode_and_resize(tf.constant(data), image_size) for data in encoded]).numpy()
+    return on_pixels, predict_probabilities(model, decoded)
 
 
 def spread_indices(n: int, count: int) -> np.ndarray:

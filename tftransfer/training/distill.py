@@ -31,7 +31,6 @@ import tftransfer
 from tftransfer.config.experiment import DistillConfig
 from tftransfer.core.cache import cache_key, file_hash
 from tftransfer.core.errors import ConfigError, DataError, RunDirError
-from tftransfer.core.io import read_json
 from tftransfer.data.augment import AUGMENT_VERSION, augment_with_seed, stateless_layers
 from tftransfer.data.files import collect_images
 from tftransfer.data.pipeline import Datasets, make_split_dataset
@@ -40,6 +39,7 @@ from tftransfer.model.classifier import build_inference_fn
 from tftransfer.model.features import build_feature_extractor
 from tftransfer.runs.finished import FinishedRun, load_run
 from tftransfer.runs.layout import RunDir
+from tftransfer.runs.records import RunMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -151,10 +151,8 @@ def load_teacher(path: str, class_names: list[str]) -> Teacher:
     if run.class_names != list(class_names):
         raise ConfigError(f"distill.teacher: the classes of {layout.labels} ({', '.join(run.class_names)}) are not "
                           f"the data's ({', '.join(class_names)})")
-    metrics = read_json(layout.metrics)
-    accuracy = ((metrics.get("final") or {}).get("val") or {}).get("accuracy")
-    backbone = (metrics.get("run") or {}).get("backbone") or "unknown"
-    return Teacher(run, backbone, accuracy, file_hash(layout.model))
+    metrics = RunMetrics.read(layout.metrics)
+    return Teacher(run, metrics.backbone or "unknown", metrics.val_accuracy, file_hash(layout.model))
 
 
 def load_unlabeled(spec: str, max_images: int = 0, seed: int = 0) -> Split:
