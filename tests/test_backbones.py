@@ -311,3 +311,18 @@ def test_real_mobilenetv2_weights_load(shared_data: Path):
     assert not np.allclose(variance, 1.0)
     with pytest.raises(BackboneError, match="alpha"):
         backbones.build_backbone(spec, 224, weights=str(path), alpha=0.35)
+
+
+@pytest.mark.parametrize("backbone, file_name, alpha", [
+    ("mobilenet", "mobilenet_2_5_224_tf_no_top.h5", 0.25),
+    ("mobilenet", "mobilenet_1_0_224_tf.h5", 1.0),
+    ("mobilenetv2", "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5", 0.35),
+    ("mobilenetv3small", "weights_mobilenet_v3_small_224_0.75_float_no_top_v2.h5", 0.75),
+    ("mobilenetv2", "my_finetuned.weights.h5", None),  # not an official name: nothing is guessed
+    ("resnet50", "mobilenet_2_5_224_tf_no_top.h5", None),  # no width multiplier to set
+])
+def test_alpha_is_read_from_an_official_weights_file_name(backbone, file_name, alpha):
+    """Issue 13 item 10: a 0.35 file needs no backbone_kwargs; a set alpha is never overridden."""
+    spec = backbones.get_backbone_spec(backbone)
+    assert backbones.alpha_from_weights_name(spec, f"/w/{file_name}", {}) == alpha
+    assert backbones.alpha_from_weights_name(spec, f"/w/{file_name}", {"alpha": 0.5}) is None

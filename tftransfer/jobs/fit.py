@@ -144,6 +144,10 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
     info = configure_runtime(cfg.runtime)  # first: strategies need a fresh TensorFlow runtime
     source = source_from_config(cfg.data)
     weights = None if cfg.model.weights.lower() == "none" else cfg.model.weights
+    alpha = backbones.alpha_from_weights_name(spec, weights, cfg.model.backbone_kwargs)
+    if alpha is not None:  # recorded in the saved config, so the run says what it built
+        logger.info("model.backbone_kwargs.alpha = %g, read from the weights file name %s", alpha, weights)
+        cfg = replace(cfg, model=replace(cfg.model, backbone_kwargs={**cfg.model.backbone_kwargs, "alpha": alpha}))
     with info.scope():
         backbone = backbones.build_backbone(spec, image_size, weights, **cfg.model.backbone_kwargs)
         blocks = backbones.blocks_for(spec, backbone)

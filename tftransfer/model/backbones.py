@@ -169,6 +169,30 @@ def _is_download_failure(exc: BaseException) -> bool:
     return False
 
 
+# How keras.applications names its width-multiplier weights files: MobileNet "mobilenet_2_5_224_tf_no_top.h5"
+# (alpha 0.25), MobileNetV2 "..._tf_kernels_0.35_224_no_top.h5", MobileNetV3 "..._small_224_0.75_float_no_top...".
+_ALPHA_IN_FILE_NAME = (
+    (re.compile(r"^mobilenet_(\d)_(\d)_\d+_tf(?:_no_top)?\.h5$"), lambda m: float(f"0.{m[1]}{m[2]}") if m[1] != "1"
+     else 1.0),
+    (re.compile(r"_tf_kernels_(\d+(?:\.\d+)?)_\d+(?:_no_top)?\.h5$"), lambda m: float(m[1])),
+    (re.compile(r"_\d+_(\d\.\d+)_float(?:_no_top)?(?:_v\d+)?\.h5$"), lambda m: float(m[1])),
+)
+
+
+def alpha_from_weights_name(spec: BackboneSpec, weights: str | os.PathLike | None,
+                            kwargs: Mapping[str, Any]) -> float | None:
+    """The width multiplier an official keras.applications weights file's name states, when the backbone takes
+    `alpha` and the config does not set it (a 0.5 file then loads without `backbone_kwargs: {alpha: 0.5}`)."""
+    if weights is None or "alpha" in kwargs or "alpha" not in inspect.signature(spec.constructor).parameters:
+        return None
+    name = Path(str(weights)).name
+    for pattern, value in _ALPHA_IN_FILE_NAME:
+        found = pattern.search(name)
+        if found:
+            return value(found)
+    return None
+
+
 def _weights_hint(spec: BackboneSpec) -> str:
     params = inspect.signature(spec.constructor).parameters
     if "alpha" in params:
