@@ -31,6 +31,14 @@ def _fit(tmp_path: Path, data: Path, name: str, *extra: str) -> tuple[object, di
     return result, json.loads(metrics_path.read_text()) if metrics_path.exists() else None
 
 
+def _image_tags(log_dir: Path) -> set[str]:
+    import tensorflow as tf
+
+    return {value.tag for events in log_dir.glob("events.out.tfevents.*")
+            for event in tf.compat.v1.train.summary_iterator(str(events)) for value in event.summary.value
+            if value.metadata.plugin_data.plugin_name == "images"}
+
+
 def test_fit_end_to_end_reaches_gate_and_serves_jpeg_bytes(tmp_path):
     data = make_colour_folder(tmp_path / "colours", per_class=15, splits=True)
     result, metrics = _fit(tmp_path, data, "colours")
@@ -40,6 +48,7 @@ def test_fit_end_to_end_reaches_gate_and_serves_jpeg_bytes(tmp_path):
                  "labels.txt", "confusion_matrix.png", "history.png"):
         assert (run / name).is_file(), name
     assert list((run / "logs").rglob("events.out.tfevents.*")), "no TensorBoard events"
+    assert {"confusion_matrix", "reliability"} <= _image_tags(run / "logs" / "validation")  # issue 13 item 10
     assert metrics["final"]["val"]["accuracy"] >= ACCURACY_GATE
     assert [p["name"] for p in metrics["phases"]] == ["head", "finetune"]
     history = json.loads((run / "history.json").read_text())

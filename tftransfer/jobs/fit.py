@@ -439,5 +439,9 @@ def _write_plots(report: Any, run: RunDir, fitted: FitPhasesResult, final_val: d
                                          run.path / "confusion_matrix.png")
             if "reliability" in final_val:
                 report.plot_reliability_diagram(final_val["reliability"], run.path / "reliability.png")
+            # The same images in TensorBoard, at the last epoch, beside the training curves
+            report.write_tensorboard_images(
+                run.logs / "validation", {name: run.path / name for name in ("confusion_matrix.png", "reliability.png")
+                                          if (run.path / name).is_file()}, step=len(fitted.history))
     except Exception:  # noqa: BLE001
         logger.exception("could not draw the plots of %s", run.path)
