@@ -49,6 +49,7 @@ def test_fit_end_to_end_reaches_gate_and_serves_jpeg_bytes(tmp_path):
         assert (run / name).is_file(), name
     assert list((run / "logs").rglob("events.out.tfevents.*")), "no TensorBoard events"
     assert {"confusion_matrix", "reliability"} <= _image_tags(run / "logs" / "validation")  # issue 13 item 10
+    assert (run / "train_batch.png").stat().st_size > 1000 and "(train_batch.png)" in (run / "summary.md").read_text()
     assert metrics["final"]["val"]["accuracy"] >= ACCURACY_GATE
     assert [p["name"] for p in metrics["phases"]] == ["head", "finetune"]
     history = json.loads((run / "history.json").read_text())

@@ -106,6 +106,8 @@ def test_evaluate_an_export_lists_the_most_confident_mistakes(fitted, tmp_path):
     assert confidences == sorted(confidences, reverse=True)
     assert Path(mistakes[0]["file"]).name in (out / "summary.md").read_text()
     assert "most confident mistakes" in result.output
+    # issue 13 item 10: the mistakes as pictures (fastai's top losses), linked from the summary
+    assert (out / "top_losses.png").stat().st_size > 1000 and "(top_losses.png)" in (out / "summary.md").read_text()
 
 
 def test_evaluate_refuses_data_whose_classes_differ(fitted, tmp_path):

@@ -19,6 +19,7 @@ from tftransfer.config.experiment import DataConfig, load_config
 from tftransfer.core.errors import ConfigError, DataError, RunDirError
 from tftransfer.core.io import write_json
 from tftransfer.data.files import make_indexed_dataset
+from tftransfer.data.images import decode_and_resize
 from tftransfer.data.selection import align_classes, select_split
 from tftransfer.data.sources import DataSource, Split
 from tftransfer.data.specs import load_source
@@ -29,6 +30,7 @@ from tftransfer.evaluation.metrics import (
     fit_temperature,
     measure_latency,
 )
+from tftransfer.reporting import grids
 from tftransfer.reporting import run_summary as report
 from tftransfer.runs.finished import load_run_source
 from tftransfer.runs.layout import RunDir
@@ -254,6 +256,7 @@ def _write_evaluation(result: dict[str, Any], out: Path, classifier: Classifier,
     metrics = result["metrics"]
     out.mkdir(parents=True, exist_ok=True)
     _write_evaluation_plots(report, out, metrics)
+    _write_top_losses(result, out, classifier.image_size)
     result["timing"]["total_seconds"] = time.perf_counter() - started
     write_json(out / "metrics.json", result)
     report.write_evaluation_summary(result, out)
@@ -264,6 +267,26 @@ def _write_evaluation(result: dict[str, Any], out: Path, classifier: Classifier,
              if (out / name).is_file()},
             scalars={"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "ece": metrics["ece"],
                      "log_loss": metrics["log_loss"]})
+
+
+def _write_top_losses(result: dict[str, Any], out: Path, image_size: int) -> None:
+    """top_losses.png: the most confident mistakes as pictures (data in memory has no files: no grid)."""
+    def load(file: str) -> np.ndarray | None:
+        path = Path(file)
+        if not path.is_file():
+            return None
+        try:
+            return decode_and_resize(tf.constant(path.read_bytes()), image_size).numpy()
+        except tf.errors.OpError:
+            return None
+
+    try:
+        drawn = grids.plot_top_losses(result.get("mistakes") or [], load, out / grids.TOP_LOSSES_PNG)
+    except Exception:  # noqa: BLE001  (a picture must not cost the evaluation its metrics)
+        logger.exception("could not draw %s", out / grids.TOP_LOSSES_PNG)
+        return
+    if drawn is not None:
+        logger.info("wrote %s", drawn)
 
 
 def _write_evaluation_plots(report: Any, out: Path, metrics: dict[str, Any]) -> None:

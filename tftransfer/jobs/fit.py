@@ -32,6 +32,7 @@ from tftransfer.evaluation.inference import predict_dataset
 from tftransfer.evaluation.metrics import evaluate_model
 from tftransfer.model import backbones
 from tftransfer.model.classifier import build_model, get_backbone
+from tftransfer.reporting import grids
 from tftransfer.reporting import run_summary as report
 from tftransfer.runs.finished import load_run
 from tftransfer.runs.layout import RunDir, check_run_name, create_run_dir
@@ -41,6 +42,7 @@ from tftransfer.serving.gate import ExportGateError
 from tftransfer.serving.parity import ParityError
 from tftransfer.serving.publish import publish_model
 from tftransfer.training.adaptation.target import TargetDomain, load_target
+from tftransfer.training.augment_step import augment_float32, step_augmenter
 from tftransfer.training.callbacks import tensorboard_hparams
 from tftransfer.training.checkpoint import Checkpoint, load_latest
 from tftransfer.training.distill import (
@@ -290,6 +292,7 @@ def _fit_job(exp: Experiment, run: RunDir, checkpoint: Checkpoint | None, verbos
                      if exp.target is not None else None,
                      distill=distill_metrics(exp, model, distill) if distill is not None else None)
     _write_plots(report, run, fitted, final_val)
+    _write_train_batch(exp.data, run)
     record.write(run.metrics)
     metrics = record.to_dict()
     report.write_summary(metrics, run.path)
@@ -423,6 +426,20 @@ def _check_same_data(run: RunDir, source: DataSource) -> None:
     if saved != source.split_record()["fingerprint"]:
         raise RunDirError(f"the data of {run.path} changed since the run started ({run.split} no longer matches "
                           f"{source.root}); start a new run instead of resuming")
+
+
+def _write_train_batch(data: Datasets, run: RunDir) -> None:
+    """train_batch.png: one training batch augmented as the training step sees it (fastai's show_batch), so a
+    user can check the augmentation and labels by eye."""
+    try:
+        pixels, labels = next(iter(data.train.take(1)))[:2]
+        augmenter = step_augmenter(data)
+        if augmenter is not None:  # placement `model`: the pipeline's batches are not augmented yet
+            pixels = augment_float32(augmenter, pixels)
+        grids.plot_train_batch(np.asarray(pixels), np.asarray(labels), data.class_names,
+                               run.path / grids.TRAIN_BATCH_PNG)
+    except Exception:  # noqa: BLE001  (a picture must not cost the run its metrics)
+        logger.exception("could not draw %s", run.path / grids.TRAIN_BATCH_PNG)
 
 
 def _write_plots(report: Any, run: RunDir, fitted: FitPhasesResult, final_val: dict | None) -> None:

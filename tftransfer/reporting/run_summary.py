@@ -28,6 +28,8 @@ PLOT_FILES = (
     (HISTORY_PNG, "Training history"),
     (CONFUSION_MATRIX_PNG, "Confusion matrix"),
     (RELIABILITY_PNG, "Reliability diagram"),
+    ("train_batch.png", "A training batch, augmented as in training"),
+    ("top_losses.png", "Most confident mistakes"),
 )
 
 _NA = "n/a"
