@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import stat
+import struct
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 from tftransfer.core.errors import RunDirError
 from tftransfer.data.images import decode_and_resize
@@ -253,7 +257,8 @@ def test_signature_summary(version_dir: Path) -> None:
     }
     assert signature_summary(version_dir) == {
         "predict_pixels": {"inputs": {"pixels": ["float32", [None, None, None, 3]]}, "outputs": outputs},
-        "serving_default": {"inputs": {"images": ["string", [None]]}, "outputs": outputs},
+        "serving_default": {"inputs": {"images": ["string", [None]]},
+                            "outputs": {**outputs, "valid": ["bool", [None]], "message": ["string", [None]]}},
     }
 
 
@@ -295,6 +300,56 @@ def test_serving_default_on_png_and_jpeg(model: keras.Model, loaded, encoded_ima
     assert np.all(np.diff(result["scores"], axis=1) <= 0)
     expected_names = np.array(CLASS_NAMES)[result["classes"]]
     np.testing.assert_array_equal(result["class_names"], expected_names)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A tiny PNG that claims width x height pixels: its IHDR chunk, one empty IDAT, IEND (a decompression bomb's
+    header without the bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_serving_default_flags_bad_images_and_scores_the_others(model: keras.Model, loaded,
+                                                                encoded_images: list[bytes]) -> None:
+    # One request: a 20000 x 20000 "bomb", a garbage string, an empty string, a valid JPEG. Before per-image
+    # checks the whole batch failed ("Input is empty."), and the bomb alone cost 1.2 GB to decode.
+    batch = [_png_header(20000, 20000), b"not an image at all", b"", encoded_images[1]]
+    result = predict_exported_bytes(loaded, batch)
+
+    np.testing.assert_array_equal(result["valid"], [False, False, False, True])
+    assert "20000x20000 pixels is above the serving limit" in result["message"][0]
+    assert result["message"][1] == "not a JPEG, PNG, GIF or BMP image"
+    assert result["message"][2].startswith("empty input")
+    assert result["message"][3] == ""
+    np.testing.assert_array_equal(result["probabilities"][:3], 0.0)
+    np.testing.assert_array_equal(result["scores"][:3], 0.0)
+    np.testing.assert_array_equal(result["classes"][:3], -1)
+    np.testing.assert_allclose(result["probabilities"][3:], _keras_probabilities(model, batch[3:]), atol=1e-5)
+
+
+def test_pixel_limit_is_configurable_and_read_from_each_header(model: keras.Model, tmp_path: Path) -> None:
+    def encoded(fmt: str, height: int, width: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(_random_image(height, width).numpy()).save(buffer, format=fmt)
+        return buffer.getvalue()
+
+    version = export_saved_model(model, tmp_path / "tiny", CLASS_NAMES, IMAGE_SIZE, max_pixels=1000)
+    # Each format under (20 x 24 = 480) and over (40 x 30 = 1200) the limit; a PNG cut short is undecodable.
+    small = [encoded(fmt, 20, 24) for fmt in ("JPEG", "PNG", "GIF", "BMP")]
+    large = [encoded(fmt, 30, 40) for fmt in ("JPEG", "PNG", "GIF", "BMP")]
+    truncated = small[1][: len(small[1]) // 2]
+    result = predict_exported_bytes(load_exported(version), [*small, *large, truncated, small[0][:40]])
+
+    np.testing.assert_array_equal(result["valid"], [True] * 4 + [False] * 6)
+    assert all("40x30 pixels is above the serving limit of 1000 pixels" in m for m in result["message"][4:8])
+    assert result["message"][8].startswith("cannot decode")
+    assert result["message"][9].startswith("cannot decode")  # a JPEG cut inside its header
+    np.testing.assert_allclose(result["probabilities"][:4], _keras_probabilities(model, small), atol=1e-5)
+    card = json.loads((version / "model_card.json").read_text())
+    assert card["input"]["max_pixels"] == 1000
 
 
 def test_rest_b64_round_trip(model: keras.Model, loaded, encoded_images: list[bytes]) -> None:

@@ -174,6 +174,8 @@ class ExportConfig:
     enabled: bool = _opt(True, "export a SavedModel after training")
     dir: str = _opt("saved_models", "export root; the model goes to <dir>/<name>/<version>/")
     top_k: int = _opt(5, "classes returned per image by the serving signature", min=1)
+    max_pixels: int = _opt(50_000_000, "serving_default refuses (flags, never fails the batch) an image whose "
+                                       "header declares more pixels than this, before decoding it", min=1)
     parity_tolerance: float = _opt(1e-4, "max abs probability difference allowed between export and Keras model",
                                    min=0.0)
     min_gain_over_chance: float = _opt(0.05, "a model whose validation accuracy is below the majority-class rate "

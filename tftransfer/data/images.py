@@ -181,3 +181,51 @@ def decode_and_resize(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
     docstring), so this is not exactly `resize_image(decode_image(...))` for such files.
     """
     return _resize(_decode_upright(encoded, image_size), image_size)
+
+
+# Header layouts read before decoding (the serving signature's pixel limit), as (magic, offset of width, offset of
+# height, bytes per field, little-endian). A JPEG's size sits in a SOF segment at no fixed place: extract_jpeg_shape.
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_HEADER_BYTES = 26  # enough for every layout below
+FORMAT_UNKNOWN, FORMAT_JPEG, FORMAT_PNG, FORMAT_GIF, FORMAT_BMP = 0, 1, 2, 3, 4
+
+
+def image_format(encoded: tf.Tensor) -> tf.Tensor:
+    """int32 scalar FORMAT_* of encoded bytes from their magic number (string ops only: never an error)."""
+    checks = tf.stack([
+        _is_jpeg(encoded),
+        tf.equal(tf.strings.substr(encoded, 0, 8), _PNG_MAGIC),
+        tf.logical_or(tf.equal(tf.strings.substr(encoded, 0, 6), b"GIF87a"),
+                      tf.equal(tf.strings.substr(encoded, 0, 6), b"GIF89a")),
+        tf.equal(tf.strings.substr(encoded, 0, 2), b"BM"),
+    ])
+    first = tf.argmax(tf.cast(checks, tf.int32), output_type=tf.int32) + 1
+    return tf.where(tf.reduce_any(checks), first, FORMAT_UNKNOWN)
+
+
+def header_size(encoded: tf.Tensor, kind: tf.Tensor) -> tf.Tensor:
+    """int64 [height, width] a PNG, GIF or BMP header declares (string ops only: never an error); [-1, -1] else.
+
+    A BMP stores a negative height for a top-down image; its absolute value is the row count.
+    """
+    head = _read_bytes(encoded, 0, _HEADER_BYTES)
+    b = tf.cast(head, tf.int64)
+
+    def big32(at: int) -> tf.Tensor:
+        return ((b[at] * 256 + b[at + 1]) * 256 + b[at + 2]) * 256 + b[at + 3]
+
+    def little32(at: int) -> tf.Tensor:
+        unsigned = ((b[at + 3] * 256 + b[at + 2]) * 256 + b[at + 1]) * 256 + b[at]
+        return tf.where(unsigned >= 2**31, unsigned - 2**32, unsigned)  # BMP fields are signed
+
+    png = tf.stack([big32(20), big32(16)])  # IHDR: width at 16, height at 20
+    gif = tf.stack([b[8] + 256 * b[9], b[6] + 256 * b[7]])  # logical screen width at 6, height at 8
+    bmp = tf.abs(tf.stack([little32(22), little32(18)]))  # BITMAPINFOHEADER: width at 18, height at 22
+    unknown = tf.constant([-1, -1], tf.int64)
+    return tf.switch_case(tf.clip_by_value(kind, 0, FORMAT_BMP), [
+        lambda: unknown, lambda: unknown, lambda: png, lambda: gif, lambda: bmp])
+
+
+def jpeg_size(encoded: tf.Tensor) -> tf.Tensor:
+    """int64 [height, width] of a JPEG from its header alone (an error when the header is corrupt)."""
+    return tf.cast(tf.io.extract_jpeg_shape(encoded)[:2], tf.int64)

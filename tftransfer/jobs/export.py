@@ -93,7 +93,9 @@ def export_run(run_dir: str | Path, config: ExportCommandConfig | None = None, *
     card["gate"] = gate_export(card, _val_metrics(run), target, _gate_setting(export_cfg, "min_gain_over_chance"),
                                _gate_setting(export_cfg, "max_regression"), force=cfg.force)
     # Written and checked under a dot-name TF Serving ignores; a version only once the check passed.
-    staged = stage_export(model, target, names, image_size, top_k, version=version, model_card=card)
+    max_pixels = int(export_cfg.get("max_pixels", ExportConfig.max_pixels))
+    staged = stage_export(model, target, names, image_size, top_k, version=version, model_card=card,
+                          max_pixels=max_pixels)
     try:
         return _check_and_publish(staged, model, run, source, cfg, tolerance)
     except BaseException:

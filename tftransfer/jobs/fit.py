@@ -343,7 +343,7 @@ def _export(exp: Experiment, run: RunDir, final_val: dict | None) -> tuple[Path 
         logger.warning("%s: tftransfer export %s --force", refused, run.path)
         return None, {"path": None, "version": None, "published": False, "gate": str(refused)}
     staged = stage_export(model, model_dir, source.class_names, exp.image_size,
-                          top_k=cfg.export.top_k, model_card=card)
+                          top_k=cfg.export.top_k, model_card=card, max_pixels=cfg.export.max_pixels)
     parity_data = data.val if data.val is not None else data.train
     try:
         # In the staged folder, which TF Serving ignores: a version appears only once the check passed.

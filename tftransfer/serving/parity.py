@@ -83,18 +83,24 @@ def check_parity_fresh_process(model: keras.Model, version_dir: str | Path, pixe
         probe = json.loads((work / "probe.json").read_text())
         pixel_probs = np.load(work / "pixels_probs.npy")
         bytes_probs = np.load(work / "bytes_probs.npy")
+        bytes_valid = np.load(work / "bytes_valid.npy")
     seconds = time.perf_counter() - started
     pixel_diff = float(np.max(np.abs(pixel_probs - predict_probabilities(model, pixels)))) if len(pixels) else 0.0
     bytes_diff = 0.0
-    if encoded and image_size:
-        decoded = tf.stack([decode_and_resize(tf.constant(data), image_size) for data in encoded]).numpy()
-        bytes_diff = float(np.max(np.abs(bytes_probs - predict_probabilities(model, decoded))))
+    refused = int(np.sum(~bytes_valid))
+    if refused:
+        logger.warning("serving_default refused %d of the %d parity images (over export.max_pixels, or not "
+                       "decodable); they are left out of its comparison", refused, len(encoded))
+    if encoded and image_size and refused < len(encoded):
+        kept = [data for data, ok in zip(encoded, bytes_valid) if ok]
+        decoded = tf.stack([decode_and_resize(tf.constant(data), image_size) for data in kept]).numpy()
+        bytes_diff = float(np.max(np.abs(bytes_probs[bytes_valid] - predict_probabilities(model, decoded))))
     diff = max(pixel_diff, bytes_diff)
     logger.info("fresh-process parity for %s: max abs probability difference %.3g (%d pixel arrays, %d encoded "
                 "images, %.1f s)", version_dir, diff, len(pixels), len(encoded), seconds)
     return {"fresh_process": True, "max_abs_diff": diff, "tolerance": float(tolerance), "ok": bool(diff <= tolerance),
             "predict_pixels": {"images": int(len(pixels)), "max_abs_diff": pixel_diff},
-            "serving_default": {"images": len(encoded), "max_abs_diff": bytes_diff},
+            "serving_default": {"images": len(encoded), "refused": refused, "max_abs_diff": bytes_diff},
             "tftransfer_layers_imported": probe["tftransfer_layers_imported"], "seconds": seconds,
             "signatures": probe["signatures"], "signatures_text": probe["signatures_text"]}
 

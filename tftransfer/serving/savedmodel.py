@@ -32,19 +32,22 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tftransfer.config.experiment import ExportConfig
 from tftransfer.core.errors import RunDirError
 from tftransfer.core.io import write_json
-from tftransfer.data.images import decode_and_resize
 from tftransfer.serving.contract import (
     BYTES_INPUT,
     LABELS_FILE,
+    MESSAGE_OUTPUT,
     MODEL_CARD_FILE,
     PIXELS_INPUT,
     PIXELS_SIGNATURE,
     SERVING_SIGNATURE,
     SIGNATURES,
+    VALID_OUTPUT,
     base_model_card,
 )
+from tftransfer.serving.inputs import decode_checked
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +88,7 @@ def export_saved_model(
     *,
     version: int | None = None,
     model_card: Mapping[str, Any] | None = None,
+    max_pixels: int = ExportConfig.max_pixels,
 ) -> Path:
     """Writes model as the next version (or as `version`) under model_dir and returns the version directory.
 
@@ -92,7 +96,8 @@ def export_saved_model(
     the staged folder before publishing it). An existing version is never overwritten (an explicit `version`
     that exists is a RunDirError).
     """
-    staged = stage_export(model, model_dir, class_names, image_size, top_k, version=version, model_card=model_card)
+    staged = stage_export(model, model_dir, class_names, image_size, top_k, version=version, model_card=model_card,
+                          max_pixels=max_pixels)
     return publish_export(staged)
 
 
@@ -105,13 +110,15 @@ def stage_export(
     *,
     version: int | None = None,
     model_card: Mapping[str, Any] | None = None,
+    max_pixels: int = ExportConfig.max_pixels,
 ) -> StagedExport:
     """Writes the SavedModel into a temporary dot-named folder inside model_dir, not yet a version.
 
     TF Serving loads any integer-named folder as soon as it appears, so the export is checked here and only then
     renamed into place (`publish_export`), or set aside (`reject_export`). A model_card.json goes inside: the input
     contract, classes and versions, plus whatever `model_card` adds (see `build_model_card`). Temporary folders
-    left by exporters that died (killed during a check) are removed first.
+    left by exporters that died (killed during a check) are removed first. serving_default refuses, per image, one
+    whose header declares more than `max_pixels` pixels (see serving.inputs).
     """
     names = _validate_class_names(class_names)
     if image_size < 1:
@@ -120,6 +127,8 @@ def stage_export(
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     if version is not None and version < 1:
         raise ValueError(f"version must be a positive integer, got {version}")
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
     num_outputs = _num_model_outputs(model, image_size)
     if num_outputs != len(names):
         raise ValueError(
@@ -142,13 +151,13 @@ def stage_export(
     tmp_dir = model_dir / f"{_TMP_PREFIX}{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp_dir.mkdir()
     try:
-        archive = _build_archive(model, names, image_size, min(top_k, len(names)))
+        archive = _build_archive(model, names, image_size, min(top_k, len(names)), int(max_pixels))
         archive.write_out(str(tmp_dir), verbose=False)
         labels_text = "".join(f"{name}\n" for name in names)
         (tmp_dir / "assets").mkdir(exist_ok=True)
         (tmp_dir / "assets" / LABELS_FILE).write_text(labels_text, encoding="utf-8")
         (tmp_dir / LABELS_FILE).write_text(labels_text, encoding="utf-8")
-        card = {**base_model_card(names, image_size, min(top_k, len(names))), **dict(model_card or {})}
+        card = {**base_model_card(names, image_size, min(top_k, len(names)), int(max_pixels)), **dict(model_card or {})}
         write_json(tmp_dir / MODEL_CARD_FILE, card)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -235,7 +244,11 @@ def predict_exported_pixels(loaded: Any, pixels: np.ndarray, batch_size: int = 6
 
 
 def predict_exported_bytes(loaded: Any, encoded: Sequence[bytes]) -> dict[str, np.ndarray]:
-    """Runs encoded JPEG/PNG/GIF/BMP images through serving_default; class_names come back as str."""
+    """Runs encoded JPEG/PNG/GIF/BMP images through serving_default; class_names and message come back as str.
+
+    Each image is judged alone: `valid[i]` False (with zero scores and `message[i]` saying why) for one the export
+    refused; the batch itself never fails on a bad image.
+    """
     encoded = list(encoded)
     signature = _signature(loaded, SERVING_SIGNATURE)
     if not encoded:
@@ -243,6 +256,8 @@ def predict_exported_bytes(loaded: Any, encoded: Sequence[bytes]) -> dict[str, n
     outputs = signature(**{BYTES_INPUT: tf.constant(encoded, dtype=tf.string)})
     result = {key: value.numpy() for key, value in outputs.items()}
     result["class_names"] = np.char.decode(result["class_names"].astype(bytes), "utf-8")
+    if MESSAGE_OUTPUT in result:  # absent from exports made before per-image checks
+        result[MESSAGE_OUTPUT] = np.char.decode(result[MESSAGE_OUTPUT].astype(bytes), "utf-8")
     return result
 
 
@@ -285,7 +300,7 @@ def _num_model_outputs(model: keras.Model, image_size: int) -> int:
         return int(logits.shape[-1])
 
 
-def _build_archive(model: keras.Model, names: tuple[str, ...], image_size: int, k: int) -> Any:
+def _build_archive(model: keras.Model, names: tuple[str, ...], image_size: int, k: int, max_pixels: int) -> Any:
     """Builds an ExportArchive with the serving_default (bytes) and predict_pixels endpoints.
 
     Typed Any: keras.export.ExportArchive() returns a backend class (TFExportArchive) that is not a subclass
@@ -306,13 +321,18 @@ def _build_archive(model: keras.Model, names: tuple[str, ...], image_size: int, 
         }
 
     def serve_bytes(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        # map_fn because a batch mixes image sizes; each is resized exactly like the training pipeline does.
-        pixels = tf.map_fn(
-            lambda encoded: decode_and_resize(encoded, image_size),
-            images,
-            fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
-        )
-        return heads(model(pixels, training=False))
+        # Each image is checked and decoded alone (serving.inputs): a bad one is flagged, the others scored.
+        pixels, valid, messages = decode_checked(images, image_size, max_pixels)
+        outputs = heads(model(pixels, training=False))
+        keep = tf.reshape(valid, [-1, 1])
+        return {
+            "probabilities": tf.where(keep, outputs["probabilities"], 0.0),
+            "classes": tf.where(keep, outputs["classes"], -1),
+            "scores": tf.where(keep, outputs["scores"], 0.0),
+            "class_names": tf.where(keep, outputs["class_names"], ""),
+            VALID_OUTPUT: valid,
+            MESSAGE_OUTPUT: messages,
+        }
 
     def serve_pixels(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
         return heads(model(pixels, training=False))
