@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +49,29 @@ def read_json(path: str | Path) -> Any:
         raise RunDirError(f"missing file: {path}") from None
     except json.JSONDecodeError as exc:
         raise RunDirError(f"{path} is not valid JSON: {exc}") from None
+
+
+def versioned_dir(base: str | Path, taken: Callable[[Path], bool]) -> Path:
+    """Creates and returns the first free folder of base, base-2, base-3, ...: one that did not exist (made with an
+    exclusive mkdir, so two processes never get the same one) or an existing folder `taken` says holds nothing."""
+    base = Path(base)
+    number = 1
+    while True:
+        candidate = base if number == 1 else base.with_name(f"{base.name}-{number}")
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            if candidate.is_dir() and not taken(candidate):
+                return candidate
+        number += 1
+
+
+def same_path(a: str | Path, b: str | Path) -> bool:
+    """Whether two data specs or paths name the same thing (equal, or the same file or folder once resolved)."""
+    if str(a) == str(b):
+        return True
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError):
+        return False
