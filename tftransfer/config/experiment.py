@@ -73,6 +73,8 @@ class DataConfig:
                                 "(data larger than RAM)")
     shuffle_buffer: int = _opt(2048, "shuffle buffer size (examples)", min=1)
     strict: bool = _opt(False, "treat any unreadable or non-image file as an error instead of skipping it")
+    allow_outside_paths: bool = _opt(False, "manifests: accept rows whose path leads outside the manifest's folder "
+                                            "(../, absolute paths elsewhere); refused by default")
     class_weight: str = _opt("none", "auto = weight the loss by inverse class frequency", choices=("none", "auto"))
     balanced_sampling: bool = _opt(False, "draw training examples with equal probability per class")
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -58,14 +58,17 @@ def load_evaluation_source(data: str, split: str, classifier: Classifier, val_sp
     the classifier's run used (its val_split, test_split, stratify), so `--split val` on the run's data is exactly
     its validation split. Explicit fractions override.
     """
-    if split in ("auto", "all"):
-        return load_source(data, 0.0, False, tfds_data_dir, test_split=0.0)
     cfg = _run_data_config(classifier)
     cfg = cfg if cfg is not None else DataConfig()
+    # a manifest the run was allowed to read outside its folder may be evaluated the same way
+    outside = cfg.allow_outside_paths
+    if split in ("auto", "all"):
+        return load_source(data, 0.0, False, tfds_data_dir, test_split=0.0, allow_outside_paths=outside)
     val = val_split if val_split is not None else cfg.val_split
     test = test_split if test_split is not None else cfg.test_split
     stratify = bool(getattr(cfg, "stratify", False))
-    return load_source(data, val, False, tfds_data_dir, test_split=test, stratify=stratify)
+    return load_source(data, val, False, tfds_data_dir, test_split=test, stratify=stratify,
+                       allow_outside_paths=outside)
 
 
 def _run_data_config(classifier: Classifier) -> Any:
