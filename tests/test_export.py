@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import io
 import json
@@ -11,6 +12,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
 import zlib
 from pathlib import Path
@@ -21,9 +23,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tftransfer.core.errors import RunDirError
+from tftransfer.core.errors import RunDirError, StorageError
 from tftransfer.data.images import decode_and_resize
 from tftransfer.model.layers import Preprocess
+from tftransfer.serving import parity as parity_module
 from tftransfer.serving.contract import SIGNATURES
 from tftransfer.serving.parity import check_parity, check_parity_fresh_process
 from tftransfer.serving.savedmodel import (
@@ -242,6 +245,64 @@ def test_failed_export_leaves_nothing(model: keras.Model, tmp_path: Path, monkey
     with pytest.raises(OSError, match="disk full"):
         export_saved_model(model, model_dir, CLASS_NAMES, IMAGE_SIZE)
     assert list(model_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_a_full_or_read_only_disk_is_one_error_naming_the_path(model: keras.Model, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    model_dir = tmp_path / "tiny"
+
+    def failing_write_out(self, filepath, *args, **kwargs):
+        Path(filepath, "partial").write_text("half written")
+        raise OSError(code, os.strerror(code), str(Path(filepath, "variables")))
+
+    monkeypatch.setattr(_archive_class(), "write_out", failing_write_out)
+    with pytest.raises(StorageError, match=r"^cannot write .*tiny/\.tmp-1-.*/variables: ") as raised:
+        export_saved_model(model, model_dir, CLASS_NAMES, IMAGE_SIZE)
+    assert "\n" not in str(raised.value)
+    assert list(model_dir.iterdir()) == []  # the temporary folder is gone
+
+
+def test_a_version_is_fsynced_before_the_rename_and_a_failed_rename_publishes_nothing(
+        model: keras.Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    model_dir = tmp_path / "tiny"
+    version = export_saved_model(model, model_dir, CLASS_NAMES, IMAGE_SIZE)
+    staged = [p for p in synced if p.endswith("/saved_model.pb")]
+    assert staged and Path(staged[0]).parent.name.startswith(".tmp-1-")  # synced under the temporary name
+    assert str(Path(staged[0]).parent) in synced and synced[-1] == str(model_dir)
+    assert version == model_dir / "1"
+
+    def read_only_rename(src, dst, *args, **kwargs):
+        if Path(dst).parent == model_dir:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", read_only_rename)
+    with pytest.raises(StorageError, match=r"cannot write .*tiny: the file system is read-only"):
+        export_saved_model(model, model_dir, CLASS_NAMES, IMAGE_SIZE)
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1"]
+
+
+def test_parity_copies_are_removed_on_failure_and_stale_ones_at_the_next_check(
+        model: keras.Model, version_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stale = tmp_path / f"tftransfer-parity-{_dead_pid()}-abc"  # left by a check that was killed
+    stale.mkdir()
+    (stale / "image_000000").write_bytes(b"a copy")
+    monkeypatch.setattr(parity_module.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "the probe failed"))
+    with pytest.raises(RunDirError, match="failed in a fresh process"):
+        check_parity_fresh_process(model, version_dir, np.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32),
+                                   [b"bytes"])
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- signatures -------------------------------------------------------------------------------------------

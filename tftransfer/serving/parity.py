@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from tftransfer.core.errors import RunDirError, TfTransferError
+from tftransfer.core.io import disk_errors, remove_stale
 from tftransfer.data.files import make_indexed_dataset
 from tftransfer.data.images import decode_and_resize
 from tftransfer.data.sources import DataSource, Split
@@ -28,6 +29,10 @@ from tftransfer.serving.savedmodel import (
 )
 
 logger = logging.getLogger(__name__)
+
+# The fresh-process check's copies of the parity images: <system temp>/tftransfer-parity-<pid>-<random>/
+PARITY_TMP_PREFIX = "tftransfer-parity-"
+PARITY_TMP_NAME = rf"^{PARITY_TMP_PREFIX}(\d+)-"
 
 
 class ParityError(TfTransferError):
@@ -64,11 +69,14 @@ def check_parity_fresh_process(model: keras.Model, version_dir: str | Path, pixe
     pixels = np.asarray(pixels, np.float32)
     encoded = list(encoded)
     image_size = int(pixels.shape[1]) if pixels.ndim == 4 and len(pixels) else None
-    with tempfile.TemporaryDirectory(prefix="tftransfer-parity-") as tmp:
+    # The pid in the name lets the next check remove the copies of one that was killed (SIGKILL skips cleanup).
+    remove_stale(Path(tempfile.gettempdir()), PARITY_TMP_NAME)
+    with tempfile.TemporaryDirectory(prefix=f"{PARITY_TMP_PREFIX}{os.getpid()}-") as tmp:
         work = Path(tmp)
-        np.save(work / "pixels.npy", pixels)
-        for i, data in enumerate(encoded):
-            (work / f"image_{i:06d}").write_bytes(data)
+        with disk_errors(work):
+            np.save(work / "pixels.npy", pixels)
+            for i, data in enumerate(encoded):
+                (work / f"image_{i:06d}").write_bytes(data)
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         started = time.perf_counter()
         try:

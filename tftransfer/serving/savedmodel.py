@@ -33,8 +33,8 @@ import numpy as np
 import tensorflow as tf
 
 from tftransfer.config.experiment import ExportConfig
-from tftransfer.core.errors import RunDirError
-from tftransfer.core.io import write_json
+from tftransfer.core.errors import RunDirError, StorageError
+from tftransfer.core.io import disk_errors, fsync_path, fsync_tree, process_alive, removed_on_failure, write_json
 from tftransfer.serving.contract import (
     BYTES_INPUT,
     LABELS_FILE,
@@ -120,6 +120,38 @@ def stage_export(
     left by exporters that died (killed during a check) are removed first. serving_default refuses, per image, one
     whose header declares more than `max_pixels` pixels (see serving.inputs).
     """
+    names = _check_export_arguments(model, class_names, image_size, top_k, version, max_pixels)
+    model_dir = Path(model_dir)
+    if model_dir.exists() and not model_dir.is_dir():
+        raise RunDirError(f"export path {model_dir} exists and is not a folder; choose another export folder")
+    fixed = version is not None
+    if fixed and (model_dir / str(version)).exists():
+        raise RunDirError(f"export path {model_dir / str(version)} already exists and exports never overwrite; "
+                          f"leave out the version to write the next one ({next_version(model_dir)})")
+    with disk_errors(model_dir):
+        model_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale_exports(model_dir)
+        version = version if fixed else next_version(model_dir)
+        # Not tempfile.mkdtemp: its 0700 mode would survive the rename and lock out a TF Serving running as
+        # another user. The random suffix keeps a stale temp dir of a crashed run with a reused pid from colliding.
+        tmp_dir = model_dir / f"{_TMP_PREFIX}{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp_dir.mkdir()
+    with removed_on_failure(tmp_dir):
+        k = min(top_k, len(names))
+        _write_archive(_build_archive(model, names, image_size, k, int(max_pixels)), tmp_dir)
+        labels_text = "".join(f"{name}\n" for name in names)
+        with disk_errors(tmp_dir):
+            (tmp_dir / "assets").mkdir(exist_ok=True)
+            (tmp_dir / "assets" / LABELS_FILE).write_text(labels_text, encoding="utf-8")
+            (tmp_dir / LABELS_FILE).write_text(labels_text, encoding="utf-8")
+        write_json(tmp_dir / MODEL_CARD_FILE,
+                   {**base_model_card(names, image_size, k, int(max_pixels)), **dict(model_card or {})})
+    return StagedExport(tmp_dir, model_dir, int(version), fixed)
+
+
+def _check_export_arguments(model: keras.Model, class_names: Sequence[str], image_size: int, top_k: int,
+                            version: int | None, max_pixels: int) -> tuple[str, ...]:
+    """The class names, after a ValueError for any argument stage_export cannot use."""
     names = _validate_class_names(class_names)
     if image_size < 1:
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
@@ -135,34 +167,21 @@ def stage_export(
             f"the model outputs {num_outputs} classes but {len(names)} class names were given; "
             "class_names must list one name per model output, in output order"
         )
+    return names
 
-    model_dir = Path(model_dir)
-    if model_dir.exists() and not model_dir.is_dir():
-        raise RunDirError(f"export path {model_dir} exists and is not a folder; choose another export folder")
-    fixed = version is not None
-    if fixed and (model_dir / str(version)).exists():
-        raise RunDirError(f"export path {model_dir / str(version)} already exists and exports never overwrite; "
-                          f"leave out the version to write the next one ({next_version(model_dir)})")
-    model_dir.mkdir(parents=True, exist_ok=True)
-    clean_stale_exports(model_dir)
-    version = version if fixed else next_version(model_dir)
-    # Not tempfile.mkdtemp: its 0700 mode would survive the rename and lock out a TF Serving running as
-    # another user. The random suffix keeps a stale temp dir of a crashed run with a reused pid from colliding.
-    tmp_dir = model_dir / f"{_TMP_PREFIX}{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp_dir.mkdir()
+
+def _write_archive(archive: Any, folder: Path) -> None:
+    """ExportArchive.write_out, a full or read-only disk a StorageError naming the folder.
+
+    TensorFlow reports a failed write as an OSError or as a ResourceExhausted/PermissionDenied OpError without an
+    errno; a write that failed for another reason stays what it was.
+    """
     try:
-        archive = _build_archive(model, names, image_size, min(top_k, len(names)), int(max_pixels))
-        archive.write_out(str(tmp_dir), verbose=False)
-        labels_text = "".join(f"{name}\n" for name in names)
-        (tmp_dir / "assets").mkdir(exist_ok=True)
-        (tmp_dir / "assets" / LABELS_FILE).write_text(labels_text, encoding="utf-8")
-        (tmp_dir / LABELS_FILE).write_text(labels_text, encoding="utf-8")
-        card = {**base_model_card(names, image_size, min(top_k, len(names)), int(max_pixels)), **dict(model_card or {})}
-        write_json(tmp_dir / MODEL_CARD_FILE, card)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return StagedExport(tmp_dir, model_dir, int(version), fixed)
+        with disk_errors(folder):
+            archive.write_out(str(folder), verbose=False)
+    except (tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError) as error:
+        raise StorageError(f"cannot write the SavedModel to {folder}: {error.message.splitlines()[0]}; free space "
+                           "or choose another export folder") from error
 
 
 def publish_export(staged: StagedExport, prepare: Callable[[Path], None] | None = None) -> Path:
@@ -173,7 +192,9 @@ def publish_export(staged: StagedExport, prepare: Callable[[Path], None] | None 
     folder is removed.
     """
     try:
-        version_dir = _publish(staged.path, staged.model_dir, staged.version, fixed=staged.fixed, prepare=prepare)
+        with disk_errors(staged.model_dir):
+            version_dir = _publish(staged.path, staged.model_dir, staged.version, fixed=staged.fixed,
+                                   prepare=prepare)
     except BaseException:
         discard_export(staged)
         raise
@@ -199,25 +220,12 @@ def clean_stale_exports(model_dir: Path) -> list[Path]:
     removed = []
     for path in sorted(Path(model_dir).glob(f"{_TMP_PREFIX}*")):
         found = _TMP_NAME.match(path.name)
-        if found is None or not path.is_dir() or _process_alive(int(found.group(1))):
+        if found is None or not path.is_dir() or process_alive(int(found.group(1))):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
         logger.info("removed %s, left by an export that did not finish", path)
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    """Whether a process with this id exists (another user's counts; a reused id keeps a folder, never loses one)."""
-    if pid <= 0:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def load_exported(version_dir: str | Path) -> Any:
@@ -364,10 +372,13 @@ def _publish(tmp_dir: Path, model_dir: Path, version: int, fixed: bool = False,
         if not target.exists():
             if prepare is not None:
                 prepare(target)
+            # What TF Serving loads the moment the name appears must be on the disk, not only in the page cache.
+            fsync_tree(tmp_dir)
             try:
                 # Linux's rename would also replace an *empty* directory created in the instant since the check
                 # above; that loses nothing, and a non-empty one makes rename fail, handled below.
                 os.rename(tmp_dir, target)
+                fsync_path(model_dir)
                 return target
             except OSError as error:
                 if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
