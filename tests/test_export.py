@@ -382,33 +382,40 @@ def test_serving_default_flags_bad_images_and_scores_the_others(model: keras.Mod
 
     np.testing.assert_array_equal(result["valid"], [False, False, False, True])
     assert "20000x20000 pixels is above the serving limit" in result["message"][0]
-    assert result["message"][1] == "not a JPEG, PNG, GIF or BMP image"
+    assert result["message"][1] == "not a JPEG, PNG, GIF, BMP or WebP image"
     assert result["message"][2].startswith("empty input")
     assert result["message"][3] == ""
     np.testing.assert_array_equal(result["probabilities"][:3], 0.0)
     np.testing.assert_array_equal(result["scores"][:3], 0.0)
     np.testing.assert_array_equal(result["classes"][:3], -1)
     np.testing.assert_allclose(result["probabilities"][3:], _keras_probabilities(model, batch[3:]), atol=1e-5)
+    # Inputs cut inside each format's magic number or header are flagged too (a short read is never an error).
+    stubs = [b"\xff\xd8\xff", b"\x89PNG", _png_header(8, 8)[:20], b"GIF89a", b"BM", b"RIFF", b"RIFF\0\0\0\0WEBP"]
+    stubbed = predict_exported_bytes(loaded, [*stubs, encoded_images[0]])
+    np.testing.assert_array_equal(stubbed["valid"], [False] * len(stubs) + [True])
 
 
 def test_pixel_limit_is_configurable_and_read_from_each_header(model: keras.Model, tmp_path: Path) -> None:
-    def encoded(fmt: str, height: int, width: int) -> bytes:
+    formats = [("JPEG", {}), ("PNG", {}), ("GIF", {}), ("BMP", {}), ("WEBP", {}), ("WEBP", {"lossless": True})]
+
+    def encoded(fmt: str, options: dict, height: int, width: int) -> bytes:
         buffer = io.BytesIO()
-        Image.fromarray(_random_image(height, width).numpy()).save(buffer, format=fmt)
+        Image.fromarray(_random_image(height, width).numpy()).save(buffer, format=fmt, **options)
         return buffer.getvalue()
 
     version = export_saved_model(model, tmp_path / "tiny", CLASS_NAMES, IMAGE_SIZE, max_pixels=1000)
     # Each format under (20 x 24 = 480) and over (40 x 30 = 1200) the limit; a PNG cut short is undecodable.
-    small = [encoded(fmt, 20, 24) for fmt in ("JPEG", "PNG", "GIF", "BMP")]
-    large = [encoded(fmt, 30, 40) for fmt in ("JPEG", "PNG", "GIF", "BMP")]
+    small = [encoded(fmt, options, 20, 24) for fmt, options in formats]
+    large = [encoded(fmt, options, 30, 40) for fmt, options in formats]
     truncated = small[1][: len(small[1]) // 2]
     result = predict_exported_bytes(load_exported(version), [*small, *large, truncated, small[0][:40]])
 
-    np.testing.assert_array_equal(result["valid"], [True] * 4 + [False] * 6)
-    assert all("40x30 pixels is above the serving limit of 1000 pixels" in m for m in result["message"][4:8])
-    assert result["message"][8].startswith("cannot decode")
-    assert result["message"][9].startswith("cannot decode")  # a JPEG cut inside its header
-    np.testing.assert_allclose(result["probabilities"][:4], _keras_probabilities(model, small), atol=1e-5)
+    n = len(formats)
+    np.testing.assert_array_equal(result["valid"], [True] * n + [False] * (n + 2))
+    assert all("40x30 pixels is above the serving limit of 1000 pixels" in m for m in result["message"][n:2 * n])
+    assert result["message"][2 * n].startswith("cannot decode")
+    assert result["message"][2 * n + 1].startswith("cannot decode")  # a JPEG cut inside its header
+    np.testing.assert_allclose(result["probabilities"][:n], _keras_probabilities(model, small), atol=1e-5)
     card = json.loads((version / "model_card.json").read_text())
     assert card["input"]["max_pixels"] == 1000
 

@@ -62,7 +62,7 @@ def input_contract(image_size: int, max_pixels: int) -> dict[str, Any]:
         "image_size": int(image_size),
         "max_pixels": int(max_pixels),
         "signatures": {
-            SERVING_SIGNATURE: {BYTES_INPUT: "tf.string [N]: encoded JPEG, PNG, GIF or BMP bytes (REST: "
+            SERVING_SIGNATURE: {BYTES_INPUT: "tf.string [N]: encoded JPEG, PNG, GIF, BMP or WebP bytes (REST: "
                                              '{"instances": [{"b64": "<base64 bytes>"}]})'},
             PIXELS_SIGNATURE: {PIXELS_INPUT: "float32 [N, H, W, 3]: RGB pixels in [0, 255], any H and W"},
         },

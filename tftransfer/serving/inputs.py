@@ -1,8 +1,8 @@
 """The serving signature's input checks: each image of a request is judged alone, and none can fail the batch.
 
-Before anything is decoded, the header says the format and the size (a PNG, GIF or BMP from fixed header bytes, a
-JPEG from its SOF segment with tf.io.extract_jpeg_shape), so a 400-megapixel "bomb" of a few hundred kilobytes is
-refused without allocating its pixels. The images are decoded one at a time inside a tf.data pipeline whose
+Before anything is decoded, the header says the format and the size (a PNG, GIF, BMP or WebP from fixed header
+bytes, a JPEG from its SOF segment with tf.io.extract_jpeg_shape), so a 400-megapixel "bomb" of a few hundred
+kilobytes is refused without allocating its pixels. The images are decoded one at a time inside a tf.data pipeline whose
 `ignore_errors` drops an image whose decoding fails (a corrupt or truncated file) instead of failing the request;
 each image's index travels with it, so what was dropped is known and flagged. Everything here is TensorFlow ops
 that TF Serving runs as they are (no Python at serving time).
@@ -19,7 +19,7 @@ OK, EMPTY, UNKNOWN_FORMAT, TOO_LARGE, UNDECODABLE = 0, 1, 2, 3, 4
 MESSAGES = (
     "",
     "empty input: no image bytes",
-    "not a JPEG, PNG, GIF or BMP image",
+    "not a JPEG, PNG, GIF, BMP or WebP image",
     "",  # built per image: its size and the limit
     "cannot decode the image: corrupt or truncated",
 )

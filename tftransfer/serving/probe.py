@@ -34,8 +34,9 @@ def probe_main(version_dir: str, work: str) -> None:
     np.save(work_dir / "bytes_probs.npy", np.concatenate([b["probabilities"] for b in batches]) if batches
             else np.zeros((0, 0), np.float32))
     # Images serving_default refused (over its pixel limit) are compared by nobody: the parent reports them.
-    np.save(work_dir / "bytes_valid.npy", np.concatenate([b[VALID_OUTPUT] for b in batches]) if batches
-            else np.zeros((0,), bool))
+    # An export made before per-image checks has no `valid` output: every image counts as served.
+    np.save(work_dir / "bytes_valid.npy", np.concatenate([b.get(VALID_OUTPUT, np.ones(len(b["probabilities"]), bool))
+                                                          for b in batches]) if batches else np.zeros((0,), bool))
     (work_dir / "probe.json").write_text(json.dumps({
         "signatures_text": text, "signatures": summary,
         # The export must run on TensorFlow alone, as in TF Serving.
