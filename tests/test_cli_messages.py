@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -78,6 +79,20 @@ def test_output_paths_are_checked_before_any_work(tmp_path, monkeypatch, command
     assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
     error = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(error) == 1 and ("does not exist" in error[0] or "not a folder" in error[0]), result.output
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_a_full_or_read_only_disk_met_by_a_command_is_one_line(tmp_path, monkeypatch, code):
+    def full_disk(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(tmp_path / "run" / "domain" / "domain.md"))
+
+    monkeypatch.setattr(cli, "run_domain", full_disk)
+    model = tmp_path / "run"
+    model.mkdir()
+    result = CliRunner().invoke(cli.main, ["domain", str(model), "--corruptions", "all"])
+    assert result.exit_code == 1 and not isinstance(result.exception, OSError), result.output
+    error = [line for line in result.output.splitlines() if line.strip()]
+    assert len(error) == 1 and error[0].startswith(f"Error: cannot write {tmp_path / 'run' / 'domain' / 'domain.md'}")
 
 
 def _colour_run(root: Path) -> Path:

@@ -56,7 +56,7 @@ def test_split_column_and_absolute_paths(tmp_path):
     for row in rows[1:]:
         row["path"] = "../" + row["path"]  # relative to the manifest's folder, not the working directory
     manifest = write_manifest(tmp_path / "sub" / "m.csv", rows)
-    src = load_manifest(manifest, val_split=0.5, test_split=0.3)
+    src = load_manifest(manifest, val_split=0.5, test_split=0.3, allow_outside_paths=True)
     given = {row["path"].removeprefix("../"): row["split"] for row in rows}
     for key in src.val.keys:
         assert given[key.removeprefix("../")] in ("val", "validation")
@@ -77,7 +77,7 @@ def _write(path: Path, text: str) -> Path:
     ("path,label\n{img},cyan\nnope/missing.jpg,magenta\n", r"1 listed file\(s\) not found .*line 3: nope/missing.jpg"),
     ("path,label\n{img},\n", r"line 2: empty label"),
     ("path,label,split\n{img},cyan,holdout\n", r"line 2: split 'holdout' is not one of train, val, test"),
-    ("path,label\n{img},cyan\n{img},magenta\n", r"line 3: .* is already listed on line 2"),
+    ("path,label\n{img},cyan\n{img},magenta\n", r"listed twice .*lines 2 and 3 .* as 'cyan', .* as 'magenta'"),
     ("path,label\n{img},cyan\n", r"needs at least 2 classes"),
     ("path,label\n", "no rows"),
 ])
@@ -86,6 +86,39 @@ def test_csv_errors_name_the_line(tmp_path, text, message):
     manifest = _write(tmp_path / "m.csv", text.replace("{img}", img))
     with pytest.raises(DataError, match=message):
         load_source(str(manifest))
+
+
+def test_paths_outside_the_manifest_folder_are_refused_before_they_are_read(tmp_path, monkeypatch):
+    img = write_solid_images(tmp_path / "data" / "i", (0, 0, 0), 2)
+    outside = write_solid_images(tmp_path / "elsewhere", (255, 0, 0), 1)[0]
+    for escape in ("../elsewhere/" + outside.name, str(outside), "/etc/passwd"):
+        manifest = _write(tmp_path / "data" / "m.csv",
+                          f"path,label\ni/{img[0].name},a\ni/{img[1].name},b\n{escape},b\n")
+        with pytest.raises(DataError, match=r"1 path\(s\) lead outside the manifest's folder .*line 4: .*"
+                                            r"data.allow_outside_paths"):
+            load_source(str(manifest))
+    # Explicitly allowed, a file elsewhere is read like any other.
+    manifest = _write(tmp_path / "data" / "m.csv",
+                      f"path,label\ni/{img[0].name},a\ni/{img[1].name},b\n{outside},b\n")
+    src = load_source(str(manifest), val_split=0.0, allow_outside_paths=True)
+    assert len(src.train) == 3
+
+
+def test_one_file_under_two_names_is_one_example_or_a_conflict(tmp_path, caplog):
+    img = write_solid_images(tmp_path / "red", (255, 0, 0), 1)[0]
+    blue = write_solid_images(tmp_path / "blue", (0, 0, 255), 1)[0]
+    # red/x.png, red/../red/x.png and the absolute path are the same file.
+    agreeing = _write(tmp_path / "m.csv", f"path,label\nred/{img.name},red\nred/../red/{img.name},red\n"
+                                          f"{img},red\nblue/{blue.name},blue\n")
+    with caplog.at_level("WARNING", logger="tftransfer.data.manifest"):
+        src = load_source(str(agreeing), val_split=0.0)
+    assert len(src.train) == 2
+    assert "line 3: red/../red/" in caplog.text and "line 4: " in caplog.text and "the repeat is ignored" in caplog.text
+    conflicting = _write(tmp_path / "m.csv", f"path,label\nred/{img.name},red\nblue/{blue.name},blue\n"
+                                             f"blue/../red/{img.name},blue\n")
+    with pytest.raises(DataError, match=r"1 file\(s\) listed twice .*lines 2 and 4 \('red/.*' as 'red', "
+                                        r"'blue/../red/.*' as 'blue'\)"):
+        load_source(str(conflicting))
 
 
 @pytest.mark.parametrize("lines, message", [

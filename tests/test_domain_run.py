@@ -122,6 +122,24 @@ def test_unlabeled_flat_target_of_another_size_and_default_output_folder(fitted,
     assert "**suspect**" not in render_markdown(report)
 
 
+def test_other_source_is_scored_whole_and_a_second_report_keeps_the_first(fitted, tmp_path):
+    run, _ = fitted
+    # A folder that is not the run's data has none of its training images: all of it is scored, not a 20%
+    # hash split (before: 6 of these 30 images).
+    other = dim_target(tmp_path / "other", factor=1.0, per_class=10)
+    out = tmp_path / "report"
+    first = run_domain(run, source=str(other), target=str(other), batch_size=8, permutations=50, out_dir=out)
+    assert first.out_dir == out
+    assert first.report["source"]["examples"] == 30 and first.report["source"]["split"] == "all"
+    before = (out / "domain.json").read_bytes()
+
+    second = run_domain(run, source=str(other), target=str(other), batch_size=8, permutations=50, out_dir=out)
+    assert second.out_dir == tmp_path / "report-2" and (second.out_dir / "domain.json").is_file()
+    assert (out / "domain.json").read_bytes() == before
+    with pytest.raises(RunDirError, match="is a run directory"):
+        run_domain(run, source=str(other), target=str(other), batch_size=8, permutations=50, out_dir=run)
+
+
 def test_corruptions_alone_need_no_target(fitted, tmp_path):
     run, _ = fitted
     result = run_domain(run, corruptions="all", severities=(5,), out_dir=tmp_path / "c", batch_size=8)

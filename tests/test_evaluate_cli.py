@@ -78,10 +78,21 @@ def test_evaluate_a_run_directory_on_its_validation_folder(fitted):
     assert {"confusion_matrix", "reliability", "accuracy"} <= _event_tags(fitted["run"] / "logs" / "eval")
     assert "accuracy" in result.output and "summary:" in result.output
 
+    # A second evaluation is written next to the first, which is kept; --overwrite replaces the first.
+    first = (out / "metrics.json").read_bytes()
     again = _invoke("evaluate", fitted["run"], "--data", fitted["data"], "--no-progress")
-    assert again.exit_code == 1 and "--overwrite" in again.output
+    assert again.exit_code == 0, again.output
+    assert (out.with_name("colours-val-2") / "metrics.json").is_file()
+    assert (out / "metrics.json").read_bytes() == first
     replaced = _invoke("evaluate", fitted["run"], "--data", fitted["data"], "--no-progress", "--overwrite")
     assert replaced.exit_code == 0, replaced.output
+    assert (out / "metrics.json").read_bytes() != first and not out.with_name("colours-val-3").exists()
+    # The run's own metrics.json and summary.md are never an evaluation's to replace, --overwrite or not.
+    own = (fitted["run"] / "metrics.json").read_bytes()
+    refused = _invoke("evaluate", fitted["run"], "--data", fitted["data"], "--no-progress",
+                      "--output", fitted["run"], "--overwrite")
+    assert refused.exit_code == 1 and "is a run directory" in refused.output
+    assert (fitted["run"] / "metrics.json").read_bytes() == own
 
 
 def test_evaluate_an_export_lists_the_most_confident_mistakes(fitted, tmp_path):

@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
+import io
 import json
 import os
 import stat
+import struct
 import subprocess
 import sys
+import tempfile
 import textwrap
+import zlib
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
-from tftransfer.core.errors import RunDirError
+from tftransfer.core.errors import RunDirError, StorageError
 from tftransfer.data.images import decode_and_resize
 from tftransfer.model.layers import Preprocess
+from tftransfer.serving import parity as parity_module
 from tftransfer.serving.contract import SIGNATURES
 from tftransfer.serving.parity import check_parity, check_parity_fresh_process
 from tftransfer.serving.savedmodel import (
@@ -240,6 +247,64 @@ def test_failed_export_leaves_nothing(model: keras.Model, tmp_path: Path, monkey
     assert list(model_dir.iterdir()) == []
 
 
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_a_full_or_read_only_disk_is_one_error_naming_the_path(model: keras.Model, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    model_dir = tmp_path / "tiny"
+
+    def failing_write_out(self, filepath, *args, **kwargs):
+        Path(filepath, "partial").write_text("half written")
+        raise OSError(code, os.strerror(code), str(Path(filepath, "variables")))
+
+    monkeypatch.setattr(_archive_class(), "write_out", failing_write_out)
+    with pytest.raises(StorageError, match=r"^cannot write .*tiny/\.tmp-1-.*/variables: ") as raised:
+        export_saved_model(model, model_dir, CLASS_NAMES, IMAGE_SIZE)
+    assert "\n" not in str(raised.value)
+    assert list(model_dir.iterdir()) == []  # the temporary folder is gone
+
+
+def test_a_version_is_fsynced_before_the_rename_and_a_failed_rename_publishes_nothing(
+        model: keras.Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    model_dir = tmp_path / "tiny"
+    version = export_saved_model(model, model_dir, CLASS_NAMES, IMAGE_SIZE)
+    staged = [p for p in synced if p.endswith("/saved_model.pb")]
+    assert staged and Path(staged[0]).parent.name.startswith(".tmp-1-")  # synced under the temporary name
+    assert str(Path(staged[0]).parent) in synced and synced[-1] == str(model_dir)
+    assert version == model_dir / "1"
+
+    def read_only_rename(src, dst, *args, **kwargs):
+        if Path(dst).parent == model_dir:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", read_only_rename)
+    with pytest.raises(StorageError, match=r"cannot write .*tiny: the file system is read-only"):
+        export_saved_model(model, model_dir, CLASS_NAMES, IMAGE_SIZE)
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1"]
+
+
+def test_parity_copies_are_removed_on_failure_and_stale_ones_at_the_next_check(
+        model: keras.Model, version_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stale = tmp_path / f"tftransfer-parity-{_dead_pid()}-abc"  # left by a check that was killed
+    stale.mkdir()
+    (stale / "image_000000").write_bytes(b"a copy")
+    monkeypatch.setattr(parity_module.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "the probe failed"))
+    with pytest.raises(RunDirError, match="failed in a fresh process"):
+        check_parity_fresh_process(model, version_dir, np.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32),
+                                   [b"bytes"])
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- signatures -------------------------------------------------------------------------------------------
 
 
@@ -253,7 +318,8 @@ def test_signature_summary(version_dir: Path) -> None:
     }
     assert signature_summary(version_dir) == {
         "predict_pixels": {"inputs": {"pixels": ["float32", [None, None, None, 3]]}, "outputs": outputs},
-        "serving_default": {"inputs": {"images": ["string", [None]]}, "outputs": outputs},
+        "serving_default": {"inputs": {"images": ["string", [None]]},
+                            "outputs": {**outputs, "valid": ["bool", [None]], "message": ["string", [None]]}},
     }
 
 
@@ -295,6 +361,63 @@ def test_serving_default_on_png_and_jpeg(model: keras.Model, loaded, encoded_ima
     assert np.all(np.diff(result["scores"], axis=1) <= 0)
     expected_names = np.array(CLASS_NAMES)[result["classes"]]
     np.testing.assert_array_equal(result["class_names"], expected_names)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A tiny PNG that claims width x height pixels: its IHDR chunk, one empty IDAT, IEND (a decompression bomb's
+    header without the bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_serving_default_flags_bad_images_and_scores_the_others(model: keras.Model, loaded,
+                                                                encoded_images: list[bytes]) -> None:
+    # One request: a 20000 x 20000 "bomb", a garbage string, an empty string, a valid JPEG. Before per-image
+    # checks the whole batch failed ("Input is empty."), and the bomb alone cost 1.2 GB to decode.
+    batch = [_png_header(20000, 20000), b"not an image at all", b"", encoded_images[1]]
+    result = predict_exported_bytes(loaded, batch)
+
+    np.testing.assert_array_equal(result["valid"], [False, False, False, True])
+    assert "20000x20000 pixels is above the serving limit" in result["message"][0]
+    assert result["message"][1] == "not a JPEG, PNG, GIF, BMP or WebP image"
+    assert result["message"][2].startswith("empty input")
+    assert result["message"][3] == ""
+    np.testing.assert_array_equal(result["probabilities"][:3], 0.0)
+    np.testing.assert_array_equal(result["scores"][:3], 0.0)
+    np.testing.assert_array_equal(result["classes"][:3], -1)
+    np.testing.assert_allclose(result["probabilities"][3:], _keras_probabilities(model, batch[3:]), atol=1e-5)
+    # Inputs cut inside each format's magic number or header are flagged too (a short read is never an error).
+    stubs = [b"\xff\xd8\xff", b"\x89PNG", _png_header(8, 8)[:20], b"GIF89a", b"BM", b"RIFF", b"RIFF\0\0\0\0WEBP"]
+    stubbed = predict_exported_bytes(loaded, [*stubs, encoded_images[0]])
+    np.testing.assert_array_equal(stubbed["valid"], [False] * len(stubs) + [True])
+
+
+def test_pixel_limit_is_configurable_and_read_from_each_header(model: keras.Model, tmp_path: Path) -> None:
+    formats = [("JPEG", {}), ("PNG", {}), ("GIF", {}), ("BMP", {}), ("WEBP", {}), ("WEBP", {"lossless": True})]
+
+    def encoded(fmt: str, options: dict, height: int, width: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(_random_image(height, width).numpy()).save(buffer, format=fmt, **options)
+        return buffer.getvalue()
+
+    version = export_saved_model(model, tmp_path / "tiny", CLASS_NAMES, IMAGE_SIZE, max_pixels=1000)
+    # Each format under (20 x 24 = 480) and over (40 x 30 = 1200) the limit; a PNG cut short is undecodable.
+    small = [encoded(fmt, options, 20, 24) for fmt, options in formats]
+    large = [encoded(fmt, options, 30, 40) for fmt, options in formats]
+    truncated = small[1][: len(small[1]) // 2]
+    result = predict_exported_bytes(load_exported(version), [*small, *large, truncated, small[0][:40]])
+
+    n = len(formats)
+    np.testing.assert_array_equal(result["valid"], [True] * n + [False] * (n + 2))
+    assert all("40x30 pixels is above the serving limit of 1000 pixels" in m for m in result["message"][n:2 * n])
+    assert result["message"][2 * n].startswith("cannot decode")
+    assert result["message"][2 * n + 1].startswith("cannot decode")  # a JPEG cut inside its header
+    np.testing.assert_allclose(result["probabilities"][:n], _keras_probabilities(model, small), atol=1e-5)
+    card = json.loads((version / "model_card.json").read_text())
+    assert card["input"]["max_pixels"] == 1000
 
 
 def test_rest_b64_round_trip(model: keras.Model, loaded, encoded_images: list[bytes]) -> None:

@@ -27,6 +27,7 @@ from tftransfer.config.commands import (
 )
 from tftransfer.config.experiment import ADAPT_METHODS, RECIPES, load_config
 from tftransfer.core.errors import TfTransferError
+from tftransfer.core.io import storage_error
 from tftransfer.core.lazy import lazy, resolve
 from tftransfer.core.native_logs import import_tensorflow_quietly, set_log_defaults
 from tftransfer.data.probe import report_progress
@@ -159,6 +160,12 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except TfTransferError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            # A full or read-only disk met anywhere (a report, a plot): one line naming the path, no traceback.
+            converted = storage_error(exc)
+            if converted is None:
+                raise
+            raise click.ClickException(str(converted)) from None
         except KeyboardInterrupt:
             raise click.ClickException("interrupted") from None
 

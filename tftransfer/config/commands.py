@@ -85,8 +85,10 @@ class EvaluateCommandConfig:
     test_split: float | None = opt(None, "Hash split fraction for --split test on data without a test folder "
                                          "(default: the run's).", min=0.0, max=1.0, max_exclusive=True)
     output: Path | None = opt(None, "Output folder (default: RUN/eval/<data>-<split>, or "
-                                    "evaluations/<name>-v<version>/...).")
-    overwrite: bool = opt(False, "Replace an earlier evaluation in the output folder.")
+                                    "evaluations/<name>-v<version>/...); when it holds an earlier evaluation, "
+                                    "the next free <folder>-2, <folder>-3, ... (never a run's own folder).")
+    overwrite: bool = opt(False, "Replace an earlier evaluation in the output folder instead of writing the next "
+                                 "numbered one.")
     top_k: int = opt(5, "k of top-k accuracy.", min=1)
     mistakes: int = opt(10, "How many of the most confident mistakes to list.", min=0)
     temperature: bool = opt(True, "Fit temperature scaling on validation data and report ECE/NLL before and after.")
@@ -109,7 +111,8 @@ class DomainCommandConfig:
     adapt: tuple[str, ...] = opt((), "Adaptation methods on the target: adabn,adabn-aligned,bn-batch,tent or all.")
     adapt_severities: tuple[int, ...] = opt((), "Also run the --adapt methods on corrupted source images at these "
                                                 "severities, e.g. 3,5.")
-    out_dir: Path | None = opt(None, "Output folder (default: MODEL/domain).")
+    out_dir: Path | None = opt(None, "Output folder (default: MODEL/domain); when it holds an earlier report, the "
+                                     "next free <folder>-2, <folder>-3, ...")
     batch_size: int | None = opt(None, "Batch size (default: the run's).", min=1)
     max_images: int = opt(2000, "Random subsample of each domain above this many images (0: all).", min=0)
     permutations: int = opt(1000, "Permutations of the MMD test.", min=1)

@@ -73,6 +73,8 @@ class DataConfig:
                                 "(data larger than RAM)")
     shuffle_buffer: int = _opt(2048, "shuffle buffer size (examples)", min=1)
     strict: bool = _opt(False, "treat any unreadable or non-image file as an error instead of skipping it")
+    allow_outside_paths: bool = _opt(False, "manifests: accept rows whose path leads outside the manifest's folder "
+                                            "(../, absolute paths elsewhere); refused by default")
     class_weight: str = _opt("none", "auto = weight the loss by inverse class frequency", choices=("none", "auto"))
     balanced_sampling: bool = _opt(False, "draw training examples with equal probability per class")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -174,6 +176,8 @@ class ExportConfig:
     enabled: bool = _opt(True, "export a SavedModel after training")
     dir: str = _opt("saved_models", "export root; the model goes to <dir>/<name>/<version>/")
     top_k: int = _opt(5, "classes returned per image by the serving signature", min=1)
+    max_pixels: int = _opt(50_000_000, "serving_default refuses (flags, never fails the batch) an image whose "
+                                       "header declares more pixels than this, before decoding it", min=1)
     parity_tolerance: float = _opt(1e-4, "max abs probability difference allowed between export and Keras model",
                                    min=0.0)
     min_gain_over_chance: float = _opt(0.05, "a model whose validation accuracy is below the majority-class rate "

@@ -19,3 +19,8 @@ class BackboneError(TfTransferError):
 
 class RunDirError(TfTransferError):
     """A run directory or export path is in the way, missing or incomplete."""
+
+
+class StorageError(TfTransferError):
+    """A write failed for want of space or permission (a full, read-only or foreign disk); the message names the
+    path."""

@@ -181,3 +181,73 @@ def decode_and_resize(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
     docstring), so this is not exactly `resize_image(decode_image(...))` for such files.
     """
     return _resize(_decode_upright(encoded, image_size), image_size)
+
+
+# Header fields read before decoding (the serving signature's pixel limit). A JPEG's size sits in a SOF segment at
+# no fixed place (extract_jpeg_shape reads it); the others are at fixed offsets of the first _HEADER_BYTES.
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_HEADER_BYTES = 30
+FORMAT_UNKNOWN, FORMAT_JPEG, FORMAT_PNG, FORMAT_GIF, FORMAT_BMP, FORMAT_WEBP = 0, 1, 2, 3, 4, 5
+
+
+def image_format(encoded: tf.Tensor) -> tf.Tensor:
+    """int32 scalar FORMAT_* of encoded bytes from their magic number (string ops only: never an error)."""
+    checks = tf.stack([
+        _is_jpeg(encoded),
+        tf.equal(tf.strings.substr(encoded, 0, 8), _PNG_MAGIC),
+        tf.logical_or(tf.equal(tf.strings.substr(encoded, 0, 6), b"GIF87a"),
+                      tf.equal(tf.strings.substr(encoded, 0, 6), b"GIF89a")),
+        tf.equal(tf.strings.substr(encoded, 0, 2), b"BM"),
+        # _read_bytes, not substr: a position past the end of a short input would be an error
+        tf.logical_and(tf.equal(tf.strings.substr(encoded, 0, 4), b"RIFF"),
+                       tf.reduce_all(tf.equal(_read_bytes(encoded, 8, 4), list(b"WEBP")))),
+    ])
+    first = tf.argmax(tf.cast(checks, tf.int32), output_type=tf.int32) + 1
+    return tf.where(tf.reduce_any(checks), first, FORMAT_UNKNOWN)
+
+
+def header_size(encoded: tf.Tensor, kind: tf.Tensor) -> tf.Tensor:
+    """int64 [height, width] a PNG, GIF, BMP or WebP header declares (string ops only: never an error); [-1, -1]
+    for another format. A BMP stores a negative height for a top-down image; its absolute value is the row count."""
+    b = tf.cast(_read_bytes(encoded, 0, _HEADER_BYTES), tf.int64)
+
+    def big32(at: int) -> tf.Tensor:
+        return ((b[at] * 256 + b[at + 1]) * 256 + b[at + 2]) * 256 + b[at + 3]
+
+    def little(at: int, count: int) -> tf.Tensor:
+        value = tf.constant(0, tf.int64)
+        for i in reversed(range(count)):
+            value = value * 256 + b[at + i]
+        return value
+
+    def signed32(at: int) -> tf.Tensor:
+        unsigned = little(at, 4)
+        return tf.where(unsigned >= 2**31, unsigned - 2**32, unsigned)  # BMP fields are signed
+
+    png = tf.stack([big32(20), big32(16)])  # IHDR: width at 16, height at 20
+    gif = tf.stack([little(8, 2), little(6, 2)])  # logical screen width at 6, height at 8
+    bmp = tf.abs(tf.stack([signed32(22), signed32(18)]))  # BITMAPINFOHEADER: width at 18, height at 22
+    unknown = tf.constant([-1, -1], tf.int64)
+    return tf.switch_case(tf.clip_by_value(kind, 0, FORMAT_WEBP), [
+        lambda: unknown, lambda: unknown, lambda: png, lambda: gif, lambda: bmp, lambda: _webp_size(b)])
+
+
+def _webp_size(b: tf.Tensor) -> tf.Tensor:
+    """[height, width] of a WebP from the first chunk: VP8X (the canvas), VP8L (lossless) or VP8 (lossy)."""
+    chunk = b[12:16]
+    vp8x = tf.reduce_all(tf.equal(chunk, tf.constant(list(b"VP8X"), tf.int64)))
+    vp8l = tf.reduce_all(tf.equal(chunk, tf.constant(list(b"VP8L"), tf.int64)))
+    vp8 = tf.reduce_all(tf.equal(chunk, tf.constant(list(b"VP8 "), tf.int64)))
+    canvas = tf.stack([b[27] + 256 * (b[28] + 256 * b[29]) + 1, b[24] + 256 * (b[25] + 256 * b[26]) + 1])
+    # VP8L: 14 bits of width - 1, then 14 bits of height - 1, little-endian from byte 21.
+    bits = b[21] + 256 * (b[22] + 256 * (b[23] + 256 * b[24]))
+    lossless = tf.stack([tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, 14), 0x3FFF) + 1,
+                         tf.bitwise.bitwise_and(bits, 0x3FFF) + 1])
+    lossy = tf.stack([tf.bitwise.bitwise_and(b[28] + 256 * b[29], 0x3FFF),
+                      tf.bitwise.bitwise_and(b[26] + 256 * b[27], 0x3FFF)])
+    return tf.where(vp8x, canvas, tf.where(vp8l, lossless, tf.where(vp8, lossy, tf.constant([-1, -1], tf.int64))))
+
+
+def jpeg_size(encoded: tf.Tensor) -> tf.Tensor:
+    """int64 [height, width] of a JPEG from its header alone (an error when the header is corrupt)."""
+    return tf.cast(tf.io.extract_jpeg_shape(encoded)[:2], tf.int64)

@@ -1,15 +1,19 @@
 """CSV and JSONL manifests: one example per row, `path,label[,split][,domain]`.
 
-Paths are relative to the manifest's folder (absolute paths work too). `split` is train, val (validation, valid,
+Paths are relative to the manifest's folder and must stay inside it (`../x.png` or an absolute path elsewhere is
+refused, unless data.allow_outside_paths); the check is on the normalised path, so a symlink the folder holds is
+followed wherever it points. Rows are compared by their fully resolved file: two rows naming one file (`red/x.png`
+and `red/../red/x.png`, or a symlink and its target) are one example, the repeat dropped with a warning when the rows
+agree, an error naming both lines when their label, split or domain differ. `split` is train, val (validation, valid,
 dev) or test; rows without one are assigned by the hash of their path, like image folders. `domain` names where a
 row comes from (e.g. amazon, webcam), so one file can describe the source and target domains of a
 domain-adaptation experiment; `data.csv#domain=webcam` selects rows. Class names (and so label ids) always come
 from every row of the file, so a domain-filtered source keeps the label ids of the full manifest.
 
 Every problem names the file and line: a missing column, an empty label, a label with a control character (a
-newline would break labels.txt), an unknown split, a repeated path, and a path that does not exist. Files that
-exist but are not decodable images are skipped and listed (or an error with data.strict), exactly as in image
-folders.
+newline would break labels.txt), an unknown split, a path outside the manifest's folder, one file listed with two
+labels, and a path that does not exist. Files that exist but are not decodable images are skipped and listed (or an
+error with data.strict), exactly as in image folders.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,7 +107,7 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
         raise DataError(f"{path}: a manifest must be .csv or .jsonl")
     if not path.is_file():
         raise DataError(f"manifest not found: {path}")
-    rows, seen = [], {}
+    rows = []
     for row in reader(path):
         if not row.path:
             raise DataError(f"{path} line {row.line}: empty path")
@@ -114,14 +119,46 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
         if row.split and row.split not in SPLIT_ALIASES:
             raise DataError(f"{path} line {row.line}: split {row.split!r} is not one of train, val, test "
                             "(or empty to assign it by hash)")
-        key = Path(row.path).as_posix()
-        if key in seen:
-            raise DataError(f"{path} line {row.line}: {row.path} is already listed on line {seen[key]}")
-        seen[key] = row.line
         rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
+
+
+def _confined(path: Path, rows: list[ManifestRow], allow_outside: bool) -> list[Path]:
+    """Each row's file (joined to the manifest's folder, normalised); a DataError for one outside that folder."""
+    base = Path(os.path.abspath(path.parent))
+    files = [Path(os.path.normpath(base / r.path)) for r in rows]
+    if not allow_outside:
+        outside = [(r, f) for r, f in zip(rows, files) if not f.is_relative_to(base)]
+        if outside:
+            listing = "; ".join(f"line {r.line}: {r.path}" for r, _ in outside[:MAX_LISTED_ERRORS])
+            raise DataError(f"{path}: {len(outside)} path(s) lead outside the manifest's folder {base} ({listing}); "
+                            "move the manifest up or set data.allow_outside_paths=true")
+    return files
+
+
+def _drop_repeats(path: Path, rows: list[ManifestRow], files: list[Path]) -> list[ManifestRow]:
+    """One row per resolved file: agreeing repeats dropped with a warning, disagreeing ones a DataError."""
+    first: dict[Path, ManifestRow] = {}
+    kept: list[ManifestRow] = []
+    conflicts: list[str] = []
+    for row, file in zip(rows, files):
+        real = file.resolve()
+        earlier = first.get(real)
+        if earlier is None:
+            first[real] = row
+            kept.append(row)
+        elif (earlier.label, earlier.split, earlier.domain) != (row.label, row.split, row.domain):
+            conflicts.append(f"lines {earlier.line} and {row.line} ({earlier.path!r} as {earlier.label!r}, "
+                             f"{row.path!r} as {row.label!r})")
+        else:
+            logger.warning("%s line %d: %s is the file of line %d again; the repeat is ignored", path, row.line,
+                           row.path, earlier.line)
+    if conflicts:
+        raise DataError(f"{path}: {len(conflicts)} file(s) listed twice with a different label, split or domain: "
+                        + "; ".join(conflicts[:MAX_LISTED_ERRORS]))
+    return kept
 
 
 def _class_names(labels: Sequence[str]) -> list[str]:
@@ -134,12 +171,14 @@ def _class_names(labels: Sequence[str]) -> list[str]:
 
 def load_manifest(path: str | Path, val_split: float = 0.2, strict: bool = False, *, test_split: float = 0.0,
                   stratify: bool = False, domains: Sequence[str] | None = None,
-                  probes: dict[str, ImageProbe] | None = None) -> DataSource:
+                  probes: dict[str, ImageProbe] | None = None, allow_outside_paths: bool = False) -> DataSource:
     """Reads a manifest into a DataSource; `domains` keeps only rows of those domains (label ids unchanged)."""
     path = Path(path)
     opts = SourceOptions(val_split=val_split, test_split=test_split, stratify=stratify, strict=strict,
                          probes=probes)
     rows = read_manifest(path)
+    # Before any file is opened: a path outside the folder is never read, and one file is one example.
+    rows = _drop_repeats(path, rows, _confined(path, rows, allow_outside_paths))
     class_names = _class_names([r.label for r in rows])
     if len(class_names) < 2:
         raise DataError(f"{path}: needs at least 2 classes in the label column, found {class_names}")

@@ -143,6 +143,7 @@ class SourceOptions:
     strict: bool = False
     tfds_data_dir: str = ""
     probes: dict[str, ImageProbe] | None = None
+    allow_outside_paths: bool = False  # manifests: rows may name files outside the manifest's folder
 
     def __post_init__(self) -> None:
         for key, value in (("val_split", self.val_split), ("test_split", self.test_split)):

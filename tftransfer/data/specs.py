@@ -36,7 +36,8 @@ def load_manifest_spec(path: str, fragment: str, opts: SourceOptions) -> DataSou
 
     filters = _parse_filters(f"{path}#{fragment}", fragment)
     return load_manifest(path, opts.val_split, opts.strict, test_split=opts.test_split, stratify=opts.stratify,
-                         domains=filters.get("domain"), probes=opts.probes)
+                         domains=filters.get("domain"), probes=opts.probes,
+                         allow_outside_paths=opts.allow_outside_paths)
 
 
 def load_npz_spec(path: str, fragment: str, opts: SourceOptions) -> DataSource:
@@ -58,13 +59,13 @@ def load_tfds_spec(name: str, opts: SourceOptions) -> DataSource:
 
 def load_source(spec: str, val_split: float = 0.2, strict: bool = False, tfds_data_dir: str = "", *,
                 test_split: float = 0.0, stratify: bool = False,
-                probes: dict[str, ImageProbe] | None = None) -> DataSource:
+                probes: dict[str, ImageProbe] | None = None, allow_outside_paths: bool = False) -> DataSource:
     """Resolves a `--data` spec: an image folder, a `.csv`/`.jsonl` manifest (optionally `#domain=NAME`), an
     `.npz` file, `tfds:<name>` or `builtin:<name>`."""
     if not spec:
         raise DataError("no data given: pass --data PATH (an image folder) or set data.path in the config")
     opts = SourceOptions(val_split=val_split, test_split=test_split, stratify=stratify, strict=strict,
-                         tfds_data_dir=tfds_data_dir, probes=probes)
+                         tfds_data_dir=tfds_data_dir, probes=probes, allow_outside_paths=allow_outside_paths)
     scheme, sep, rest = spec.partition(":")
     if sep and scheme in SCHEMES:
         return SCHEMES[scheme](rest, opts)
@@ -76,9 +77,10 @@ def load_source(spec: str, val_split: float = 0.2, strict: bool = False, tfds_da
 
 
 def source_from_config(cfg: DataConfig, probes: dict[str, ImageProbe] | None = None) -> DataSource:
-    """load_source with every data.* key that shapes the source (path, splits, stratify, strict, TFDS dir)."""
+    """load_source with every data.* key that shapes the source (path, splits, stratify, strict, TFDS dir,
+    allow_outside_paths)."""
     return load_source(cfg.path, cfg.val_split, cfg.strict, cfg.tfds_data_dir, test_split=cfg.test_split,
-                       stratify=cfg.stratify, probes=probes)
+                       stratify=cfg.stratify, probes=probes, allow_outside_paths=cfg.allow_outside_paths)
 
 
 

@@ -80,10 +80,12 @@ def load_labeled_domain(spec: str, run: FinishedRun, *, held_out: bool, batch_si
     cfg = run.data_config
     if held_out:
         source = load_source(spec, cfg.val_split if cfg else 0.2, False, cfg.tfds_data_dir if cfg else "",
-                             test_split=getattr(cfg, "test_split", 0.0), stratify=getattr(cfg, "stratify", False))
+                             test_split=getattr(cfg, "test_split", 0.0), stratify=getattr(cfg, "stratify", False),
+                             allow_outside_paths=bool(cfg and cfg.allow_outside_paths))
         split, name = _held_out(source)
     else:
-        source = load_source(spec, 0.0, False, cfg.tfds_data_dir if cfg else "", test_split=0.0)
+        source = load_source(spec, 0.0, False, cfg.tfds_data_dir if cfg else "", test_split=0.0,
+                             allow_outside_paths=bool(cfg and cfg.allow_outside_paths))
         split, name = select_split(source, "all")
     mapping = align_classes(run.class_names, source.class_names, f"{what} {spec}")
     split = _cap(split, max_images, seed, f"{what} {spec}")

@@ -19,8 +19,8 @@ import numpy as np
 
 from tftransfer.config.commands import DomainCommandConfig, command_config
 from tftransfer.config.experiment import DataConfig
-from tftransfer.core.errors import DataError
-from tftransfer.core.io import write_json
+from tftransfer.core.errors import DataError, RunDirError
+from tftransfer.core.io import same_path, versioned_dir, write_json
 from tftransfer.domain import adapters as adapters_mod
 from tftransfer.domain import corruptions, shift
 from tftransfer.domain import corruptions as corruptions_mod
@@ -32,6 +32,7 @@ from tftransfer.evaluation.inference import batches_of, features_and_probs, pred
 from tftransfer.evaluation.metrics import classification_metrics
 from tftransfer.reporting import domain as report_mod
 from tftransfer.runs.finished import FinishedRun, load_run
+from tftransfer.runs.layout import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -217,9 +218,20 @@ def run_domain(model: str | Path, config: DomainCommandConfig | None = None, **s
                                                   methods, list(cfg.adapt_severities))
         timings["corruptions"] = time.perf_counter() - t0
 
-    out = cfg.out_dir if cfg.out_dir is not None else run.path / "domain"
+    out = domain_output_dir(cfg.out_dir if cfg.out_dir is not None else run.path / "domain")
     _write_report(report, out, src, tgt, src_feat, tgt_feat, tgt_probs, cfg.tsne, seed, timings, started)
     return DomainResult(out_dir=out, report=report)
+
+
+def domain_output_dir(wanted: Path) -> Path:
+    """`wanted`, or the next free wanted-2, wanted-3, ... when it holds an earlier report (never replaced); a run
+    directory itself is refused (its own files are not a report's)."""
+    if RunDir(wanted).config.is_file():
+        raise RunDirError(f"{wanted} is a run directory; give another --out (the default is RUN/domain)")
+    out = versioned_dir(wanted, lambda folder: (folder / report_mod.DOMAIN_JSON).exists())
+    if out != wanted:
+        logger.info("%s holds an earlier domain report, kept; writing this one to %s", wanted, out)
+    return out
 
 
 def _check_request(target: str | None, corruption_names: Sequence[str], methods: Sequence[str],
@@ -237,14 +249,20 @@ def _check_request(target: str | None, corruption_names: Sequence[str], methods:
 
 def _load_source(run: FinishedRun, source_spec: str, given: bool, batch_size: int, max_images: int,
                  seed: int) -> DomainData:
-    """The labeled source images (the held-out split); when not `given`, an error names the run's config."""
+    """The labeled source images: the run's held-out split of its own data, or every image of other data (its
+    training images are not in it, so nothing needs holding out); when not `given`, an error names the config."""
+    own = run.data_config.path if run.data_config else ""
+    held_out = not given or bool(own and same_path(source_spec, own))
     try:
-        return load_labeled_domain(source_spec, run, held_out=True, batch_size=batch_size, max_images=max_images,
-                                   seed=seed, what="source")
+        src = load_labeled_domain(source_spec, run, held_out=held_out, batch_size=batch_size,
+                                  max_images=max_images, seed=seed, what="source")
     except DataError as exc:
         if given:
             raise
         raise DataError(f"{exc} (the run's own data, from its config.yaml; pass --source)") from None
+    logger.info("source: %d images of %s (%s)", len(src.images), source_spec,
+                f"the run's held-out {src.split} split" if held_out else "all of it: not the run's training data")
+    return src
 
 
 def _load_target(run: FinishedRun, target: str, unlabeled: bool, batch_size: int, max_images: int,

@@ -17,7 +17,7 @@ import tftransfer
 from tftransfer.config.commands import EvaluateCommandConfig, command_config
 from tftransfer.config.experiment import DataConfig, load_config
 from tftransfer.core.errors import ConfigError, DataError, RunDirError
-from tftransfer.core.io import write_json
+from tftransfer.core.io import same_path, versioned_dir, write_json
 from tftransfer.data.files import make_indexed_dataset
 from tftransfer.data.images import decode_and_resize
 from tftransfer.data.selection import align_classes, select_split
@@ -60,14 +60,17 @@ def load_evaluation_source(data: str, split: str, classifier: Classifier, val_sp
     the classifier's run used (its val_split, test_split, stratify), so `--split val` on the run's data is exactly
     its validation split. Explicit fractions override.
     """
-    if split in ("auto", "all"):
-        return load_source(data, 0.0, False, tfds_data_dir, test_split=0.0)
     cfg = _run_data_config(classifier)
     cfg = cfg if cfg is not None else DataConfig()
+    # a manifest the run was allowed to read outside its folder may be evaluated the same way
+    outside = cfg.allow_outside_paths
+    if split in ("auto", "all"):
+        return load_source(data, 0.0, False, tfds_data_dir, test_split=0.0, allow_outside_paths=outside)
     val = val_split if val_split is not None else cfg.val_split
     test = test_split if test_split is not None else cfg.test_split
     stratify = bool(getattr(cfg, "stratify", False))
-    return load_source(data, val, False, tfds_data_dir, test_split=test, stratify=stratify)
+    return load_source(data, val, False, tfds_data_dir, test_split=test, stratify=stratify,
+                       allow_outside_paths=outside)
 
 
 def _run_data_config(classifier: Classifier) -> Any:
@@ -101,19 +104,10 @@ def resolve_evaluation_data(classifier: Classifier, data: str | None, split: str
         logger.info("evaluating on the run's own data %s", data)
         if split == "auto":
             split = OWN_HELD_OUT
-    if split == "all" and own is not None and own.path and _same_data(data, own.path):
+    if split == "all" and own is not None and own.path and same_path(data, own.path):
         logger.warning("--split all on the run's own data %s includes the images it was trained on: the score is "
                        "not a held-out estimate (--split val or --split test is)", data)
     return data, split, tfds_data_dir
-
-
-def _same_data(a: str, b: str) -> bool:
-    if a == b:
-        return True
-    try:
-        return Path(a).resolve() == Path(b).resolve()
-    except (OSError, RuntimeError):
-        return False
 
 
 def _safe_label(text: str) -> str:
@@ -125,6 +119,30 @@ def default_evaluation_dir(classifier: Classifier, data_label: str) -> Path:
     if classifier.kind == "run":
         return classifier.path / "eval" / data_label
     return Path("evaluations") / _safe_label(f"{classifier.path.parent.name}-v{classifier.path.name}") / data_label
+
+
+def _holds_evaluation(folder: Path) -> bool:
+    return (folder / "metrics.json").exists()
+
+
+def evaluation_output_dir(wanted: Path, overwrite: bool) -> Path:
+    """The folder an evaluation is written to: `wanted`, or (when it holds an earlier evaluation and not
+    `overwrite`) the next free wanted-2, wanted-3, ..., so a second evaluation never replaces the first.
+
+    A run directory or an export version is refused even with `overwrite`: its metrics.json and summary.md (or
+    its SavedModel) are not an evaluation's to replace.
+    """
+    if RunDir(wanted).config.is_file() or (wanted / "saved_model.pb").is_file():
+        raise RunDirError(f"{wanted} is a run directory or an exported model, whose own files an evaluation must "
+                          "not replace; give another --output (the default is RUN/eval/<data>-<split>)")
+    if overwrite and wanted.is_dir():
+        if _holds_evaluation(wanted):
+            logger.info("replacing the evaluation in %s (--overwrite)", wanted)
+        return wanted
+    out = versioned_dir(wanted, _holds_evaluation)
+    if out != wanted:
+        logger.info("%s holds an earlier evaluation, kept; writing this one to %s", wanted, out)
+    return out
 
 
 def _predict_split(classifier: Classifier, examples: Split, labels: np.ndarray, batch_size: int, progress: bool
@@ -200,9 +218,8 @@ def run_evaluation(model: str | Path, data: str | None = None, config: EvaluateC
     examples, split_name = select_split(source, split)
     mapping = align_classes(classifier.class_names, source.class_names, f"{data} ({split_name})")
     label = _safe_label(f"{source.name}-{split_name}")
-    out = cfg.output if cfg.output is not None else default_evaluation_dir(classifier, label)
-    if (out / "metrics.json").exists() and not cfg.overwrite:
-        raise RunDirError(f"{out} already holds an evaluation; pass --overwrite to replace it or --output DIR")
+    out = evaluation_output_dir(cfg.output if cfg.output is not None else default_evaluation_dir(classifier, label),
+                                cfg.overwrite)
     logger.info("evaluating %s (%s) on %d %s examples of %s", classifier.path, classifier.kind, len(examples),
                 split_name, data)
 

@@ -31,6 +31,13 @@ PIXELS_INPUT = "pixels"
 OUTPUT_KEYS = ("probabilities", "classes", "scores", "class_names")
 
 
+# serving_default's per-image verdict: False (and zero scores) for an image it refused, with the reason.
+VALID_OUTPUT = "valid"
+
+
+MESSAGE_OUTPUT = "message"
+
+
 LABELS_FILE = "labels.txt"
 
 
@@ -49,12 +56,13 @@ def software_versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def input_contract(image_size: int) -> dict[str, Any]:
+def input_contract(image_size: int, max_pixels: int) -> dict[str, Any]:
     """What each signature takes and returns, and what happens to pixels inside the model."""
     return {
         "image_size": int(image_size),
+        "max_pixels": int(max_pixels),
         "signatures": {
-            SERVING_SIGNATURE: {BYTES_INPUT: "tf.string [N]: encoded JPEG, PNG, GIF or BMP bytes (REST: "
+            SERVING_SIGNATURE: {BYTES_INPUT: "tf.string [N]: encoded JPEG, PNG, GIF, BMP or WebP bytes (REST: "
                                              '{"instances": [{"b64": "<base64 bytes>"}]})'},
             PIXELS_SIGNATURE: {PIXELS_INPUT: "float32 [N, H, W, 3]: RGB pixels in [0, 255], any H and W"},
         },
@@ -63,10 +71,18 @@ def input_contract(image_size: int) -> dict[str, Any]:
         "outputs": {"probabilities": "float32 [N, C], softmax over the classes in label order",
                     "classes": "int32 [N, k], top-k class ids", "scores": "float32 [N, k], their probabilities",
                     "class_names": "string [N, k], their names"},
+        "per_image_checks": {
+            SERVING_SIGNATURE: (
+                f"each image is judged alone and a bad one never fails the request: {VALID_OUTPUT} bool [N] is false "
+                f"and {MESSAGE_OUTPUT} string [N] says why for an empty input, a format other than JPEG, PNG, GIF or "
+                f"BMP, a header declaring more than {int(max_pixels)} pixels (refused before decoding), or bytes "
+                f"that do not decode; such a row has zero probabilities and scores, classes -1 and empty "
+                f"class_names. Valid rows have {VALID_OUTPUT} true and an empty {MESSAGE_OUTPUT}"),
+        },
     }
 
 
-def base_model_card(class_names: Sequence[str], image_size: int, top_k: int) -> dict[str, Any]:
+def base_model_card(class_names: Sequence[str], image_size: int, top_k: int, max_pixels: int) -> dict[str, Any]:
     """The part of model_card.json every export has, with or without a run directory behind it."""
     return {
         "schema_version": MODEL_CARD_SCHEMA_VERSION,
@@ -74,6 +90,6 @@ def base_model_card(class_names: Sequence[str], image_size: int, top_k: int) -> 
         "classes": list(class_names),
         "num_classes": len(class_names),
         "top_k": int(top_k),
-        "input": input_contract(image_size),
+        "input": input_contract(image_size, max_pixels),
         "versions": software_versions(),
     }

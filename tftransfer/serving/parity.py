@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from tftransfer.core.errors import RunDirError, TfTransferError
+from tftransfer.core.io import disk_errors, remove_stale
 from tftransfer.data.files import make_indexed_dataset
 from tftransfer.data.images import decode_and_resize
 from tftransfer.data.sources import DataSource, Split
@@ -28,6 +29,10 @@ from tftransfer.serving.savedmodel import (
 )
 
 logger = logging.getLogger(__name__)
+
+# The fresh-process check's copies of the parity images: <system temp>/tftransfer-parity-<pid>-<random>/
+PARITY_TMP_PREFIX = "tftransfer-parity-"
+PARITY_TMP_NAME = rf"^{PARITY_TMP_PREFIX}(\d+)-"
 
 
 class ParityError(TfTransferError):
@@ -64,11 +69,14 @@ def check_parity_fresh_process(model: keras.Model, version_dir: str | Path, pixe
     pixels = np.asarray(pixels, np.float32)
     encoded = list(encoded)
     image_size = int(pixels.shape[1]) if pixels.ndim == 4 and len(pixels) else None
-    with tempfile.TemporaryDirectory(prefix="tftransfer-parity-") as tmp:
+    # The pid in the name lets the next check remove the copies of one that was killed (SIGKILL skips cleanup).
+    remove_stale(Path(tempfile.gettempdir()), PARITY_TMP_NAME)
+    with tempfile.TemporaryDirectory(prefix=f"{PARITY_TMP_PREFIX}{os.getpid()}-") as tmp:
         work = Path(tmp)
-        np.save(work / "pixels.npy", pixels)
-        for i, data in enumerate(encoded):
-            (work / f"image_{i:06d}").write_bytes(data)
+        with disk_errors(work):
+            np.save(work / "pixels.npy", pixels)
+            for i, data in enumerate(encoded):
+                (work / f"image_{i:06d}").write_bytes(data)
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         started = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "tftransfer.serving.probe", "--probe", str(version_dir), tmp],
@@ -90,15 +98,24 @@ def check_parity_fresh_process(model: keras.Model, version_dir: str | Path, pixe
         probe = json.loads((work / "probe.json").read_text())
         pixel_probs = np.load(work / "pixels_probs.npy")
         bytes_probs = np.load(work / "bytes_probs.npy")
+        bytes_valid = np.load(work / "bytes_valid.npy")
     seconds = time.perf_counter() - started
     pixel_diff = float(np.max(np.abs(pixel_probs - keras_pixels))) if len(pixels) else 0.0
-    bytes_diff = float(np.max(np.abs(bytes_probs - keras_bytes))) if keras_bytes is not None else 0.0
+    # Compared where both sides read the image: serving_default refuses what is over export.max_pixels or broken
+    compared = bytes_valid.astype(bool) if keras_bytes is not None else np.zeros((0,), bool)
+    if keras_bytes is not None:
+        compared &= np.isfinite(keras_bytes).all(axis=-1)
+    refused = int(np.sum(~bytes_valid.astype(bool)))
+    if refused:
+        logger.warning("serving_default refused %d of the %d parity images (over export.max_pixels, or not "
+                       "decodable); they are left out of its comparison", refused, len(encoded))
+    bytes_diff = float(np.max(np.abs(bytes_probs[compared] - keras_bytes[compared]))) if compared.any() else 0.0
     diff = max(pixel_diff, bytes_diff)
     logger.info("fresh-process parity for %s: max abs probability difference %.3g (%d pixel arrays, %d encoded "
                 "images, %.1f s)", version_dir, diff, len(pixels), len(encoded), seconds)
     return {"fresh_process": True, "max_abs_diff": diff, "tolerance": float(tolerance), "ok": bool(diff <= tolerance),
             "predict_pixels": {"images": int(len(pixels)), "max_abs_diff": pixel_diff},
-            "serving_default": {"images": len(encoded), "max_abs_diff": bytes_diff},
+            "serving_default": {"images": len(encoded), "refused": refused, "max_abs_diff": bytes_diff},
             "tftransfer_layers_imported": probe["tftransfer_layers_imported"], "seconds": seconds,
             "signatures": probe["signatures"], "signatures_text": probe["signatures_text"]}
 
@@ -109,8 +126,17 @@ def _keras_side(model: keras.Model, pixels: np.ndarray, encoded: Sequence[bytes]
     on_pixels = predict_probabilities(model, pixels) if len(pixels) else np.zeros((0,), np.float32)
     if not (encoded and image_size):
         return on_pixels, None
-    decoded = tf.stack([decode_and_resize(tf.constant(data), image_size) for data in encoded]).numpy()
-    return on_pixels, predict_probabilities(model, decoded)
+    decoded, readable = [], []
+    for data in encoded:
+        try:
+            decoded.append(decode_and_resize(tf.constant(data), image_size).numpy())
+            readable.append(True)
+        except tf.errors.OpError:  # serving_default flags it invalid; nothing to compare
+            decoded.append(np.zeros((image_size, image_size, 3), np.float32))
+            readable.append(False)
+    on_bytes = predict_probabilities(model, np.stack(decoded))
+    on_bytes[~np.asarray(readable)] = np.nan
+    return on_pixels, on_bytes
 
 
 def spread_indices(n: int, count: int) -> np.ndarray:

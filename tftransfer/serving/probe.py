@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tftransfer.serving.contract import VALID_OUTPUT
 from tftransfer.serving.savedmodel import (
     describe_tensor_spec,
     load_exported,
@@ -29,8 +30,13 @@ def probe_main(version_dir: str, work: str) -> None:
                for name, sig in sorted(loaded.signatures.items())}
     np.save(work_dir / "pixels_probs.npy", predict_exported_pixels(loaded, np.load(work_dir / "pixels.npy")))
     encoded = [p.read_bytes() for p in sorted(work_dir.glob("image_*"))]
-    batches = [predict_exported_bytes(loaded, encoded[i : i + 32])["probabilities"] for i in range(0, len(encoded), 32)]
-    np.save(work_dir / "bytes_probs.npy", np.concatenate(batches) if batches else np.zeros((0, 0), np.float32))
+    batches = [predict_exported_bytes(loaded, encoded[i : i + 32]) for i in range(0, len(encoded), 32)]
+    np.save(work_dir / "bytes_probs.npy", np.concatenate([b["probabilities"] for b in batches]) if batches
+            else np.zeros((0, 0), np.float32))
+    # Images serving_default refused (over its pixel limit) are compared by nobody: the parent reports them.
+    # An export made before per-image checks has no `valid` output: every image counts as served.
+    np.save(work_dir / "bytes_valid.npy", np.concatenate([b.get(VALID_OUTPUT, np.ones(len(b["probabilities"]), bool))
+                                                          for b in batches]) if batches else np.zeros((0,), bool))
     (work_dir / "probe.json").write_text(json.dumps({
         "signatures_text": text, "signatures": summary,
         # The export must run on TensorFlow alone, as in TF Serving.

@@ -55,7 +55,7 @@ def publish_model(model: Any, run: RunDir, target: Path, class_names: list[str],
     card["gate"] = gate_export(card, val_metrics, target, settings.min_gain_over_chance, settings.max_regression,
                                force=cfg.force)
     staged = stage_export(model, target, class_names, image_size, cfg.top_k or settings.top_k, version=cfg.version,
-                          model_card=card)
+                          model_card=card, max_pixels=settings.max_pixels)
     try:
         return _check_and_publish(staged, model, run, source, cfg, image_size, settings.parity_tolerance)
     except BaseException:

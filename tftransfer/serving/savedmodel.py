@@ -32,19 +32,22 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer.core.errors import RunDirError
-from tftransfer.core.io import write_json
-from tftransfer.data.images import decode_and_resize
+from tftransfer.config.experiment import ExportConfig
+from tftransfer.core.errors import RunDirError, StorageError
+from tftransfer.core.io import disk_errors, fsync_path, fsync_tree, process_alive, removed_on_failure, write_json
 from tftransfer.serving.contract import (
     BYTES_INPUT,
     LABELS_FILE,
+    MESSAGE_OUTPUT,
     MODEL_CARD_FILE,
     PIXELS_INPUT,
     PIXELS_SIGNATURE,
     SERVING_SIGNATURE,
     SIGNATURES,
+    VALID_OUTPUT,
     base_model_card,
 )
+from tftransfer.serving.inputs import decode_checked
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +88,7 @@ def export_saved_model(
     *,
     version: int | None = None,
     model_card: Mapping[str, Any] | None = None,
+    max_pixels: int = ExportConfig.max_pixels,
 ) -> Path:
     """Writes model as the next version (or as `version`) under model_dir and returns the version directory.
 
@@ -92,7 +96,8 @@ def export_saved_model(
     the staged folder before publishing it). An existing version is never overwritten (an explicit `version`
     that exists is a RunDirError).
     """
-    staged = stage_export(model, model_dir, class_names, image_size, top_k, version=version, model_card=model_card)
+    staged = stage_export(model, model_dir, class_names, image_size, top_k, version=version, model_card=model_card,
+                          max_pixels=max_pixels)
     return publish_export(staged)
 
 
@@ -105,28 +110,17 @@ def stage_export(
     *,
     version: int | None = None,
     model_card: Mapping[str, Any] | None = None,
+    max_pixels: int = ExportConfig.max_pixels,
 ) -> StagedExport:
     """Writes the SavedModel into a temporary dot-named folder inside model_dir, not yet a version.
 
     TF Serving loads any integer-named folder as soon as it appears, so the export is checked here and only then
     renamed into place (`publish_export`), or set aside (`reject_export`). A model_card.json goes inside: the input
     contract, classes and versions, plus whatever `model_card` adds (see `build_model_card`). Temporary folders
-    left by exporters that died (killed during a check) are removed first.
+    left by exporters that died (killed during a check) are removed first. serving_default refuses, per image, one
+    whose header declares more than `max_pixels` pixels (see serving.inputs).
     """
-    names = _validate_class_names(class_names)
-    if image_size < 1:
-        raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
-    if top_k < 1:
-        raise ValueError(f"top_k must be at least 1, got {top_k}")
-    if version is not None and version < 1:
-        raise ValueError(f"version must be a positive integer, got {version}")
-    num_outputs = _num_model_outputs(model, image_size)
-    if num_outputs != len(names):
-        raise ValueError(
-            f"the model outputs {num_outputs} classes but {len(names)} class names were given; "
-            "class_names must list one name per model output, in output order"
-        )
-
+    names = _check_export_arguments(model, class_names, image_size, top_k, version, max_pixels)
     model_dir = Path(model_dir)
     if model_dir.exists() and not model_dir.is_dir():
         raise RunDirError(f"export path {model_dir} exists and is not a folder; choose another export folder")
@@ -134,26 +128,60 @@ def stage_export(
     if fixed and (model_dir / str(version)).exists():
         raise RunDirError(f"export path {model_dir / str(version)} already exists and exports never overwrite; "
                           f"leave out the version to write the next one ({next_version(model_dir)})")
-    model_dir.mkdir(parents=True, exist_ok=True)
-    clean_stale_exports(model_dir)
-    version = version if fixed else next_version(model_dir)
-    # Not tempfile.mkdtemp: its 0700 mode would survive the rename and lock out a TF Serving running as
-    # another user. The random suffix keeps a stale temp dir of a crashed run with a reused pid from colliding.
-    tmp_dir = model_dir / f"{_TMP_PREFIX}{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp_dir.mkdir()
-    try:
-        archive = _build_archive(model, names, image_size, min(top_k, len(names)))
-        archive.write_out(str(tmp_dir), verbose=False)
+    with disk_errors(model_dir):
+        model_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale_exports(model_dir)
+        version = version if fixed else next_version(model_dir)
+        # Not tempfile.mkdtemp: its 0700 mode would survive the rename and lock out a TF Serving running as
+        # another user. The random suffix keeps a stale temp dir of a crashed run with a reused pid from colliding.
+        tmp_dir = model_dir / f"{_TMP_PREFIX}{version}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp_dir.mkdir()
+    with removed_on_failure(tmp_dir):
+        k = min(top_k, len(names))
+        _write_archive(_build_archive(model, names, image_size, k, int(max_pixels)), tmp_dir)
         labels_text = "".join(f"{name}\n" for name in names)
-        (tmp_dir / "assets").mkdir(exist_ok=True)
-        (tmp_dir / "assets" / LABELS_FILE).write_text(labels_text, encoding="utf-8")
-        (tmp_dir / LABELS_FILE).write_text(labels_text, encoding="utf-8")
-        card = {**base_model_card(names, image_size, min(top_k, len(names))), **dict(model_card or {})}
-        write_json(tmp_dir / MODEL_CARD_FILE, card)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+        with disk_errors(tmp_dir):
+            (tmp_dir / "assets").mkdir(exist_ok=True)
+            (tmp_dir / "assets" / LABELS_FILE).write_text(labels_text, encoding="utf-8")
+            (tmp_dir / LABELS_FILE).write_text(labels_text, encoding="utf-8")
+        write_json(tmp_dir / MODEL_CARD_FILE,
+                   {**base_model_card(names, image_size, k, int(max_pixels)), **dict(model_card or {})})
     return StagedExport(tmp_dir, model_dir, int(version), fixed)
+
+
+def _check_export_arguments(model: keras.Model, class_names: Sequence[str], image_size: int, top_k: int,
+                            version: int | None, max_pixels: int) -> tuple[str, ...]:
+    """The class names, after a ValueError for any argument stage_export cannot use."""
+    names = _validate_class_names(class_names)
+    if image_size < 1:
+        raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    if version is not None and version < 1:
+        raise ValueError(f"version must be a positive integer, got {version}")
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be at least 1, got {max_pixels}")
+    num_outputs = _num_model_outputs(model, image_size)
+    if num_outputs != len(names):
+        raise ValueError(
+            f"the model outputs {num_outputs} classes but {len(names)} class names were given; "
+            "class_names must list one name per model output, in output order"
+        )
+    return names
+
+
+def _write_archive(archive: Any, folder: Path) -> None:
+    """ExportArchive.write_out, a full or read-only disk a StorageError naming the folder.
+
+    TensorFlow reports a failed write as an OSError or as a ResourceExhausted/PermissionDenied OpError without an
+    errno; a write that failed for another reason stays what it was.
+    """
+    try:
+        with disk_errors(folder):
+            archive.write_out(str(folder), verbose=False)
+    except (tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError) as error:
+        raise StorageError(f"cannot write the SavedModel to {folder}: {error.message.splitlines()[0]}; free space "
+                           "or choose another export folder") from error
 
 
 def publish_export(staged: StagedExport, prepare: Callable[[Path], None] | None = None) -> Path:
@@ -164,7 +192,9 @@ def publish_export(staged: StagedExport, prepare: Callable[[Path], None] | None 
     folder is removed.
     """
     try:
-        version_dir = _publish(staged.path, staged.model_dir, staged.version, fixed=staged.fixed, prepare=prepare)
+        with disk_errors(staged.model_dir):
+            version_dir = _publish(staged.path, staged.model_dir, staged.version, fixed=staged.fixed,
+                                   prepare=prepare)
     except BaseException:
         discard_export(staged)
         raise
@@ -190,25 +220,12 @@ def clean_stale_exports(model_dir: Path) -> list[Path]:
     removed = []
     for path in sorted(Path(model_dir).glob(f"{_TMP_PREFIX}*")):
         found = _TMP_NAME.match(path.name)
-        if found is None or not path.is_dir() or _process_alive(int(found.group(1))):
+        if found is None or not path.is_dir() or process_alive(int(found.group(1))):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
         logger.info("removed %s, left by an export that did not finish", path)
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    """Whether a process with this id exists (another user's counts; a reused id keeps a folder, never loses one)."""
-    if pid <= 0:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def load_exported(version_dir: str | Path) -> Any:
@@ -235,7 +252,11 @@ def predict_exported_pixels(loaded: Any, pixels: np.ndarray, batch_size: int = 6
 
 
 def predict_exported_bytes(loaded: Any, encoded: Sequence[bytes]) -> dict[str, np.ndarray]:
-    """Runs encoded JPEG/PNG/GIF/BMP images through serving_default; class_names come back as str."""
+    """Runs encoded JPEG/PNG/GIF/BMP images through serving_default; class_names and message come back as str.
+
+    Each image is judged alone: `valid[i]` False (with zero scores and `message[i]` saying why) for one the export
+    refused; the batch itself never fails on a bad image.
+    """
     encoded = list(encoded)
     signature = _signature(loaded, SERVING_SIGNATURE)
     if not encoded:
@@ -243,6 +264,8 @@ def predict_exported_bytes(loaded: Any, encoded: Sequence[bytes]) -> dict[str, n
     outputs = signature(**{BYTES_INPUT: tf.constant(encoded, dtype=tf.string)})
     result = {key: value.numpy() for key, value in outputs.items()}
     result["class_names"] = np.char.decode(result["class_names"].astype(bytes), "utf-8")
+    if MESSAGE_OUTPUT in result:  # absent from exports made before per-image checks
+        result[MESSAGE_OUTPUT] = np.char.decode(result[MESSAGE_OUTPUT].astype(bytes), "utf-8")
     return result
 
 
@@ -285,7 +308,7 @@ def _num_model_outputs(model: keras.Model, image_size: int) -> int:
         return int(logits.shape[-1])
 
 
-def _build_archive(model: keras.Model, names: tuple[str, ...], image_size: int, k: int) -> Any:
+def _build_archive(model: keras.Model, names: tuple[str, ...], image_size: int, k: int, max_pixels: int) -> Any:
     """Builds an ExportArchive with the serving_default (bytes) and predict_pixels endpoints.
 
     Typed Any: keras.export.ExportArchive() returns a backend class (TFExportArchive) that is not a subclass
@@ -306,13 +329,18 @@ def _build_archive(model: keras.Model, names: tuple[str, ...], image_size: int, 
         }
 
     def serve_bytes(images: tf.Tensor) -> dict[str, tf.Tensor]:
-        # map_fn because a batch mixes image sizes; each is resized exactly like the training pipeline does.
-        pixels = tf.map_fn(
-            lambda encoded: decode_and_resize(encoded, image_size),
-            images,
-            fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
-        )
-        return heads(model(pixels, training=False))
+        # Each image is checked and decoded alone (serving.inputs): a bad one is flagged, the others scored.
+        pixels, valid, messages = decode_checked(images, image_size, max_pixels)
+        outputs = heads(model(pixels, training=False))
+        keep = tf.reshape(valid, [-1, 1])
+        return {
+            "probabilities": tf.where(keep, outputs["probabilities"], 0.0),
+            "classes": tf.where(keep, outputs["classes"], -1),
+            "scores": tf.where(keep, outputs["scores"], 0.0),
+            "class_names": tf.where(keep, outputs["class_names"], ""),
+            VALID_OUTPUT: valid,
+            MESSAGE_OUTPUT: messages,
+        }
 
     def serve_pixels(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
         return heads(model(pixels, training=False))
@@ -344,10 +372,13 @@ def _publish(tmp_dir: Path, model_dir: Path, version: int, fixed: bool = False,
         if not target.exists():
             if prepare is not None:
                 prepare(target)
+            # What TF Serving loads the moment the name appears must be on the disk, not only in the page cache.
+            fsync_tree(tmp_dir)
             try:
                 # Linux's rename would also replace an *empty* directory created in the instant since the check
                 # above; that loses nothing, and a non-empty one makes rename fail, handled below.
                 os.rename(tmp_dir, target)
+                fsync_path(model_dir)
                 return target
             except OSError as error:
                 if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):

@@ -26,11 +26,14 @@ import keras
 import numpy as np
 
 from tftransfer.core.errors import RunDirError
+from tftransfer.core.io import disk_errors, fsync_path, fsync_tree, remove_stale, removed_on_failure
 
 logger = logging.getLogger(__name__)
 
 KEEP = 2
 _PREFIX = "epoch-"
+_TMP_PREFIX = ".tmp-"
+_TMP_NAME = r"^\.tmp-epoch-\d+(?:-end)?-(\d+)$"  # .tmp-epoch-NNNN[-end]-<pid>
 STATE_FILE = "state.json"
 FILES_KEY = "files"  # in state.json: {file name: {"bytes": n, "sha256": hex}} of the checkpoint's other files
 
@@ -66,31 +69,48 @@ def _arrays_list(path: Path) -> list[np.ndarray]:
 def save_checkpoint(checkpoints: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer | None,
                     state: TrainState, best_weights: list[np.ndarray] | None = None,
                     extra_weights: list[np.ndarray] | None = None) -> Path:
-    """Writes checkpoints/epoch-NNNN/ atomically and keeps only the newest few."""
-    checkpoints.mkdir(parents=True, exist_ok=True)
+    """Writes checkpoints/epoch-NNNN/ atomically and keeps only the newest few.
+
+    The files and the folder are fsync'd before the rename that publishes them, so a power loss cannot leave a
+    checkpoint that looks complete but is not. A full or read-only disk is a StorageError naming the path, with the
+    temporary folder removed (and those of writers that died, at the next checkpoint).
+    """
     final = checkpoints / f"{_PREFIX}{state.epoch:04d}{'-end' if state.phase_done else ''}"
-    tmp = checkpoints / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    model.save_weights(str(tmp / "model.weights.h5"))
-    if optimizer is not None and optimizer.built:
-        np.savez(tmp / "optimizer.npz", **_weights_arrays(optimizer.variables))
-    if best_weights is not None:
-        np.savez(tmp / "best.npz", **_weights_arrays(best_weights))
-    if extra_weights:  # weights that live outside the model, e.g. DANN's domain classifier
-        np.savez(tmp / "extra.npz", **_weights_arrays(extra_weights))
-    record = {**state.__dict__, FILES_KEY: _file_records(tmp)}
-    (tmp / STATE_FILE).write_text(json.dumps(record, indent=1, default=float))
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    tmp = checkpoints / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
+    with disk_errors(checkpoints):
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        remove_stale(checkpoints, _TMP_NAME)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        with removed_on_failure(tmp):
+            _write_checkpoint(tmp, model, optimizer, state, best_weights, extra_weights)
+            fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        fsync_path(checkpoints)
     found = list_checkpoints(checkpoints)
     newest = found.index(final) + 1
     # Newer ones than this are left from before a resume that fell back past them (damaged): stale, never resumed.
     for old in found[:max(newest - KEEP, 0)] + found[newest:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_checkpoint(folder: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer | None,
+                      state: TrainState, best_weights: list[np.ndarray] | None,
+                      extra_weights: list[np.ndarray] | None) -> None:
+    """The checkpoint's files in `folder`, state.json (with their sizes and checksums) last."""
+    model.save_weights(str(folder / "model.weights.h5"))
+    if optimizer is not None and optimizer.built:
+        np.savez(folder / "optimizer.npz", **_weights_arrays(optimizer.variables))
+    if best_weights is not None:
+        np.savez(folder / "best.npz", **_weights_arrays(best_weights))
+    if extra_weights:  # weights that live outside the model, e.g. DANN's domain classifier
+        np.savez(folder / "extra.npz", **_weights_arrays(extra_weights))
+    record = {**state.__dict__, FILES_KEY: _file_records(folder)}
+    (folder / STATE_FILE).write_text(json.dumps(record, indent=1, default=float))
 
 
 def _sha256(path: Path) -> str:

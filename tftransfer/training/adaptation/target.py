@@ -48,7 +48,8 @@ def load_target(spec: str, class_names: list[str], cfg: DataConfig, *, max_image
         raise DataError("adapt.target: no target data given (--target DATA)")
     labels: np.ndarray | None = None
     try:
-        source = load_source(spec, 0.0, cfg.strict, cfg.tfds_data_dir, test_split=0.0)
+        source = load_source(spec, 0.0, cfg.strict, cfg.tfds_data_dir, test_split=0.0,
+                             allow_outside_paths=cfg.allow_outside_paths)
     except DataError as exc:
         if not Path(spec).is_dir():
             raise DataError(f"adapt.target: {exc}") from None
