@@ -17,6 +17,7 @@ from tftransfer.config.commands import (
     EvaluateCommandConfig,
     ExportCommandConfig,
     PredictCommandConfig,
+    SelectCommandConfig,
     command_config,
     setting_specs,
 )
@@ -29,6 +30,7 @@ COMMAND_CONFIGS = {
     "evaluate": (EvaluateCommandConfig, {"data", "progress"}),
     "domain": (DomainCommandConfig, set()),
     "adapt": (AdaptCommandConfig, set()),
+    "select": (SelectCommandConfig, {"data", "candidates"}),
 }
 
 
@@ -62,8 +64,8 @@ def test_every_option_default_choice_range_and_help_is_the_config_fields(command
 @pytest.mark.parametrize("command", list(COMMAND_CONFIGS))
 def test_the_options_parse_into_the_config(command, tmp_path):
     cls, cli_only = COMMAND_CONFIGS[command]
-    args = {"predict": [str(tmp_path), "image.jpg"], "evaluate": [str(tmp_path), "--data", "d"]}.get(command,
-                                                                                                   [str(tmp_path)])
+    args = {"predict": [str(tmp_path), "image.jpg"], "evaluate": [str(tmp_path), "--data", "d"],
+            "select": ["--data", "d", "--candidates", "tiny"]}.get(command, [str(tmp_path)])
     ctx = cli.main.commands[command].make_context(command, args)
     settings = {k: v for k, v in ctx.params.items() if k in setting_specs(cls) and k not in cli_only}
     assert command_config(cls, settings=settings) == cls(**settings)

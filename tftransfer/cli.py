@@ -15,11 +15,13 @@ import click
 
 from tftransfer import __version__
 from tftransfer.config.commands import (
+    SELECT_SCORE_NAMES,
     AdaptCommandConfig,
     DomainCommandConfig,
     EvaluateCommandConfig,
     ExportCommandConfig,
     PredictCommandConfig,
+    SelectCommandConfig,
     SettingSpec,
     command_config,
     setting_specs,
@@ -65,7 +67,7 @@ run_distill = _job("tftransfer.jobs.distill:run_distill")
 
 # tftransfer.evaluation.transferability.SCORES, first the default (a test ties them; importing it here would load
 # scikit-learn for --help).
-SELECT_CRITERIA = ("logme", "h_score", "probe_accuracy")
+SELECT_CRITERIA = SELECT_SCORE_NAMES
 
 # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) buries the messages a user needs: a level set before
 # any TensorFlow import (the user's own TF_CPP_MIN_LOG_LEVEL is kept).
@@ -682,29 +684,24 @@ def _echo_fit_result(metrics: dict[str, Any]) -> None:
               help="Backbones to compare: names separated by commas (NAME or NAME@SIZE, e.g. "
                    "mobilenetv2,efficientnetb0@160), or a YAML file: a list of {backbone, weights, backbone_kwargs, "
                    "image_size}.")
-@click.option("--weights", default="imagenet", show_default=True,
-              help="Weights of the named candidates: imagenet, none or a file (a YAML entry sets its own).")
-@click.option("--image-size", type=click.IntRange(min=0), default=0,
-              help="Input size of the named candidates without @SIZE (0: each backbone's default).")
-@click.option("--rank-by", type=click.Choice(SELECT_CRITERIA), default=SELECT_CRITERIA[0], show_default=True,
-              help="Score the table is sorted by and the pick made on.")
-@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
-              help="Cross-validation folds of the linear probe.")
-@click.option("--max-images", type=click.IntRange(min=0), default=1000, show_default=True,
-              help="Class-stratified subsample of the train + val images above this many (0: all).")
-@click.option("--budget-seconds", type=click.FloatRange(min=0), default=0.0,
-              help="Start no further candidate after this many seconds; the rest are listed as skipped (0: none).")
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="A fit config whose data and runtime settings (split, seed, cache) select uses.")
-@click.option("--name", help="Output folder runs/<name>/ (default select_<data>); never overwritten.")
-@click.option("--runs-dir", default="runs", show_default=True, help="Where the output folder is made.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True)
+@config_option(SelectCommandConfig, "weights")
+@config_option(SelectCommandConfig, "image_size")
+@config_option(SelectCommandConfig, "rank_by")
+@config_option(SelectCommandConfig, "folds")
+@config_option(SelectCommandConfig, "max_images")
+@config_option(SelectCommandConfig, "budget_seconds")
+@config_option(SelectCommandConfig, "fit_config", "-c", "--config", type=click.Path(dir_okay=False, path_type=Path))
+@config_option(SelectCommandConfig, "name")
+@config_option(SelectCommandConfig, "runs_dir")
+@config_option(SelectCommandConfig, "batch_size")
+@config_option(SelectCommandConfig, "seed")
+@config_option(SelectCommandConfig, "cache_dir")
+@config_option(SelectCommandConfig, "latency_runs")
 @_user_errors
 @_with_probe_progress
-def select_command(data: str, candidates: str, config_path: Path | None, **options: Any) -> None:
+def select_command(data: str, candidates: str, **settings: Any) -> None:
     """Rank backbones on DATA by transferability (LogME, H-score, linear probe) and cost; recommend one."""
-    result = run_select(data, candidates, config=config_path, **options)
+    result = run_select(data, candidates, command_config(SelectCommandConfig, settings=settings))
     click.echo(f"\n{'rank':>4}  {'candidate':<44} {'LogME':>8} {'H-score':>8} {'probe':>14} {'batch-1 ms':>10}")
     for entry in result.candidates:
         if entry.get("skipped") or entry.get("error"):

@@ -24,6 +24,7 @@ import keras
 import numpy as np
 import yaml
 
+from tftransfer.config.commands import SelectCommandConfig, command_config
 from tftransfer.config.experiment import ExperimentConfig, load_config
 from tftransfer.core.errors import BackboneError, ConfigError, TfTransferError
 from tftransfer.core.io import write_json
@@ -367,35 +368,37 @@ def _run_one(candidate: BackboneCandidate, cfg: ExperimentConfig, index: int, to
     return entry, seen
 
 
-def run_select(data: str, candidates: str | Path | Sequence[Any], *, weights: str = "imagenet", image_size: int = 0,
-               rank_by: str = "logme", folds: int = 5, max_images: int = 1000, budget_seconds: float = 0.0,
-               name: str | None = None, runs_dir: str | Path = "runs", config: str | Path | None = None,
-               batch_size: int = 32, seed: int = 42, cache_dir: str = "", latency_runs: int = 10) -> SelectResult:
+def run_select(data: str, candidates: str | Path | Sequence[Any], config: SelectCommandConfig | None = None,
+               **settings: Any) -> SelectResult:
     """`tftransfer select`: every candidate's transferability scores and cost on `data`, ranked by `rank_by`.
 
     `candidates` is a comma-separated string of names (NAME or NAME@SIZE; `weights` and `image_size` apply to
     them), a YAML file (a list of {backbone, weights, backbone_kwargs, image_size}) or a list of names, mappings or
-    BackboneCandidate. `config` is a fit config whose data and runtime settings (split, seed, cache) select uses,
-    so `tftransfer fit` with it reuses the features. Candidates not started within `budget_seconds` (0: no limit)
-    are listed as skipped; `max_images` (0: all) caps the train + val images, class shares kept.
+    BackboneCandidate. Settings come as a SelectCommandConfig or as its fields by keyword (`rank_by="h_score"`);
+    an unknown or ill-typed one is a ConfigError naming it. Its `fit_config` is a fit config whose data and runtime
+    settings (split, seed, cache) select uses, so `tftransfer fit` with it reuses the features. Candidates not
+    started within `budget_seconds` (0: no limit) are listed as skipped; `max_images` (0: all) caps the train + val
+    images, class shares kept.
     """
+    cfg = command_config(SelectCommandConfig, config, settings)
     started = time.perf_counter()
-    settings = {"data.batch_size": batch_size, "runtime.seed": seed, "runs_dir": str(runs_dir)}
-    if cache_dir:
-        settings["runtime.cache_dir"] = str(cache_dir)
-    found, configs = _prepare(data, candidates, weights, image_size, rank_by, config, settings)
-    run = create_run_dir(runs_dir, name or default_select_name(data))
+    rank_by, fit_config = cfg.rank_by, cfg.fit_config
+    overrides = {"data.batch_size": cfg.batch_size, "runtime.seed": cfg.seed, "runs_dir": str(cfg.runs_dir)}
+    if cfg.cache_dir:
+        overrides["runtime.cache_dir"] = cfg.cache_dir
+    found, configs = _prepare(data, candidates, cfg.weights, cfg.image_size, rank_by, fit_config, overrides)
+    run = create_run_dir(cfg.runs_dir, cfg.name or default_select_name(data))
     entries, seen = [], None
-    for i, (candidate, cfg) in enumerate(zip(found, configs)):
-        if budget_seconds and i > 0 and time.perf_counter() - started >= budget_seconds:
-            entries.append({**vars(candidate), "skipped": f"budget of {budget_seconds:g} s spent"})
+    for i, (candidate, fit_cfg) in enumerate(zip(found, configs)):
+        if cfg.budget_seconds and i > 0 and time.perf_counter() - started >= cfg.budget_seconds:
+            entries.append({**vars(candidate), "skipped": f"budget of {cfg.budget_seconds:g} s spent"})
             continue
-        entry, data_seen = _run_one(candidate, cfg, i, len(found), max_images, folds, latency_runs)
+        entry, data_seen = _run_one(candidate, fit_cfg, i, len(found), cfg.max_images, cfg.folds, cfg.latency_runs)
         entries.append(entry)
         seen = data_seen or seen
     rank_candidates(entries, rank_by)
-    recommendation = recommend(entries, rank_by, data, config)
-    report = _write_report(run, entries, recommendation, seen, data, rank_by, folds, max_images, started)
+    recommendation = recommend(entries, rank_by, data, fit_config)
+    report = _write_report(run, entries, recommendation, seen, data, rank_by, cfg.folds, cfg.max_images, started)
     if seen is None and any(e.get("error") for e in entries):
         first = next(e for e in entries if e.get("error"))
         raise BackboneError(f"no candidate could be built ({run.path / 'select.json'} lists why); "
