@@ -30,6 +30,7 @@ from tftransfer.config.experiment import ADAPT_METHODS, RECIPES, load_config
 from tftransfer.core.errors import TfTransferError
 from tftransfer.core.lazy import lazy, resolve
 from tftransfer.core.native_logs import import_tensorflow_quietly, set_log_defaults
+from tftransfer.core.progress import ProgressEvent, report_progress_to
 from tftransfer.data.probe import report_progress
 from tftransfer.model.catalog import builtin_backbones
 
@@ -139,12 +140,65 @@ def _probe_progress(enabled: bool | None = None, file: IO[str] | None = None) ->
         yield
 
 
+class _ProgressBars:
+    """The CLI's tftransfer.core.progress callback on a terminal: one click progress bar per tracked step on stderr,
+    the innermost step drawn while steps nest (two bars on one line would garble it)."""
+
+    def __init__(self, file: IO[str]) -> None:
+        self.file = file
+        self.open: list[tuple[int, Any, contextlib.ExitStack]] = []  # (step, bar, its exit), innermost last
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.finished:
+            while self.open and any(step == event.step for step, _, _ in self.open):
+                step, bar, stack = self.open.pop()
+                if step == event.step:
+                    bar.update(event.done - bar.pos)
+                stack.close()
+            return
+        if not self.open or self.open[-1][0] != event.step:
+            if any(step == event.step for step, _, _ in self.open):
+                return  # an outer step moved while an inner one is drawn
+            stack = contextlib.ExitStack()
+            label = event.what if len(event.what) <= PROBE_BAR_LABEL_CHARS else \
+                event.what[:PROBE_BAR_LABEL_CHARS - 3] + "..."
+            bar = stack.enter_context(click.progressbar(length=max(event.total, 1), label=label, file=self.file,
+                                                        show_pos=True, show_percent=True))
+            self.open.append((event.step, bar, stack))
+        bar = self.open[-1][1]
+        bar.update(event.done - bar.pos)
+
+    def close(self) -> None:
+        while self.open:
+            self.open.pop()[2].close()
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[None]:
+    """Progress of the library's long steps: bars on a terminal, the library's log lines when stderr is piped."""
+    if not enabled or not _stderr_is_tty():
+        with report_progress_to(None, enabled=enabled):
+            yield
+        return
+    bars = _ProgressBars(click.get_text_stream("stderr"))
+    try:
+        with report_progress_to(bars):
+            yield
+    finally:
+        bars.close()  # a bar cut short by an error ends here, so the error message starts on its own line
+
+
+PROGRESS_HELP = "Progress of long steps: a bar on a terminal, a log line every few seconds when piped."
+
+
 def _with_probe_progress(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Runs a command inside _probe_progress(), for commands that list image folders along the way."""
+    """Runs a command inside _probe_progress() and _progress(): file probing and the library's long steps show
+    their progress (off with the command's --no-progress, where it has one)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with _probe_progress():
+        enabled = bool(kwargs.get("progress", True))
+        with _probe_progress(None if enabled else False), _progress(enabled):
             return fn(*args, **kwargs)
 
     return wrapper
@@ -339,7 +393,7 @@ def _config_from_options(config_path: Path | None, overrides: tuple[str, ...], f
               help="Continue an interrupted run (runs/<name>) from its last finished epoch, with its own config.")
 @click.option("--lr-find", "lr_find", is_flag=True,
               help="Run the learning-rate range test first and train with its suggested rates.")
-@click.option("--progress", is_flag=True, help="Show Keras progress bars.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help=PROGRESS_HELP)
 @click.option("--target", help="Unlabeled target-domain data to adapt to (folder, manifest#domain=NAME, ...); "
                                 "its labels, if any, are only reported.  [adapt.target]")
 @click.option("--adapt", type=click.Choice(list(ADAPT_METHODS)),
@@ -354,7 +408,7 @@ def _config_from_options(config_path: Path | None, overrides: tuple[str, ...], f
 def fit_command(config_path: Path | None, overrides: tuple[str, ...], overwrite: bool, resume_dir: Path | None,
                 lr_find: bool, progress: bool, recipe: str | None, seeds: int, **flags: Any) -> None:
     """Fine-tune a backbone in two phases, evaluate it and export a SavedModel for TF Serving."""
-    verbose = 1 if progress else 0
+    verbose = 0  # Keras' own bars show 1/Unknown on tf.data and collide with the epoch lines: _progress draws them
     if resume_dir is not None:
         given = [f"--{n.replace('_', '-')}" for n, v in flags.items() if v is not None]
         given += [n for n, v in (("--config", config_path), ("--set", overrides), ("--overwrite", overwrite),
@@ -409,7 +463,7 @@ _DISTILL_FLAGS = {  # flag name -> the config key it sets
 @click.option("--train-baseline", is_flag=True,
               help="First train the same student without the teacher (<name>_baseline), compared in summary.md.")
 @click.option("--overwrite", is_flag=True, help="Replace existing runs of these names (the old ones are kept aside).")
-@click.option("--progress", is_flag=True, help="Show Keras progress bars.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help=PROGRESS_HELP)
 @_user_errors
 @_with_probe_progress
 def distill_command(teacher: Path, student: str, config_path: Path | None, overrides: tuple[str, ...],
@@ -422,7 +476,7 @@ def distill_command(teacher: Path, student: str, config_path: Path | None, overr
     if epochs is not None:
         values.update({"phases.head.epochs": epochs, "phases.finetune.epochs": epochs})
     result = run_distill(teacher, student, config=config_path, values=values, overrides=overrides,
-                         train_baseline=train_baseline, overwrite=overwrite, verbose=1 if progress else 0)
+                         train_baseline=train_baseline, overwrite=overwrite)
     _echo_fit_result(result.metrics)
     distill = result.metrics.get("distill") or {}
     rows = [("teacher", (distill.get("teacher") or {}).get("here")), ("student", distill.get("student")),
@@ -554,12 +608,12 @@ def _echo_suggestions(found: dict[str, Any], kept: str = "") -> None:
 @config_option(EvaluateCommandConfig, "batch_size")
 @config_option(EvaluateCommandConfig, "image_size")
 @config_option(EvaluateCommandConfig, "tfds_data_dir")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar over the data.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help=PROGRESS_HELP)
 @_user_errors
 @_with_probe_progress
 def evaluate_command(model: Path, data: str | None, progress: bool, **settings: Any) -> None:
     """Evaluate MODEL (a run directory or an exported SavedModel) on DATA: metrics.json, summary.md, plots."""
-    result = run_evaluation(model, data, command_config(EvaluateCommandConfig, settings=settings), progress=progress)
+    result = run_evaluation(model, data, command_config(EvaluateCommandConfig, settings=settings))
     _echo_evaluation(result.metrics, result.output_dir)
 
 

@@ -11,6 +11,7 @@ from tftransfer.config.commands import ExportCommandConfig, command_config
 from tftransfer.config.experiment import ExportConfig, read_yaml
 from tftransfer.core.errors import DataError, RunDirError
 from tftransfer.core.io import read_json, write_json
+from tftransfer.core.progress import Tracker, track
 from tftransfer.data.sources import DataSource
 from tftransfer.runs.finished import load_run_model, load_run_source, read_labels, run_image_size
 from tftransfer.runs.layout import RunDir, check_run_name
@@ -93,12 +94,15 @@ def export_run(run_dir: str | Path, config: ExportCommandConfig | None = None, *
     card["gate"] = gate_export(card, _val_metrics(run), target, _gate_setting(export_cfg, "min_gain_over_chance"),
                                _gate_setting(export_cfg, "max_regression"), force=cfg.force)
     # Written and checked under a dot-name TF Serving ignores; a version only once the check passed.
-    staged = stage_export(model, target, names, image_size, top_k, version=version, model_card=card)
-    try:
-        return _check_and_publish(staged, model, run, source, cfg, tolerance)
-    except BaseException:
-        discard_export(staged)  # a rejected export was moved aside before: nothing left here to remove
-        raise
+    with track("export: SavedModel, parity check" + (", TFLite" if tflite else ""), 3 if tflite else 2,
+               "steps") as progress:
+        staged = stage_export(model, target, names, image_size, top_k, version=version, model_card=card)
+        progress.advance()
+        try:
+            return _check_and_publish(staged, model, run, source, cfg, tolerance, progress)
+        except BaseException:
+            discard_export(staged)  # a rejected export was moved aside before: nothing left here to remove
+            raise
 
 
 def _val_metrics(run: RunDir) -> dict[str, Any] | None:
@@ -110,18 +114,20 @@ def _gate_setting(export_cfg: dict[str, Any], key: str) -> float:
 
 
 def _check_and_publish(staged: StagedExport, model: Any, run: RunDir, source: DataSource | None,
-                       cfg: ExportCommandConfig, tolerance: float) -> ExportResult:
+                       cfg: ExportCommandConfig, tolerance: float, progress: Tracker) -> ExportResult:
     """The parity check (and TFLite) on the staged export, then the rename to its version; ParityError if it fails."""
     image_size = run_image_size(run.path)
     pixels, encoded, described = parity_inputs(source, image_size, cfg.parity_images)
     parity = check_parity_fresh_process(model, staged.path, pixels, encoded, tolerance=tolerance)
     parity["data"] = described
+    progress.advance()
     if not parity["ok"]:
         _reject(staged, run.model, parity)
     tflite_entry = None
     if cfg.tflite is not None:
         tflite_entry = export_tflite(model, staged.path, image_size, cfg.tflite, source,
                                      representative_images=cfg.representative_images, batch_size=cfg.batch_size)
+        progress.advance()
     card = read_json(staged.path / MODEL_CARD_FILE)
     card["tflite"] = tflite_entry
     version_dir = publish_export(staged, prepare=lambda final: _write_card(staged.path, card, final, parity))

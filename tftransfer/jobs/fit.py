@@ -23,6 +23,7 @@ from tftransfer.config.experiment import ExperimentConfig, load_config, save_con
 from tftransfer.core.cache import default_cache_dir, file_hash
 from tftransfer.core.errors import ConfigError, RunDirError
 from tftransfer.core.io import read_json, write_json
+from tftransfer.core.progress import track
 from tftransfer.data.images import DECODE_VERSION
 from tftransfer.data.pipeline import Datasets, make_datasets, make_split_dataset, take_pixels
 from tftransfer.data.sources import DataSource, Split
@@ -342,17 +343,20 @@ def _export(exp: Experiment, run: RunDir, final_val: dict | None) -> tuple[Path 
         # the run is complete and kept: only its publication is refused
         logger.warning("%s: tftransfer export %s --force", refused, run.path)
         return None, {"path": None, "version": None, "published": False, "gate": str(refused)}
-    staged = stage_export(model, model_dir, source.class_names, exp.image_size,
-                          top_k=cfg.export.top_k, model_card=card)
-    parity_data = data.val if data.val is not None else data.train
-    try:
-        # In the staged folder, which TF Serving ignores: a version appears only once the check passed.
-        diff = check_parity(model, staged.path, take_pixels(parity_data, 256))
-        ok = bool(diff <= cfg.export.parity_tolerance)
-        export_dir = publish_export(staged) if ok else reject_export(staged)
-    except BaseException:
-        discard_export(staged)
-        raise
+    with track("export: SavedModel, parity check", 2, "steps") as progress:
+        staged = stage_export(model, model_dir, source.class_names, exp.image_size,
+                              top_k=cfg.export.top_k, model_card=card)
+        progress.advance()
+        parity_data = data.val if data.val is not None else data.train
+        try:
+            # In the staged folder, which TF Serving ignores: a version appears only once the check passed.
+            diff = check_parity(model, staged.path, take_pixels(parity_data, 256))
+            progress.advance()
+            ok = bool(diff <= cfg.export.parity_tolerance)
+            export_dir = publish_export(staged) if ok else reject_export(staged)
+        except BaseException:
+            discard_export(staged)
+            raise
     export_entry = {"path": str(export_dir), "version": int(export_dir.name) if ok else None, "published": ok,
                     "parity_max_abs_diff": diff, "parity_tolerance": cfg.export.parity_tolerance, "parity_ok": ok}
     if not ok:

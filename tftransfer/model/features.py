@@ -21,6 +21,7 @@ import tensorflow as tf
 
 import tftransfer
 from tftransfer.core.cache import cache_key
+from tftransfer.core.progress import track
 from tftransfer.data.sources import Split, split_fingerprint
 from tftransfer.model.classifier import POOL_LAYER, build_inference_fn
 
@@ -74,17 +75,12 @@ def extract_features(extractor: keras.Model | Callable[[Any], np.ndarray], datas
                      total: int | None = None, what: str = "") -> tuple[np.ndarray, np.ndarray]:
     """Runs the extractor (a model, or a build_inference_fn of one) over (pixels, labels) batches."""
     infer = build_inference_fn(extractor) if isinstance(extractor, keras.Model) else extractor
-    feats, labels, seen = [], [], 0
-    started = last = time.perf_counter()
-    for x, y in dataset:
-        feats.append(np.asarray(infer(x), dtype=np.float32))
-        labels.append(y.numpy())
-        seen += len(labels[-1])
-        now = time.perf_counter()
-        if now - last > 10:
-            logger.info("features %s: %d%s images (%.0f images/s)", what, seen, f"/{total}" if total else "",
-                        seen / (now - started))
-            last = now
+    feats, labels = [], []
+    with track(f"features {what}".strip(), total or 0, "images") as progress:
+        for x, y in dataset:
+            feats.append(np.asarray(infer(x), dtype=np.float32))
+            labels.append(y.numpy())
+            progress.advance(len(labels[-1]))
     if not feats:
         return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
     return np.concatenate(feats), np.concatenate(labels).astype(np.int64)
@@ -120,8 +116,8 @@ def cached_features(extractor: keras.Model | Callable[[Any], np.ndarray], views:
     if found is not None:
         return found
     started = time.perf_counter()
-    chunks = [extract_features(extractor, ds, len(split), f"{what} view {v + 1}/{len(views)}")
-              for v, ds in enumerate(views)]
+    chunks = [extract_features(extractor, ds, len(split), f"{what} view {v + 1}/{len(views)}" if len(views) > 1
+                               else what) for v, ds in enumerate(views)]
     features = np.concatenate([c[0] for c in chunks])
     labels = np.concatenate([c[1] for c in chunks])
     logger.info("computed %d %s feature vectors in %.1f s", len(labels), what, time.perf_counter() - started)

@@ -57,6 +57,7 @@ from tftransfer.training.callbacks import (
     NaNGuard,
     Progress,
     StepCount,
+    StepProgress,
     extra_weights,
 )
 from tftransfer.training.checkpoint import Checkpoint, save_checkpoint
@@ -457,10 +458,11 @@ def _resume_phase(state: _FitState, name: str, phase: PhaseConfig, inputs: Phase
     return resume.state.epoch
 
 
-def _phase_callbacks(state: _FitState, phase: PhaseConfig, inputs: PhaseInputs, guard: NaNGuard,
+def _phase_callbacks(state: _FitState, name: str, phase: PhaseConfig, inputs: PhaseInputs, guard: NaNGuard,
                      best: BestWeights | None) -> list[keras.callbacks.Callback]:
     # StepCount first: the callbacks after it read the learning rate and save the optimizer at an epoch's end
     callbacks = [StepCount(), *inputs.callbacks, *state.shared, guard] + ([best] if best else [])
+    callbacks.append(StepProgress(name, inputs.steps_per_epoch, state.epoch, phase.epochs))
     if phase.early_stopping_patience and inputs.val is not None:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=phase.early_stopping_patience))
     if state.run is not None and not inputs.on_features:
@@ -548,7 +550,7 @@ def _run_phase(state: _FitState, name: str, phase: PhaseConfig, set_trainable: C
     guard = NaNGuard()
     state.jit_compile = _fit_falling_back_from_xla(
         state, name, phase, inputs, initial_epoch=initial_epoch, epochs=state.epoch + phase.epochs,
-        callbacks=_phase_callbacks(state, phase, inputs, guard, best), verbose=verbose,
+        callbacks=_phase_callbacks(state, name, phase, inputs, guard, best), verbose=verbose,
         class_weight=None if _own_loss(inputs.model) else state.class_weight)
     return _end_phase(state, name, phase, inputs, report, best, guard, started, evaluate_phase)
 
