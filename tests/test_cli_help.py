@@ -1,0 +1,21 @@
+"""Docs and flags agree (issue 13 item 9): what --help promises is what the option accepts. No TensorFlow needed."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from tftransfer import cli
+
+
+def test_fit_image_size_zero_means_the_backbone_default():
+    ctx = cli.main.commands["fit"].make_context("fit", ["--data", "d", "--image-size", "0"])
+    assert ctx.params["image_size"] == 0
+    cfg = cli._config_from_options(None, (), {k: v for k, v in ctx.params.items()
+                                              if k in ("data", "image_size")}, None)
+    assert cfg.data.image_size == 0  # resolved to the backbone's default size when the run starts
+
+
+def test_fit_data_help_lists_every_kind_of_data():
+    text = CliRunner().invoke(cli.main, ["fit", "--help"]).output
+    for kind in ("CSV/JSONL", ".npz", "tfds:", "builtin:", "0 = the backbone's default"):
+        assert kind in " ".join(text.split()), kind
