@@ -19,3 +19,12 @@ def test_fit_data_help_lists_every_kind_of_data():
     text = CliRunner().invoke(cli.main, ["fit", "--help"]).output
     for kind in ("CSV/JSONL", ".npz", "tfds:", "builtin:", "0 = the backbone's default"):
         assert kind in " ".join(text.split()), kind
+
+
+def test_backbones_columns_line_up_for_every_row():
+    lines = CliRunner().invoke(cli.main, ["backbones"]).output.splitlines()
+    table = lines[:lines.index("")]
+    size_end = table[0].index("size") + len("size")
+    assert len(table) > 10 and any("inception_resnet_v2" in line for line in table)  # the longest family name
+    for line in table[1:]:
+        assert line[:size_end].split()[-1].isdigit() and line[size_end] == " ", line

@@ -310,6 +310,16 @@ def main(verbose: bool) -> None:
     _setup_logging(verbose)
 
 
+def _echo_table(header: list[str], rows: list[list[Any]], align: str) -> None:
+    """Columns as wide as their widest cell (a long family name must not push its row out of line); `align`
+    holds l or r per column."""
+    cells = [[str(c) for c in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        line = "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align))
+        click.echo(line.rstrip())
+
+
 @main.command("backbones", epilog="Example: tftransfer backbones mobilenetv2 efficientnetb0")
 @click.option("--details", is_flag=True,
               help="Build every backbone (weights=None) to count parameters and unfreezable blocks (slow).")
@@ -320,19 +330,17 @@ def backbones_command(details: bool, names: tuple[str, ...]) -> None:
     if details or names:
         # Building a backbone needs Keras; the plain list comes from the static catalog, without TensorFlow.
         specs = [get_backbone_spec(n) for n in names] if names else [get_backbone_spec(n) for n in list_backbones()]
-        click.echo(f"{'name':<20} {'family':<16} {'size':>5} {'min':>4} {'preprocess':<10} {'params':>13} "
-                   f"{'blocks':>6}  top blocks")
+        rows = []
         for spec in specs:
             d = describe_backbone(spec)
-            click.echo(f"{spec.name:<20} {spec.family:<16} {spec.default_size:>5} {spec.min_size:>4} "
-                       f"{spec.preprocess_mode:<10} {d['params']:>13,} {d['blocks']:>6}  "
-                       f"{', '.join(d['top_blocks'])}")
+            rows.append([spec.name, spec.family, spec.default_size, spec.min_size, spec.preprocess_mode,
+                         f"{d['params']:,}", d["blocks"], ", ".join(d["top_blocks"])])
+        _echo_table(["name", "family", "size", "min", "preprocess", "params", "blocks", "top blocks"], rows,
+                    "llrrlrrl")
         return
     specs = builtin_backbones()
-    click.echo(f"{'name':<20} {'family':<16} {'size':>5} {'min':>4} {'preprocess':<10}")
-    for spec in specs:
-        click.echo(f"{spec.name:<20} {spec.family:<16} {spec.default_size:>5} {spec.min_size:>4} "
-                   f"{spec.preprocess_mode:<10}")
+    _echo_table(["name", "family", "size", "min", "preprocess"],
+                [[s.name, s.family, s.default_size, s.min_size, s.preprocess_mode] for s in specs], "llrrl")
     click.echo(f"\n{len(specs)} backbones. Params and unfreezable blocks: tftransfer backbones --details "
                "(or: tftransfer backbones NAME).")
 
