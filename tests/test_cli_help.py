@@ -28,3 +28,15 @@ def test_backbones_columns_line_up_for_every_row():
     assert len(table) > 10 and any("inception_resnet_v2" in line for line in table)  # the longest family name
     for line in table[1:]:
         assert line[:size_end].split()[-1].isdigit() and line[size_end] == " ", line
+
+
+def test_every_command_help_ends_with_an_example():
+    def commands(group, prefix=()):
+        for name, command in group.commands.items():
+            yield (*prefix, name), command
+            if hasattr(command, "commands"):
+                yield from commands(command, (*prefix, name))
+
+    for path, command in commands(cli.main):
+        assert (command.epilog or "").startswith("Example: tftransfer "), " ".join(path)
+        assert "Example: tftransfer" in CliRunner().invoke(cli.main, [*path, "--help"]).output, " ".join(path)
