@@ -724,7 +724,8 @@ def plot_history(
                 marker="o",
                 markersize=3,
                 linestyle="--" if key.startswith("val_") else "-",
-                label="validation" if key.startswith("val_") else "train",
+                label="validation" if key.startswith("val_") else "schedule" if base in ("learning_rate", "lr")
+                else "train",
             )
         if base in ("learning_rate", "lr"):
             ax.set_yscale("log")  # schedules span orders of magnitude
