@@ -75,7 +75,7 @@ def timed_select(work: Path, data: Path, entries: list[dict[str, Any]], name: st
 
     load = load_average()
     started = time.perf_counter()
-    result = run_select(str(data), entries, name=name, runs_dir=work / "runs", config=CONFIG,
+    result = run_select(str(data), entries, name=name, runs_dir=work / "runs", fit_config=CONFIG,
                         cache_dir=str(work / "cache"), max_images=max_images)
     return {"seconds": time.perf_counter() - started, "load_average_before": load, "load_average_after":
             load_average(), "run_dir": str(result.run_dir), "recommendation": result.recommendation,

@@ -18,6 +18,7 @@ from tftransfer.config.commands import (
     ExportCommandConfig,
     LrFindCommandConfig,
     PredictCommandConfig,
+    SelectCommandConfig,
     command_config,
     setting_specs,
 )
@@ -32,6 +33,7 @@ COMMAND_CONFIGS = {
     "adapt": (AdaptCommandConfig, set()),
     # lr-find also takes fit's experiment options (config, --set, --backbone, ...): they build the ExperimentConfig
     "lr-find": (LrFindCommandConfig, {o.name for o in cli.main.commands["fit"].params if isinstance(o, click.Option)}),
+    "select": (SelectCommandConfig, {"data", "candidates"}),
 }
 
 
@@ -65,7 +67,8 @@ def test_every_option_default_choice_range_and_help_is_the_config_fields(command
 @pytest.mark.parametrize("command", list(COMMAND_CONFIGS))
 def test_the_options_parse_into_the_config(command, tmp_path):
     cls, cli_only = COMMAND_CONFIGS[command]
-    arguments = {"predict": [str(tmp_path), "image.jpg"], "evaluate": [str(tmp_path), "--data", "d"], "lr-find": []}
+    arguments = {"predict": [str(tmp_path), "image.jpg"], "evaluate": [str(tmp_path), "--data", "d"], "lr-find": [],
+                 "select": ["--data", "d", "--candidates", "tiny"]}
     args = arguments.get(command, [str(tmp_path)])
     ctx = cli.main.commands[command].make_context(command, args)
     settings = {k: v for k, v in ctx.params.items() if k in setting_specs(cls) and k not in cli_only}

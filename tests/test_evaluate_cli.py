@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -37,7 +38,25 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return {"root": root, "data": data, "run": root / "runs" / "colours",
-            "export": root / "saved_models" / "colours" / "1"}
+            "export": root / "saved_models" / "colours" / "1", "fit_output": result.output}
+
+
+def test_piped_fit_and_evaluate_log_progress_with_totals(fitted):
+    """stderr is not a terminal under CliRunner: each long step ends with a log line carrying its total (no bar, no
+    Keras '1/Unknown'); --no-progress leaves them out, and fit and evaluate agree on the default."""
+    fit_output = fitted["fit_output"]
+    assert re.search(r"^features train: (\d+)/\1 images \(100%\)", fit_output, re.M), fit_output
+    assert re.search(r"^export: SavedModel, parity check: 2/2 steps", fit_output, re.M), fit_output
+    assert "Unknown" not in fit_output and "\r" not in fit_output
+    shown = _invoke("evaluate", fitted["run"], "--data", fitted["data"], "--output", fitted["root"] / "progress")
+    assert shown.exit_code == 0, shown.output
+    assert re.search(r"^evaluate val: 12/12 images \(100%\)", shown.output, re.M), shown.output
+    hidden = _invoke("evaluate", fitted["run"], "--data", fitted["data"], "--output", fitted["root"] / "quiet",
+                     "--no-progress")
+    assert hidden.exit_code == 0 and "evaluate val:" not in hidden.output
+    defaults = {name: next(p.default for p in main.commands[name].params if p.name == "progress")
+                for name in ("fit", "evaluate", "distill")}
+    assert defaults == {"fit": True, "evaluate": True, "distill": True}
 
 
 def _invoke(*args: str) -> object:

@@ -18,8 +18,9 @@ import tftransfer
 from tftransfer.cli import SELECT_CRITERIA, main
 from tftransfer.core.errors import BackboneError, ConfigError, RunDirError
 from tftransfer.evaluation import transferability as tr
+from tftransfer.jobs import select as select_job
 from tftransfer.jobs.select import parse_candidates, rank_candidates, run_select
-from tftransfer.model.cost import model_macs
+from tftransfer.model.cost import folded_params, model_macs
 
 
 def _informative(rng: np.random.Generator, n: int, d: int, classes: int = 3, separation: float = 1.0):
@@ -149,6 +150,18 @@ def test_macs_count_conv_depthwise_and_dense_layers():
     assert model_macs(outer) == model_macs(model) + 10
 
 
+def test_folded_params_turn_each_batchnorm_into_one_bias():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, use_bias=False)(inputs)  # 108 weights
+    x = keras.layers.BatchNormalization()(x)  # 16 parameters, folded into 4 biases
+    x = keras.layers.BatchNormalization(center=False, scale=False)(x)  # 8 (mean, variance), folded into 4
+    model = keras.Model(inputs, x)
+    assert model.count_params() == 108 + 16 + 8
+    assert folded_params(model) == 108 + 4 + 4
+    outer = keras.Model(inputs, keras.layers.Dense(2)(model(inputs)))  # nested models fold too
+    assert folded_params(outer) == folded_params(model) + outer.layers[-1].count_params()
+
+
 def test_ranking_and_pareto_front():
     entries = [{"backbone": "a", "logme": 1.0, "probe_accuracy": 0.9, "latency_batch1_ms": 10.0},
                {"backbone": "b", "logme": 2.0, "probe_accuracy": 0.8, "latency_batch1_ms": 5.0},
@@ -258,6 +271,26 @@ def test_select_never_overwrites_and_bad_input_is_one_line(tmp_path, monkeypatch
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "runs" / "other").exists()
     result = CliRunner().invoke(main, [*_select_args(tmp_path, data, name="third"), "--rank-by", "accuracy"])
     assert result.exit_code == 2 and "accuracy" in result.output
+
+
+def test_a_warm_select_reads_features_and_cost_and_builds_no_model(tmp_path, monkeypatch):
+    data = make_colour_folder(tmp_path / "colours", per_class=6)
+    settings = {"weights": "none", "runs_dir": tmp_path / "runs", "cache_dir": str(tmp_path / "cache"), "folds": 2,
+                "latency_runs": 2}
+    cold = run_select(str(data), "tiny@32", name="cold", **settings).candidates[0]
+    assert not cold["features_from_cache"] and not cold["cost_from_cache"]
+    assert 0 < cold["tflite_float32_mb_estimate"] < cold["saved_model_variables_mb_estimate"]
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a warm candidate built its backbone")
+
+    monkeypatch.setattr(select_job.backbones, "build_backbone", no_build)
+    warm = run_select(str(data), "tiny@32", name="warm", **settings).candidates[0]
+    assert warm["features_from_cache"] and warm["cost_from_cache"] and warm["extract_seconds"] is None
+    assert {k: warm[k] for k in ("logme", "probe_accuracy", "latency_batch1_ms", "flops")} == \
+        {k: cold[k] for k in ("logme", "probe_accuracy", "latency_batch1_ms", "flops")}
+    with pytest.raises(AssertionError, match="built its backbone"):  # another timing setting is measured again
+        run_select(str(data), "tiny@32", name="remeasure", **{**settings, "latency_runs": 3})
 
 
 def test_select_api_budget_skips_later_candidates(tmp_path):

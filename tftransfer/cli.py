@@ -15,12 +15,14 @@ import click
 
 from tftransfer import __version__
 from tftransfer.config.commands import (
+    SELECT_SCORE_NAMES,
     AdaptCommandConfig,
     DomainCommandConfig,
     EvaluateCommandConfig,
     ExportCommandConfig,
     LrFindCommandConfig,
     PredictCommandConfig,
+    SelectCommandConfig,
     SettingSpec,
     command_config,
     setting_specs,
@@ -30,6 +32,7 @@ from tftransfer.core.errors import TfTransferError
 from tftransfer.core.io import storage_error
 from tftransfer.core.lazy import lazy, resolve
 from tftransfer.core.native_logs import import_tensorflow_quietly, set_log_defaults
+from tftransfer.core.progress import ProgressEvent, report_progress_to
 from tftransfer.data.probe import report_progress
 from tftransfer.model.catalog import builtin_backbones
 from tftransfer.runs.records import RunMetrics
@@ -68,7 +71,7 @@ run_distill = _job("tftransfer.jobs.distill:run_distill")
 
 # tftransfer.evaluation.transferability.SCORES, first the default (a test ties them; importing it here would load
 # scikit-learn for --help).
-SELECT_CRITERIA = ("logme", "h_score", "probe_accuracy")
+SELECT_CRITERIA = SELECT_SCORE_NAMES
 
 # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) buries the messages a user needs: a level set before
 # any TensorFlow import (the user's own TF_CPP_MIN_LOG_LEVEL is kept).
@@ -140,12 +143,65 @@ def _probe_progress(enabled: bool | None = None, file: IO[str] | None = None) ->
         yield
 
 
+class _ProgressBars:
+    """The CLI's tftransfer.core.progress callback on a terminal: one click progress bar per tracked step on stderr,
+    the innermost step drawn while steps nest (two bars on one line would garble it)."""
+
+    def __init__(self, file: IO[str]) -> None:
+        self.file = file
+        self.open: list[tuple[int, Any, contextlib.ExitStack]] = []  # (step, bar, its exit), innermost last
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.finished:
+            while self.open and any(step == event.step for step, _, _ in self.open):
+                step, bar, stack = self.open.pop()
+                if step == event.step:
+                    bar.update(event.done - bar.pos)
+                stack.close()
+            return
+        if not self.open or self.open[-1][0] != event.step:
+            if any(step == event.step for step, _, _ in self.open):
+                return  # an outer step moved while an inner one is drawn
+            stack = contextlib.ExitStack()
+            label = event.what if len(event.what) <= PROBE_BAR_LABEL_CHARS else \
+                event.what[:PROBE_BAR_LABEL_CHARS - 3] + "..."
+            bar = stack.enter_context(click.progressbar(length=max(event.total, 1), label=label, file=self.file,
+                                                        show_pos=True, show_percent=True))
+            self.open.append((event.step, bar, stack))
+        bar = self.open[-1][1]
+        bar.update(event.done - bar.pos)
+
+    def close(self) -> None:
+        while self.open:
+            self.open.pop()[2].close()
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[None]:
+    """Progress of the library's long steps: bars on a terminal, the library's log lines when stderr is piped."""
+    if not enabled or not _stderr_is_tty():
+        with report_progress_to(None, enabled=enabled):
+            yield
+        return
+    bars = _ProgressBars(click.get_text_stream("stderr"))
+    try:
+        with report_progress_to(bars):
+            yield
+    finally:
+        bars.close()  # a bar cut short by an error ends here, so the error message starts on its own line
+
+
+PROGRESS_HELP = "Progress of long steps: a bar on a terminal, a log line every few seconds when piped."
+
+
 def _with_probe_progress(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Runs a command inside _probe_progress(), for commands that list image folders along the way."""
+    """Runs a command inside _probe_progress() and _progress(): file probing and the library's long steps show
+    their progress (off with the command's --no-progress, where it has one)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with _probe_progress():
+        enabled = bool(kwargs.get("progress", True))
+        with _probe_progress(None if enabled else False), _progress(enabled):
             return fn(*args, **kwargs)
 
     return wrapper
@@ -267,6 +323,16 @@ def main(verbose: bool) -> None:
     _setup_logging(verbose)
 
 
+def _echo_table(header: list[str], rows: list[list[Any]], align: str) -> None:
+    """Columns as wide as their widest cell (a long family name must not push its row out of line); `align`
+    holds l or r per column."""
+    cells = [[str(c) for c in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        line = "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align))
+        click.echo(line.rstrip())
+
+
 @main.command("backbones", epilog="Example: tftransfer backbones mobilenetv2 efficientnetb0")
 @click.option("--details", is_flag=True,
               help="Build every backbone (weights=None) to count parameters and unfreezable blocks (slow).")
@@ -277,19 +343,17 @@ def backbones_command(details: bool, names: tuple[str, ...]) -> None:
     if details or names:
         # Building a backbone needs Keras; the plain list comes from the static catalog, without TensorFlow.
         specs = [get_backbone_spec(n) for n in names] if names else [get_backbone_spec(n) for n in list_backbones()]
-        click.echo(f"{'name':<20} {'family':<16} {'size':>5} {'min':>4} {'preprocess':<10} {'params':>13} "
-                   f"{'blocks':>6}  top blocks")
+        rows = []
         for spec in specs:
             d = describe_backbone(spec)
-            click.echo(f"{spec.name:<20} {spec.family:<16} {spec.default_size:>5} {spec.min_size:>4} "
-                       f"{spec.preprocess_mode:<10} {d['params']:>13,} {d['blocks']:>6}  "
-                       f"{', '.join(d['top_blocks'])}")
+            rows.append([spec.name, spec.family, spec.default_size, spec.min_size, spec.preprocess_mode,
+                         f"{d['params']:,}", d["blocks"], ", ".join(d["top_blocks"])])
+        _echo_table(["name", "family", "size", "min", "preprocess", "params", "blocks", "top blocks"], rows,
+                    "llrrlrrl")
         return
     specs = builtin_backbones()
-    click.echo(f"{'name':<20} {'family':<16} {'size':>5} {'min':>4} {'preprocess':<10}")
-    for spec in specs:
-        click.echo(f"{spec.name:<20} {spec.family:<16} {spec.default_size:>5} {spec.min_size:>4} "
-                   f"{spec.preprocess_mode:<10}")
+    _echo_table(["name", "family", "size", "min", "preprocess"],
+                [[s.name, s.family, s.default_size, s.min_size, s.preprocess_mode] for s in specs], "llrrl")
     click.echo(f"\n{len(specs)} backbones. Params and unfreezable blocks: tftransfer backbones --details "
                "(or: tftransfer backbones NAME).")
 
@@ -312,11 +376,13 @@ def _experiment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("-s", "--set", "overrides", multiple=True, metavar="KEY=VALUE",
                      help="Override any config key, e.g. --set phases.finetune.epochs=3 (repeatable)."),
         click.option("--backbone", help="Backbone name (see `tftransfer backbones`).  [model.backbone]"),
-        click.option("--data", help="Image folder (class subfolders), tfds:<name> or builtin:digits.  [data.path]"),
+        click.option("--data", help="Image folder (class subfolders), CSV/JSONL manifest (path,label), .npz "
+                                    "(images, labels), tfds:<name> or builtin:<name>.  [data.path]"),
         click.option("--weights", help="imagenet, none, or a local .h5/.weights.h5/.keras file.  [model.weights]"),
         click.option("--epochs", type=click.IntRange(min=0), help="Epochs of each phase.  [phases.*.epochs]"),
         click.option("--batch-size", type=click.IntRange(min=1), help="Batch size.  [data.batch_size]"),
-        click.option("--image-size", type=click.IntRange(min=1), help="Input size in pixels.  [data.image_size]"),
+        click.option("--image-size", type=click.IntRange(min=0),
+                     help="Input size in pixels; 0 = the backbone's default.  [data.image_size]"),
         click.option("--name", help="Run name: runs/<name>/ and saved_models/<name>/.  [name]"),
         click.option("--precision", type=click.Choice(["auto", "float32", "mixed_float16", "mixed_bfloat16"]),
                      help="Compute precision.  [runtime.precision]"),
@@ -350,7 +416,7 @@ def _config_from_options(config_path: Path | None, overrides: tuple[str, ...], f
               help="Continue an interrupted run (runs/<name>) from its last finished epoch, with its own config.")
 @click.option("--lr-find", "lr_find", is_flag=True,
               help="Run the learning-rate range test first and train with its suggested rates.")
-@click.option("--progress", is_flag=True, help="Show Keras progress bars.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help=PROGRESS_HELP)
 @click.option("--target", help="Unlabeled target-domain data to adapt to (folder, manifest#domain=NAME, ...); "
                                 "its labels, if any, are only reported.  [adapt.target]")
 @click.option("--adapt", type=click.Choice(list(ADAPT_METHODS)),
@@ -365,7 +431,7 @@ def _config_from_options(config_path: Path | None, overrides: tuple[str, ...], f
 def fit_command(config_path: Path | None, overrides: tuple[str, ...], overwrite: bool, resume_dir: Path | None,
                 lr_find: bool, progress: bool, recipe: str | None, seeds: int, **flags: Any) -> None:
     """Fine-tune a backbone in two phases, evaluate it and export a SavedModel for TF Serving."""
-    verbose = 1 if progress else 0
+    verbose = 0  # Keras' own bars show 1/Unknown on tf.data and collide with the epoch lines: _progress draws them
     if resume_dir is not None:
         given = [f"--{n.replace('_', '-')}" for n, v in flags.items() if v is not None]
         given += [n for n, v in (("--config", config_path), ("--set", overrides), ("--overwrite", overwrite),
@@ -420,7 +486,7 @@ _DISTILL_FLAGS = {  # flag name -> the config key it sets
 @click.option("--train-baseline", is_flag=True,
               help="First train the same student without the teacher (<name>_baseline), compared in summary.md.")
 @click.option("--overwrite", is_flag=True, help="Replace existing runs of these names (the old ones are kept aside).")
-@click.option("--progress", is_flag=True, help="Show Keras progress bars.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help=PROGRESS_HELP)
 @_user_errors
 @_with_probe_progress
 def distill_command(teacher: Path, student: str, config_path: Path | None, overrides: tuple[str, ...],
@@ -433,7 +499,7 @@ def distill_command(teacher: Path, student: str, config_path: Path | None, overr
     if epochs is not None:
         values.update({"phases.head.epochs": epochs, "phases.finetune.epochs": epochs})
     result = run_distill(teacher, student, config=config_path, values=values, overrides=overrides,
-                         train_baseline=train_baseline, overwrite=overwrite, verbose=1 if progress else 0)
+                         train_baseline=train_baseline, overwrite=overwrite)
     _echo_fit_result(result.metrics)
     distill = result.metrics.get("distill") or {}
     rows = [("teacher", (distill.get("teacher") or {}).get("here")), ("student", distill.get("student")),
@@ -562,12 +628,12 @@ def _echo_suggestions(found: dict[str, Any], kept: str = "") -> None:
 @config_option(EvaluateCommandConfig, "batch_size")
 @config_option(EvaluateCommandConfig, "image_size")
 @config_option(EvaluateCommandConfig, "tfds_data_dir")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar over the data.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help=PROGRESS_HELP)
 @_user_errors
 @_with_probe_progress
 def evaluate_command(model: Path, data: str | None, progress: bool, **settings: Any) -> None:
     """Evaluate MODEL (a run directory or an exported SavedModel) on DATA: metrics.json, summary.md, plots."""
-    result = run_evaluation(model, data, command_config(EvaluateCommandConfig, settings=settings), progress=progress)
+    result = run_evaluation(model, data, command_config(EvaluateCommandConfig, settings=settings))
     _echo_evaluation(result.metrics, result.output_dir)
 
 
@@ -692,29 +758,24 @@ def _echo_fit_result(metrics: dict[str, Any]) -> None:
               help="Backbones to compare: names separated by commas (NAME or NAME@SIZE, e.g. "
                    "mobilenetv2,efficientnetb0@160), or a YAML file: a list of {backbone, weights, backbone_kwargs, "
                    "image_size}.")
-@click.option("--weights", default="imagenet", show_default=True,
-              help="Weights of the named candidates: imagenet, none or a file (a YAML entry sets its own).")
-@click.option("--image-size", type=click.IntRange(min=0), default=0,
-              help="Input size of the named candidates without @SIZE (0: each backbone's default).")
-@click.option("--rank-by", type=click.Choice(SELECT_CRITERIA), default=SELECT_CRITERIA[0], show_default=True,
-              help="Score the table is sorted by and the pick made on.")
-@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True,
-              help="Cross-validation folds of the linear probe.")
-@click.option("--max-images", type=click.IntRange(min=0), default=1000, show_default=True,
-              help="Class-stratified subsample of the train + val images above this many (0: all).")
-@click.option("--budget-seconds", type=click.FloatRange(min=0), default=0.0,
-              help="Start no further candidate after this many seconds; the rest are listed as skipped (0: none).")
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="A fit config whose data and runtime settings (split, seed, cache) select uses.")
-@click.option("--name", help="Output folder runs/<name>/ (default select_<data>); never overwritten.")
-@click.option("--runs-dir", default="runs", show_default=True, help="Where the output folder is made.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True)
+@config_option(SelectCommandConfig, "weights")
+@config_option(SelectCommandConfig, "image_size")
+@config_option(SelectCommandConfig, "rank_by")
+@config_option(SelectCommandConfig, "folds")
+@config_option(SelectCommandConfig, "max_images")
+@config_option(SelectCommandConfig, "budget_seconds")
+@config_option(SelectCommandConfig, "fit_config", "-c", "--config", type=click.Path(dir_okay=False, path_type=Path))
+@config_option(SelectCommandConfig, "name")
+@config_option(SelectCommandConfig, "runs_dir")
+@config_option(SelectCommandConfig, "batch_size")
+@config_option(SelectCommandConfig, "seed")
+@config_option(SelectCommandConfig, "cache_dir")
+@config_option(SelectCommandConfig, "latency_runs")
 @_user_errors
 @_with_probe_progress
-def select_command(data: str, candidates: str, config_path: Path | None, **options: Any) -> None:
+def select_command(data: str, candidates: str, **settings: Any) -> None:
     """Rank backbones on DATA by transferability (LogME, H-score, linear probe) and cost; recommend one."""
-    result = run_select(data, candidates, config=config_path, **options)
+    result = run_select(data, candidates, command_config(SelectCommandConfig, settings=settings))
     click.echo(f"\n{'rank':>4}  {'candidate':<44} {'LogME':>8} {'H-score':>8} {'probe':>14} {'batch-1 ms':>10}")
     for entry in result.candidates:
         if entry.get("skipped") or entry.get("error"):

@@ -1,6 +1,6 @@
 """The settings of the commands other than fit: one frozen dataclass each, strict like the experiment config.
 
-Every default, range and choice of `tftransfer export`, `predict`, `evaluate`, `domain` and `adapt` is written
+Every default, range and choice of `tftransfer export`, `predict`, `evaluate`, `domain`, `adapt` and `select` is written
 once, in a field below with experiment.py's `opt(default, help, min=, max=, choices=)` metadata; the job takes the
 dataclass (or its fields as keywords), and the Click options in tftransfer/cli.py are generated from these fields
 (a test keeps them equal). Building one (`command_config`) is as strict as load_config: an unknown key or a bad type,
@@ -26,6 +26,10 @@ MIN_IMAGE_SIDE = 8
 
 # Mirrors tftransfer.data.selection.SPLIT_SELECTORS (a test ties the two), first the default.
 SPLIT_NAMES = ("auto", "all", "train", "val", "test")
+
+# Mirrors tftransfer.evaluation.transferability.SCORES (that module imports scikit-learn), first the default; a test
+# ties the two.
+SELECT_SCORE_NAMES = ("logme", "h_score", "probe_accuracy")
 
 # Mirrors tftransfer.serving.tflite.TFLITE_MODES (that module imports TensorFlow); a test ties the two.
 TFLITE_MODE_NAMES = ("float32", "float16", "dynamic", "int8")
@@ -169,6 +173,31 @@ class AdaptCommandConfig:
     shot_steps: int = opt(FeatureRecipe.shot_steps, "Training steps of shot.", min=1)
     head_init: str = opt(FeatureRecipe.head_init, "run: continue from the fitted run's head; new: a fresh head.",
                          choices=HEAD_INITS)
+
+
+@dataclass(frozen=True)
+class SelectCommandConfig:
+    """`tftransfer select --data DATA --candidates ...`: candidate backbones ranked by transferability and cost."""
+
+    weights: str = opt("imagenet", "Weights of the named candidates: imagenet, none or a file (a YAML entry sets its "
+                                   "own).")
+    image_size: int = opt(0, "Input size of the named candidates without @SIZE (0: each backbone's default).", min=0)
+    rank_by: str = opt(SELECT_SCORE_NAMES[0], "Score the table is sorted by and the pick made on.",
+                       choices=SELECT_SCORE_NAMES)
+    folds: int = opt(5, "Cross-validation folds of the linear probe.", min=2)
+    max_images: int = opt(1000, "Class-stratified subsample of the train + val images above this many (0: all).",
+                          min=0)
+    budget_seconds: float = opt(0.0, "Start no further candidate after this many seconds; the rest are listed as "
+                                     "skipped (0: none).", min=0.0)
+    fit_config: Path | None = opt(None, "A fit config whose data and runtime settings (split, seed, cache) select "
+                                        "uses.")
+    name: str | None = opt(None, "Output folder <runs-dir>/<name>/ (default select_<data>); never overwritten.")
+    runs_dir: Path = opt(Path("runs"), "Where the output folder is made.")
+    batch_size: int = opt(32, "Images per batch of the feature pass.", min=1)
+    seed: int = opt(42, "Seed of the subsample, the data split and the probe's folds.", min=0)
+    cache_dir: str = opt("", "Cache folder of the features (default: runtime.cache_dir, TFTRANSFER_CACHE).")
+    latency_runs: int = opt(10, "Timed batch-1 calls per candidate (batch 32: a quarter as many, at least 2).",
+                            min=1)
 
 
 C = TypeVar("C")

@@ -21,6 +21,7 @@ from tftransfer.config.commands import DomainCommandConfig, command_config
 from tftransfer.config.experiment import DataConfig
 from tftransfer.core.errors import DataError, RunDirError
 from tftransfer.core.io import same_path, versioned_dir, write_json
+from tftransfer.core.progress import Tracker, track
 from tftransfer.domain import adapters as adapters_mod
 from tftransfer.domain import corruptions, shift
 from tftransfer.domain import corruptions as corruptions_mod
@@ -92,20 +93,24 @@ def _adaptation(run: FinishedRun, methods: Sequence[str], target: DomainData, so
     out: dict[str, Any] = {"source-only": _method_entry(target_probs, target.labels, names, target_probs,
                                                         target_baseline)}
     out["source-only"]["seconds"] = 0.0
-    for method in methods:
-        logger.info("adaptation: %s on %d target images", method, len(target.images))
-        result = adapt(method, run.model, target.images, batch_size=batch_size, seed=seed,
-                       reference_probs=target_probs, source_images=source.images)
-        entry = _method_entry(result.probs, target.labels, names, target_probs, target_baseline)
-        entry.update(seconds=result.seconds, info=result.info)
-        if self_check:
-            # The method "adapted" to the source data itself: a model that only changes when the domain does
-            # keeps its source accuracy; one that loses it here will not be trusted on the target either.
-            own = adapt(method, run.model, source.images, batch_size=batch_size, seed=seed,
-                        reference_probs=source_probs, source_images=source.images)
-            acc = float(np.mean(own.probs.argmax(1) == source.labels))
-            entry["source_self_check"] = {"accuracy": acc, "accuracy_change": acc - source_baseline["accuracy"]}
-        out[method] = entry
+    with track("adaptation", len(methods) * (2 if self_check else 1), "adaptations") as progress:
+        for method in methods:
+            logger.info("adaptation: %s on %d target images", method, len(target.images))
+            result = adapt(method, run.model, target.images, batch_size=batch_size, seed=seed,
+                           reference_probs=target_probs, source_images=source.images)
+            progress.advance()
+            entry = _method_entry(result.probs, target.labels, names, target_probs, target_baseline)
+            entry.update(seconds=result.seconds, info=result.info)
+            if self_check:
+                # The method "adapted" to the source data itself: a model that only changes when the domain does
+                # keeps its source accuracy; one that loses it here will not be trusted on the target either.
+                own = adapt(method, run.model, source.images, batch_size=batch_size, seed=seed,
+                            reference_probs=source_probs, source_images=source.images)
+                progress.advance()
+                acc = float(np.mean(own.probs.argmax(1) == source.labels))
+                entry["source_self_check"] = {"accuracy": acc,
+                                              "accuracy_change": acc - source_baseline["accuracy"]}
+            out[method] = entry
     return out
 
 
@@ -122,6 +127,7 @@ def _corruption_suite(run: FinishedRun, source: DomainData, names: Sequence[str]
     examples = tf.data.Dataset.from_tensor_slices((source.images, labels))
     results: dict[str, Any] = {}
     adapted: dict[str, Any] = {}
+    progress = Tracker("corruptions", len(names) * len(severities), "corrupted passes")
     for name in names:
         corruption = corruptions.get_corruption(name)
         accs = []
@@ -130,6 +136,7 @@ def _corruption_suite(run: FinishedRun, source: DomainData, names: Sequence[str]
             images = np.concatenate([x.numpy() for x, _ in ds])
             probs = predict_probabilities(run.model, images, batch_size)
             accs.append(float(np.mean(probs.argmax(1) == labels)))
+            progress.advance()
             if severity in adapt_severities:
                 for method in methods:
                     res = adapt(method, run.model, images, batch_size=batch_size, seed=seed, reference_probs=probs,
@@ -144,6 +151,7 @@ def _corruption_suite(run: FinishedRun, source: DomainData, names: Sequence[str]
                          # Hendrycks & Dietterich's relative corruption error, without their AlexNet normaliser.
                          "relative_error": mean_error - (1.0 - clean_acc),
                          "error_ratio": mean_error / (1.0 - clean_acc) if clean_acc < 1.0 else None}
+    progress.finish()
     mean_acc = float(np.mean([r["mean_accuracy"] for r in results.values()]))
     out: dict[str, Any] = {"clean": {"accuracy": clean_acc, "error": 1.0 - clean_acc}, "severities": list(severities),
                            "seed": seed, "examples": int(len(labels)), "results": results,

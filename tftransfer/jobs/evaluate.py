@@ -145,14 +145,14 @@ def evaluation_output_dir(wanted: Path, overwrite: bool) -> Path:
     return out
 
 
-def _predict_split(classifier: Classifier, examples: Split, labels: np.ndarray, batch_size: int, progress: bool
+def _predict_split(classifier: Classifier, examples: Split, labels: np.ndarray, batch_size: int, what: str
                    ) -> tuple[np.ndarray, np.ndarray, list[str], float]:
     """(labels, probabilities, file names, seconds) of the examples TensorFlow could decode, in data order."""
     dataset = make_indexed_dataset(classifier.image_size, batch_size, paths=examples.paths, images=examples.images)
     for _, pixels in dataset.take(1):
         # Untimed warm-up on a full batch: the first call traces the model, which is not throughput.
         classifier.predict(pixels.numpy())
-    indices, probs, seconds = predict_batches(classifier, dataset, len(examples), progress=progress)
+    indices, probs, seconds = predict_batches(classifier, dataset, len(examples), what=what)
     names = examples.paths if examples.paths is not None else examples.keys
     if len(indices) < len(examples):
         lost = sorted(set(range(len(examples))) - set(indices.tolist()))
@@ -178,7 +178,8 @@ def _calibration(classifier: Classifier, y: np.ndarray, probs: np.ndarray, eval_
     if val is not None and not (Path(val[2]).resolve() == Path(eval_root).resolve()
                                 and sorted(val[0].keys) == sorted(eval_split.keys)):
         split, labels, root = val
-        y_fit, p_fit, _, _ = _predict_split(classifier, split, labels, batch_size, progress=False)
+        y_fit, p_fit, _, _ = _predict_split(classifier, split, labels, batch_size,
+                                        "temperature fit on the run's validation split")
         fitted_on, in_sample = f"validation split of run {classifier.run_dir} ({root})", False
     else:
         y_fit, p_fit = y, probs
@@ -194,15 +195,15 @@ def _calibration(classifier: Classifier, y: np.ndarray, probs: np.ndarray, eval_
     return result
 
 
-def run_evaluation(model: str | Path, data: str | None = None, config: EvaluateCommandConfig | None = None, *,
-                   progress: bool = False, **settings: Any) -> EvaluationResult:
+def run_evaluation(model: str | Path, data: str | None = None, config: EvaluateCommandConfig | None = None,
+                   **settings: Any) -> EvaluationResult:
     """The `tftransfer evaluate` job: a run directory or SavedModel on any data source -> metrics, summary, plots.
 
     `data` None is a run's own data (see resolve_evaluation_data). Settings come as an EvaluateCommandConfig or
     as its fields by keyword (`split="val"`); an unknown or ill-typed one is a ConfigError naming it. Writes
     metrics.json (schema: docs/metrics_schema.md), summary.md, confusion_matrix.png and reliability.png to
     `output` (default `default_evaluation_dir`), and for a run directory the plots as TensorBoard images under
-    <run>/logs/eval/<data>-<split>. `progress` draws a bar.
+    <run>/logs/eval/<data>-<split>. The prediction pass reports its progress (tftransfer.core.progress).
     """
     cfg = command_config(EvaluateCommandConfig, config, settings)
     started = time.perf_counter()
@@ -223,7 +224,8 @@ def run_evaluation(model: str | Path, data: str | None = None, config: EvaluateC
     logger.info("evaluating %s (%s) on %d %s examples of %s", classifier.path, classifier.kind, len(examples),
                 split_name, data)
 
-    y, probs, files, seconds = _predict_split(classifier, examples, mapping[examples.labels], batch_size, progress)
+    y, probs, files, seconds = _predict_split(classifier, examples, mapping[examples.labels], batch_size,
+                                              f"evaluate {split_name}")
     if len(y) == 0:
         raise DataError(f"none of the {len(examples)} examples of {data} could be decoded")
     metrics = classification_metrics(y, probs, classifier.class_names, top_k=cfg.top_k, ece_bins=ece_bins)

@@ -446,7 +446,7 @@ def _write_plots(report: Any, run: RunDir, fitted: FitPhasesResult, final_val: d
     """History, confusion and reliability plots; a plotting failure must not cost the run its metrics."""
     try:
         series: dict[str, list[float]] = {}
-        for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+        for key in ("loss", "val_loss", "accuracy", "val_accuracy", "learning_rate"):  # a panel each, LR on log y
             if fitted.history and key in fitted.history[0]:
                 series[key] = [row.get(key, float("nan")) for row in fitted.history]
         boundaries = [p.first_epoch - 1 for p in fitted.phases[1:]]

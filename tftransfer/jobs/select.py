@@ -12,38 +12,46 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import platform
 import re
 import shlex
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 import yaml
 
+from tftransfer.config.commands import SelectCommandConfig, command_config
 from tftransfer.config.experiment import ExperimentConfig, load_config
+from tftransfer.core.cache import cache_key
 from tftransfer.core.errors import BackboneError, ConfigError, TfTransferError
 from tftransfer.core.io import write_json
-from tftransfer.data.pipeline import Datasets, make_split_dataset
-from tftransfer.data.sources import Split
+from tftransfer.data.pipeline import make_datasets
+from tftransfer.data.sources import DataSource, Split
 from tftransfer.data.specs import source_from_config
 from tftransfer.evaluation.transferability import SCORES, score_features
-from tftransfer.jobs.fit import feature_cache_spec, prepare_experiment
+from tftransfer.jobs.fit import feature_cache_spec
 from tftransfer.model import backbones
-from tftransfer.model.classifier import build_inference_fn, get_backbone
-from tftransfer.model.cost import model_macs
+from tftransfer.model.classifier import build_inference_fn, build_model, get_backbone
+from tftransfer.model.cost import folded_params, model_macs
 from tftransfer.model.features import build_feature_extractor
 from tftransfer.reporting.select import candidate_label, format_select_markdown, plot_pareto
 from tftransfer.runs.layout import RunDir, create_run_dir
-from tftransfer.training.phases import phase1_feature_sets
+from tftransfer.runtime import RuntimeInfo, configure_runtime
+from tftransfer.training.phases import FeatureCacheSpec, cached_clean_feature_sets, phase1_feature_sets
 
 logger = logging.getLogger(__name__)
 
 CANDIDATE_KEYS = ("backbone", "weights", "backbone_kwargs", "image_size")
 LATENCY_BATCH = 32
+COST_VERSION = 1  # bump when measure_cost measures differently: older cached costs are then measured again
 
 
 @dataclass(frozen=True)
@@ -166,18 +174,15 @@ def _stratified(split: Split, keep: float, rng: np.random.Generator) -> Split:
     return split.subset(np.sort(np.concatenate(chosen)))
 
 
-def subsample_data(data: Datasets, max_images: int, seed: int) -> Datasets:
+def subsample_source(source: DataSource, max_images: int, seed: int) -> DataSource:
     """The data with at most about `max_images` train + val images (class shares kept); unchanged under it or 0."""
-    source = data.source
     total = len(source.train) + (len(source.val) if source.val is not None else 0)
     if not max_images or total <= max_images:
-        return data
+        return source
     rng = np.random.default_rng(seed)
     train = _stratified(source.train, max_images / total, rng)
     val = _stratified(source.val, max_images / total, rng) if source.val is not None else None
-    val_ds = make_split_dataset(val, data.image_size, data.batch_size, shuffle=False, cache="none") if val else None
-    return replace(data, source=replace(source, train=train, val=val), val=val_ds, train_examples=len(train),
-                   val_examples=len(val) if val is not None else 0)
+    return replace(source, train=train, val=val)
 
 
 def _latency_ms(infer: Any, pixels: np.ndarray, runs: int) -> float:
@@ -192,16 +197,97 @@ def _latency_ms(infer: Any, pixels: np.ndarray, runs: int) -> float:
 
 
 def measure_cost(model: keras.Model, infer: Any, image_size: int, latency_runs: int, seed: int) -> dict[str, Any]:
-    """Parameters and FLOPs of the backbone, batch-1 and batch-32 latency of pixels -> pooled features."""
+    """Parameters, FLOPs and converted sizes of the backbone, batch-1 and batch-32 latency of pixels -> pooled
+    features. The sizes are estimates from the weights (no file is written): float32 variables for the SavedModel
+    (its graph adds a few MB), BatchNormalization folded for TFLite (docs/benchmarks.md compares both with files)."""
     backbone = get_backbone(model)
     macs = model_macs(backbone)
     rng = np.random.default_rng(seed)
     pixels = rng.uniform(0, 255, (LATENCY_BATCH, image_size, image_size, 3)).astype(np.float32)
     batch1 = _latency_ms(infer, pixels[:1], latency_runs)
     batch32 = _latency_ms(infer, pixels, max(2, latency_runs // 4))
-    return {"params": int(backbone.count_params()), "macs": macs, "flops": 2 * macs,
-            "weights_mb_float32": backbone.count_params() * 4 / 2 ** 20, "latency_batch1_ms": batch1,
-            "latency_batch32_ms": batch32, "images_per_second_batch32": LATENCY_BATCH * 1000.0 / batch32}
+    params = int(backbone.count_params())
+    return {"params": params, "macs": macs, "flops": 2 * macs, "weights_mb_float32": params * 4 / 2 ** 20,
+            "saved_model_variables_mb_estimate": params * 4 / 2 ** 20,
+            "tflite_float32_mb_estimate": folded_params(backbone) * 4 / 2 ** 20,
+            "latency_batch1_ms": batch1, "latency_batch32_ms": batch32,
+            "images_per_second_batch32": LATENCY_BATCH * 1000.0 / batch32,
+            "cost_measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _cost_cache_path(cache: FeatureCacheSpec, info: RuntimeInfo, latency_runs: int) -> Path:
+    """Where a candidate's measured cost is kept: keyed like its features, plus this machine and the timing
+    settings, so a warm select re-reads what the cold one measured here instead of rebuilding the backbone."""
+    parts = {**cache.key_parts, "what": f"select cost {COST_VERSION}", "host": platform.node(),
+             "cpus": os.cpu_count(), "device": info.device, "precision": info.precision, "gpus": info.gpus,
+             "latency_runs": latency_runs, "latency_batch": LATENCY_BATCH, "tensorflow": tf.__version__}
+    return cache.cache_dir / "select-cost" / f"{cache_key(parts)}.json"
+
+
+def _read_cost(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError) as exc:  # a damaged entry is measured again, not fatal
+        logger.warning("ignoring unreadable cost cache %s: %s", path, exc)
+        return None
+
+
+def _build_and_measure(cfg: ExperimentConfig, spec: backbones.BackboneSpec, image_size: int, source: DataSource,
+                       cache: FeatureCacheSpec, features: Any, cost: dict | None,
+                       latency_runs: int) -> tuple[Any, dict[str, Any], float | None]:
+    """Builds the candidate (as fit does: runtime first, then the model) for what the caches lack: its features,
+    its cost. Returns the feature sets, the cost, and the seconds of the feature pass (None when cached)."""
+    info = configure_runtime(cfg.runtime)
+    weights = None if cfg.model.weights.lower() == "none" else cfg.model.weights
+    with info.scope():
+        backbone = backbones.build_backbone(spec, image_size, weights, **cfg.model.backbone_kwargs)
+        model = build_model(cfg.model, spec, len(source.class_names), image_size, backbone=backbone)
+    infer = build_inference_fn(build_feature_extractor(model))
+    extract_seconds = None
+    if features is None:
+        data = make_datasets(cfg.data, source, image_size, seed=cfg.runtime.seed, has_gpu=info.device == "gpu")
+        started = time.perf_counter()
+        features = phase1_feature_sets(infer, 1, data, cache, cfg.runtime.seed)
+        extract_seconds = time.perf_counter() - started
+    if cost is None:
+        cost = measure_cost(model, infer, image_size, latency_runs, cfg.runtime.seed)
+    return features, cost, extract_seconds
+
+
+def _score_candidate(candidate: BackboneCandidate, cfg: ExperimentConfig, source: DataSource, info: RuntimeInfo,
+                     folds: int, latency_runs: int) -> dict[str, Any]:
+    """Features, scores and cost of one candidate (its select.json entry). Features and cost come from the caches
+    when a select or fit before measured them: a warm candidate builds no model at all."""
+    started = time.perf_counter()
+    spec = backbones.get_backbone_spec(candidate.backbone)
+    image_size = candidate.image_size
+    cache = feature_cache_spec(cfg, spec, image_size)
+    features = cached_clean_feature_sets(source, cache, cfg.runtime.seed)
+    cost_path = _cost_cache_path(cache, info, latency_runs)
+    cost = _read_cost(cost_path)
+    cost_from_cache = cost is not None
+    extract_seconds = None
+    if features is None or cost is None:
+        features, cost, extract_seconds = _build_and_measure(cfg, spec, image_size, source, cache, features, cost,
+                                                             latency_runs)
+    if not cost_from_cache:
+        cost_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(cost_path, cost)
+    sets = [s for s in features if s is not None]
+    vectors = np.concatenate([s.features for s in sets])
+    labels = np.concatenate([s.labels for s in sets])
+    entry: dict[str, Any] = {"backbone": candidate.backbone, "weights": candidate.weights,
+                             "backbone_kwargs": dict(candidate.backbone_kwargs), "image_size": image_size,
+                             "feature_dim": int(vectors.shape[1]), "images": int(len(labels)),
+                             "device": f"{info.device.upper()} ({info.precision})",
+                             "features_from_cache": extract_seconds is None,
+                             "extract_seconds": extract_seconds,
+                             "extract_images_per_second": len(labels) / extract_seconds if extract_seconds else None,
+                             "cost_from_cache": cost_from_cache}
+    entry.update(score_features(vectors, labels, folds=folds, seed=cfg.runtime.seed))
+    entry.update(cost)
+    entry["seconds"] = time.perf_counter() - started
+    return entry
 
 
 def candidate_config(candidate: BackboneCandidate, data: str, base: ExperimentConfig | None,
@@ -225,35 +311,6 @@ def _flat(cfg: ExperimentConfig) -> dict[str, Any]:
             if key != "augment":
                 found[f"{section}.{key}"] = value
     return found
-
-
-def _score_candidate(candidate: BackboneCandidate, cfg: ExperimentConfig, max_images: int, folds: int,
-                     latency_runs: int) -> tuple[dict[str, Any], Datasets]:
-    """Features (cached), scores and cost of one candidate: its select.json entry, and the data it saw."""
-    started = time.perf_counter()
-    exp = prepare_experiment(cfg)
-    data = subsample_data(exp.data, max_images, cfg.runtime.seed)
-    infer = build_inference_fn(build_feature_extractor(exp.model))
-    extract_started = time.perf_counter()
-    train_set, val_set = phase1_feature_sets(infer, 1, data, feature_cache_spec(cfg, exp.spec, exp.image_size),
-                                             cfg.runtime.seed)
-    extract_seconds = time.perf_counter() - extract_started
-    sets = [s for s in (train_set, val_set) if s is not None]
-    features = np.concatenate([s.features for s in sets])
-    labels = np.concatenate([s.labels for s in sets])
-    from_cache = all(s.from_cache for s in sets)
-    entry: dict[str, Any] = {"backbone": candidate.backbone, "weights": candidate.weights,
-                             "backbone_kwargs": dict(candidate.backbone_kwargs), "image_size": exp.image_size,
-                             "feature_dim": int(features.shape[1]), "images": int(len(labels)),
-                             "available_images": exp.data.train_examples + exp.data.val_examples,
-                             "device": f"{exp.info.device.upper()} ({exp.info.precision})",
-                             "features_from_cache": from_cache,
-                             "extract_seconds": None if from_cache else extract_seconds,
-                             "extract_images_per_second": None if from_cache else len(labels) / extract_seconds}
-    entry.update(score_features(features, labels, folds=folds, seed=cfg.runtime.seed))
-    entry.update(measure_cost(exp.model, infer, exp.image_size, latency_runs, cfg.runtime.seed))
-    entry["seconds"] = time.perf_counter() - started
-    return entry, data
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -327,8 +384,9 @@ def default_select_name(data: str) -> str:
 
 
 def _prepare(data: str, candidates: Any, weights: str, image_size: int, rank_by: str, config: str | Path | None,
-             settings: dict[str, Any]) -> tuple[list[BackboneCandidate], list[ExperimentConfig]]:
-    """Every check that needs no images: the criterion, the candidates, their fit configs."""
+             settings: dict[str, Any]) -> tuple[list[BackboneCandidate], list[ExperimentConfig], DataSource]:
+    """Every check before the run folder exists: the criterion, the candidates, their fit configs, the data (listed
+    once: every candidate's config has the same data settings)."""
     if rank_by not in SCORES:
         raise ConfigError(f"--rank-by: unknown score {rank_by!r}; one of {', '.join(SCORES)}")
     if not data:
@@ -343,20 +401,20 @@ def _prepare(data: str, candidates: Any, weights: str, image_size: int, rank_by:
         seen.add(key)
     base = load_config(config) if config else None
     configs = [candidate_config(c, data, base, settings) for c in found]
-    source_from_config(configs[0].data)  # a data error now, before the run folder exists
-    return found, configs
+    source = source_from_config(configs[0].data)  # a data error now, before the run folder exists
+    return found, configs, source
 
 
-def _run_one(candidate: BackboneCandidate, cfg: ExperimentConfig, index: int, total: int, max_images: int,
-             folds: int, latency_runs: int) -> tuple[dict[str, Any], Datasets | None]:
+def _run_one(candidate: BackboneCandidate, cfg: ExperimentConfig, index: int, total: int, source: DataSource,
+             info: RuntimeInfo, folds: int, latency_runs: int) -> dict[str, Any]:
     """One candidate, its errors named after it; one that cannot be built is an entry with its `error`."""
     label = candidate_label(vars(candidate))
     logger.info("select %d/%d: %s", index + 1, total, label)
     try:
-        entry, seen = _score_candidate(candidate, cfg, max_images, folds, latency_runs)
+        entry = _score_candidate(candidate, cfg, source, info, folds, latency_runs)
     except BackboneError as exc:  # this candidate cannot be built (e.g. a weights file of another alpha): the
         logger.error("candidate %d (%s) left out: %s", index + 1, label, exc)  # others are still compared
-        return {**vars(candidate), "error": str(exc)}, None
+        return {**vars(candidate), "error": str(exc)}
     except TfTransferError as exc:
         raise type(exc)(f"candidate {index + 1} ({label}): {exc}") from None
     finally:
@@ -364,38 +422,42 @@ def _run_one(candidate: BackboneCandidate, cfg: ExperimentConfig, index: int, to
     logger.info("  %s: logme %.4f, h_score %.3f, probe %.1f%% +- %.1f%%, %.1f ms (batch 1), %.1f s", label,
                 entry["logme"], entry["h_score"], 100 * entry["probe_accuracy"], 100 * entry["probe_accuracy_std"],
                 entry["latency_batch1_ms"], entry["seconds"])
-    return entry, seen
+    return entry
 
 
-def run_select(data: str, candidates: str | Path | Sequence[Any], *, weights: str = "imagenet", image_size: int = 0,
-               rank_by: str = "logme", folds: int = 5, max_images: int = 1000, budget_seconds: float = 0.0,
-               name: str | None = None, runs_dir: str | Path = "runs", config: str | Path | None = None,
-               batch_size: int = 32, seed: int = 42, cache_dir: str = "", latency_runs: int = 10) -> SelectResult:
+def run_select(data: str, candidates: str | Path | Sequence[Any], config: SelectCommandConfig | None = None,
+               **settings: Any) -> SelectResult:
     """`tftransfer select`: every candidate's transferability scores and cost on `data`, ranked by `rank_by`.
 
     `candidates` is a comma-separated string of names (NAME or NAME@SIZE; `weights` and `image_size` apply to
     them), a YAML file (a list of {backbone, weights, backbone_kwargs, image_size}) or a list of names, mappings or
-    BackboneCandidate. `config` is a fit config whose data and runtime settings (split, seed, cache) select uses,
-    so `tftransfer fit` with it reuses the features. Candidates not started within `budget_seconds` (0: no limit)
-    are listed as skipped; `max_images` (0: all) caps the train + val images, class shares kept.
+    BackboneCandidate. Settings come as a SelectCommandConfig or as its fields by keyword (`rank_by="h_score"`);
+    an unknown or ill-typed one is a ConfigError naming it. Its `fit_config` is a fit config whose data and runtime
+    settings (split, seed, cache) select uses, so `tftransfer fit` with it reuses the features. Candidates not
+    started within `budget_seconds` (0: no limit) are listed as skipped; `max_images` (0: all) caps the train + val
+    images, class shares kept.
     """
+    cfg = command_config(SelectCommandConfig, config, settings)
     started = time.perf_counter()
-    settings = {"data.batch_size": batch_size, "runtime.seed": seed, "runs_dir": str(runs_dir)}
-    if cache_dir:
-        settings["runtime.cache_dir"] = str(cache_dir)
-    found, configs = _prepare(data, candidates, weights, image_size, rank_by, config, settings)
-    run = create_run_dir(runs_dir, name or default_select_name(data))
-    entries, seen = [], None
-    for i, (candidate, cfg) in enumerate(zip(found, configs)):
-        if budget_seconds and i > 0 and time.perf_counter() - started >= budget_seconds:
-            entries.append({**vars(candidate), "skipped": f"budget of {budget_seconds:g} s spent"})
+    rank_by, fit_config = cfg.rank_by, cfg.fit_config
+    overrides = {"data.batch_size": cfg.batch_size, "runtime.seed": cfg.seed, "runs_dir": str(cfg.runs_dir)}
+    if cfg.cache_dir:
+        overrides["runtime.cache_dir"] = cfg.cache_dir
+    found, configs, full = _prepare(data, candidates, cfg.weights, cfg.image_size, rank_by, fit_config, overrides)
+    source = subsample_source(full, cfg.max_images, cfg.seed)
+    _log_data(full, source)
+    run = create_run_dir(cfg.runs_dir, cfg.name or default_select_name(data))
+    info = configure_runtime(configs[0].runtime)
+    entries = []
+    for i, (candidate, fit_cfg) in enumerate(zip(found, configs)):
+        if cfg.budget_seconds and i > 0 and time.perf_counter() - started >= cfg.budget_seconds:
+            entries.append({**vars(candidate), "skipped": f"budget of {cfg.budget_seconds:g} s spent"})
             continue
-        entry, data_seen = _run_one(candidate, cfg, i, len(found), max_images, folds, latency_runs)
-        entries.append(entry)
-        seen = data_seen or seen
+        entries.append(_run_one(candidate, fit_cfg, i, len(found), source, info, cfg.folds, cfg.latency_runs))
+    seen = (full, source) if any("logme" in e for e in entries) else None
     rank_candidates(entries, rank_by)
-    recommendation = recommend(entries, rank_by, data, config)
-    report = _write_report(run, entries, recommendation, seen, data, rank_by, folds, max_images, started)
+    recommendation = recommend(entries, rank_by, data, fit_config)
+    report = _write_report(run, entries, recommendation, seen, data, rank_by, cfg.folds, cfg.max_images, started)
     if seen is None and any(e.get("error") for e in entries):
         first = next(e for e in entries if e.get("error"))
         raise BackboneError(f"no candidate could be built ({run.path / 'select.json'} lists why); "
@@ -405,16 +467,26 @@ def run_select(data: str, candidates: str | Path | Sequence[Any], *, weights: st
     return SelectResult(run.path, entries, recommendation, report)
 
 
-def _write_report(run: RunDir, entries: list[dict[str, Any]], recommendation: dict | None, seen: Datasets | None,
+def _log_data(full: DataSource, source: DataSource) -> None:
+    val = len(source.val) if source.val is not None else 0
+    logger.info("data: %d train / %d val examples, %d classes (%s)%s", len(source.train), val,
+                len(source.class_names), full.split_method,
+                f", a class-stratified subsample of {len(full.train) + (len(full.val) if full.val else 0)}"
+                if source is not full else "")
+
+
+def _write_report(run: RunDir, entries: list[dict[str, Any]], recommendation: dict | None,
+                  seen: tuple[DataSource, DataSource] | None,
                   data: str, rank_by: str, folds: int, max_images: int, started: float) -> dict[str, Any]:
     """select.json, select.png and select.md in the run folder; returns select.json's content."""
     info = {"spec": data, "classes": 0, "train_images": 0, "val_images": 0, "images": 0, "available_images": 0,
             "subsampled": False, "max_images": max_images}
     if seen is not None:
-        train, val = seen.source.train, seen.source.val
-        info.update(classes=len(seen.class_names), class_names=seen.class_names, train_images=len(train),
+        full, source = seen
+        train, val = source.train, source.val
+        info.update(classes=len(source.class_names), class_names=source.class_names, train_images=len(train),
                     val_images=len(val) if val is not None else 0,
-                    available_images=max(e.get("available_images", 0) for e in entries))
+                    available_images=len(full.train) + (len(full.val) if full.val is not None else 0))
         info["images"] = info["train_images"] + info["val_images"]
         info["subsampled"] = info["images"] < info["available_images"]
     devices = sorted({e["device"] for e in entries if e.get("device")})

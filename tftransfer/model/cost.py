@@ -1,4 +1,5 @@
-"""What a backbone costs to run, read from its Keras graph: parameters and multiply-accumulates (MACs).
+"""What a backbone costs to run, read from its Keras graph: parameters, multiply-accumulates (MACs), and the
+parameters an inference converter keeps once BatchNormalization is folded (what a TFLite file holds).
 
 MACs count the convolution and dense layers only (every layer with a kernel: output positions x kernel size); the
 element-wise work (BatchNormalization, activations, additions, pooling) is left out, as in the MAC counts papers
@@ -43,3 +44,18 @@ def layer_macs(layer: keras.Layer) -> int:
 def model_macs(model: keras.Model) -> int:
     """Multiply-accumulates of one image through `model` (its nested models included)."""
     return int(sum(layer_macs(layer) for layer in model.layers))
+
+
+def folded_params(model: keras.Model) -> int:
+    """Parameters left once every BatchNormalization is folded into the layer before it, as TFLite and other
+    inference converters store the model: its per-channel scale, offset, mean and variance become one bias.
+
+    An estimate of what a converted file holds, not a count of one: a layer that already had a bias keeps one
+    bias, not two, so this errs high by at most one vector per such layer."""
+    total = int(model.count_params())
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            total -= int(layer.count_params()) - folded_params(layer)
+        elif isinstance(layer, keras.layers.BatchNormalization) and layer.built:
+            total -= int(layer.count_params()) - int(layer.moving_mean.shape[0])
+    return total

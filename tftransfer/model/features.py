@@ -21,6 +21,7 @@ import tensorflow as tf
 
 import tftransfer
 from tftransfer.core.cache import cache_key
+from tftransfer.core.progress import track
 from tftransfer.data.sources import Split, split_fingerprint
 from tftransfer.model.classifier import POOL_LAYER, build_inference_fn
 
@@ -74,40 +75,49 @@ def extract_features(extractor: keras.Model | Callable[[Any], np.ndarray], datas
                      total: int | None = None, what: str = "") -> tuple[np.ndarray, np.ndarray]:
     """Runs the extractor (a model, or a build_inference_fn of one) over (pixels, labels) batches."""
     infer = build_inference_fn(extractor) if isinstance(extractor, keras.Model) else extractor
-    feats, labels, seen = [], [], 0
-    started = last = time.perf_counter()
-    for x, y in dataset:
-        feats.append(np.asarray(infer(x), dtype=np.float32))
-        labels.append(y.numpy())
-        seen += len(labels[-1])
-        now = time.perf_counter()
-        if now - last > 10:
-            logger.info("features %s: %d%s images (%.0f images/s)", what, seen, f"/{total}" if total else "",
-                        seen / (now - started))
-            last = now
+    feats, labels = [], []
+    with track(f"features {what}".strip(), total or 0, "images") as progress:
+        for x, y in dataset:
+            feats.append(np.asarray(infer(x), dtype=np.float32))
+            labels.append(y.numpy())
+            progress.advance(len(labels[-1]))
     if not feats:
         return np.zeros((0, 0), np.float32), np.zeros((0,), np.int64)
     return np.concatenate(feats), np.concatenate(labels).astype(np.int64)
 
 
+def feature_cache_path(split: Split, key_parts: dict[str, Any], views: int, cache_dir: Path | None,
+                       what: str = "train") -> Path | None:
+    """Where the features of `split` (`views` passes) are cached under `key_parts`; None without a cache folder."""
+    if cache_dir is None:
+        return None
+    parts = {**key_parts, "split": split_fingerprint(split), "views": views, "tftransfer": tftransfer.__version__}
+    return Path(cache_dir) / "features" / f"{what}-{cache_key(parts)}.npz"
+
+
+def read_cached_features(path: Path | None, views: int) -> FeatureSet | None:
+    """The features cached at `path`, or None when there are none (a damaged file is logged and ignored)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        with np.load(path) as data:
+            logger.info("feature cache hit: %s (%d vectors)", path, len(data["labels"]))
+            return FeatureSet(data["features"], data["labels"], views, True, path)
+    except (OSError, ValueError, KeyError) as exc:  # a damaged cache file is recomputed, not fatal
+        logger.warning("ignoring unreadable feature cache %s: %s", path, exc)
+        return None
+
+
 def cached_features(extractor: keras.Model | Callable[[Any], np.ndarray], views: Sequence[Iterable], split: Split,
                     key_parts: dict[str, Any], cache_dir: Path | None, what: str = "train") -> FeatureSet:
     """Features of `split`, one pass per view dataset, read from or written to the disk cache."""
-    path = None
-    if cache_dir is not None:
-        parts = {**key_parts, "split": split_fingerprint(split), "views": len(views),
-                 "tftransfer": tftransfer.__version__}
-        path = Path(cache_dir) / "features" / f"{what}-{cache_key(parts)}.npz"
-        if path.is_file():
-            try:
-                with np.load(path) as data:
-                    logger.info("feature cache hit: %s (%d vectors)", path, len(data["labels"]))
-                    return FeatureSet(data["features"], data["labels"], len(views), True, path)
-            except (OSError, ValueError, KeyError) as exc:  # a damaged cache file is recomputed, not fatal
-                logger.warning("ignoring unreadable feature cache %s: %s", path, exc)
+    path = feature_cache_path(split, key_parts, len(views), cache_dir, what)
+    found = read_cached_features(path, len(views))
+    if found is not None:
+        return found
     started = time.perf_counter()
-    chunks = [extract_features(extractor, ds, len(split), f"{what} view {v + 1}/{len(views)}")
-              for v, ds in enumerate(views)]
+    chunks = [extract_features(extractor, ds, len(split), f"{what} view {v + 1}/{len(views)}" if len(views) > 1
+                               else what) for v, ds in enumerate(views)]
     features = np.concatenate([c[0] for c in chunks])
     labels = np.concatenate([c[1] for c in chunks])
     logger.info("computed %d %s feature vectors in %.1f s", len(labels), what, time.perf_counter() - started)

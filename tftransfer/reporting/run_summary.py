@@ -594,7 +594,8 @@ def plot_confusion_matrix(
     ax.set_yticklabels([str(c) for c in class_names], fontsize=label_size)
     ax.set_xlabel("Predicted class")
     ax.set_ylabel("True class")
-    ax.set_title("Confusion matrix" + (" (each row sums to 1)" if normalize else " (counts)"))
+    ax.set_title("Confusion matrix" + (" (counts; colour and % of the true class's row)" if normalize
+                                       else " (counts)"))
 
     if n <= 40:
         cell_size = 10 if n <= 10 else 7 if n <= 20 else 6
@@ -602,7 +603,10 @@ def plot_confusion_matrix(
             for j in range(n):
                 if counts[i, j] == 0:
                     continue  # blank zeros keep large matrices readable
-                text = f"{values[i, j]:.2f}" if normalize else f"{int(counts[i, j])}"
+                # The count and, normalised, its share of the row: 0.50 alone hides whether it is 1 of 2 or 50 of 100.
+                text = f"{int(counts[i, j])}"
+                if normalize:
+                    text += f"\n{values[i, j]:.0%}" if n <= 15 else ""
                 color = "white" if values[i, j] > 0.5 * vmax else "black"
                 ax.text(j, i, text, ha="center", va="center", color=color, fontsize=cell_size)
     return save_figure(fig, path)
@@ -726,7 +730,8 @@ def plot_history(
                 marker="o",
                 markersize=3,
                 linestyle="--" if key.startswith("val_") else "-",
-                label="validation" if key.startswith("val_") else "train",
+                label="validation" if key.startswith("val_") else "schedule" if base in ("learning_rate", "lr")
+                else "train",
             )
         if base in ("learning_rate", "lr"):
             ax.set_yscale("log")  # schedules span orders of magnitude

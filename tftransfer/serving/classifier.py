@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from tftransfer.core.errors import RunDirError
+from tftransfer.core.progress import track
 from tftransfer.evaluation.inference import predict_probabilities
 from tftransfer.runs.finished import load_run, read_labels
 from tftransfer.runs.layout import RunDir, is_saved_model_dir, latest_version_dir
@@ -101,24 +102,18 @@ def _load_saved_model(path: Path, image_size: int | None, batch_size: int) -> Cl
                       run_dir=run_path, saved_model=loaded, card=card.to_dict())
 
 
-def predict_batches(classifier: Classifier, dataset: Any, total: int, progress: bool = False,
-                    unit: str = "image") -> tuple[np.ndarray, np.ndarray, float]:
-    """Runs the classifier over make_indexed_dataset batches: (indices, probabilities, seconds)."""
-    bar = None
-    if progress:
-        import keras
-
-        bar = keras.utils.Progbar(total, unit_name=unit)
+def predict_batches(classifier: Classifier, dataset: Any, total: int, unit: str = "images",
+                    what: str = "predict") -> tuple[np.ndarray, np.ndarray, float]:
+    """Runs the classifier over make_indexed_dataset batches: (indices, probabilities, seconds), its progress
+    tracked (tftransfer.core.progress) as `what`."""
     indices: list[np.ndarray] = []
     probs: list[np.ndarray] = []
-    seen = 0
     started = time.perf_counter()
-    for index, pixels in dataset:
-        indices.append(index.numpy())
-        probs.append(np.asarray(classifier.predict(pixels.numpy()), np.float32))
-        seen += len(indices[-1])
-        if bar is not None:
-            bar.update(seen)
+    with track(what, total, unit) as progress:
+        for index, pixels in dataset:
+            indices.append(index.numpy())
+            probs.append(np.asarray(classifier.predict(pixels.numpy()), np.float32))
+            progress.advance(len(indices[-1]))
     seconds = time.perf_counter() - started
     if not indices:
         return np.zeros((0,), np.int64), np.zeros((0, len(classifier.class_names)), np.float32), seconds

@@ -11,6 +11,7 @@ from typing import Any
 
 from tftransfer.config.commands import ExportCommandConfig
 from tftransfer.config.experiment import ExportConfig
+from tftransfer.core.progress import Tracker, track
 from tftransfer.data.sources import DataSource
 from tftransfer.runs.layout import RunDir
 from tftransfer.serving.contract import MODEL_CARD_FILE
@@ -54,27 +55,34 @@ def publish_model(model: Any, run: RunDir, target: Path, class_names: list[str],
     card = build_model_card(run.path, val_metrics=val_metrics)
     card["gate"] = gate_export(card, val_metrics, target, settings.min_gain_over_chance, settings.max_regression,
                                force=cfg.force)
-    staged = stage_export(model, target, class_names, image_size, cfg.top_k or settings.top_k, version=cfg.version,
-                          model_card=card, max_pixels=settings.max_pixels)
-    try:
-        return _check_and_publish(staged, model, run, source, cfg, image_size, settings.parity_tolerance)
-    except BaseException:
-        discard_export(staged)  # a rejected export was moved aside before: nothing left here to remove
-        raise
+    steps = 3 if cfg.tflite else 2
+    with track("export: SavedModel, parity check" + (", TFLite" if cfg.tflite else ""), steps, "steps") as progress:
+        staged = stage_export(model, target, class_names, image_size, cfg.top_k or settings.top_k,
+                              version=cfg.version, model_card=card, max_pixels=settings.max_pixels)
+        progress.advance()
+        try:
+            return _check_and_publish(staged, model, run, source, cfg, image_size, settings.parity_tolerance,
+                                      progress)
+        except BaseException:
+            discard_export(staged)  # a rejected export was moved aside before: nothing left here to remove
+            raise
 
 
 def _check_and_publish(staged: StagedExport, model: Any, run: RunDir, source: DataSource | None,
-                       cfg: ExportCommandConfig, image_size: int, tolerance: float) -> ExportResult:
+                       cfg: ExportCommandConfig, image_size: int, tolerance: float,
+                       progress: Tracker) -> ExportResult:
     """The parity check (and TFLite) on the staged export, then the rename to its version; ParityError if it fails."""
     pixels, encoded, described = parity_inputs(source, image_size, cfg.parity_images)
     parity = check_parity_fresh_process(model, staged.path, pixels, encoded, tolerance=tolerance)
     parity["data"] = described
+    progress.advance()
     if not parity["ok"]:
         _reject(staged, run.model, parity)
     tflite_entry = None
     if cfg.tflite is not None:
         tflite_entry = export_tflite(model, staged.path, image_size, cfg.tflite, source,
                                      representative_images=cfg.representative_images, batch_size=cfg.batch_size)
+        progress.advance()
     card = replace(_staged_card(staged), tflite=tflite_entry)
     written: dict[str, Any] = {}
     version_dir = publish_export(staged, prepare=lambda final: written.update(_write_card(staged.path, card, final,

@@ -18,6 +18,7 @@ from tftransfer.config.experiment import (
     config_to_dict,
     flatten,
 )
+from tftransfer.core.progress import Tracker
 from tftransfer.training.adaptation.trainer import AdaptiveTrainer
 from tftransfer.training.checkpoint import TrainState, save_checkpoint
 
@@ -176,3 +177,34 @@ def extra_weights(model: keras.Model) -> list[np.ndarray] | None:
     """An adaptive trainer's method weights (not part of the exported model), for checkpoints."""
     method = getattr(model, "method", None) if isinstance(model, AdaptiveTrainer) else None
     return method.get_weights() if method is not None and method.weights else None
+
+
+class StepProgress(keras.callbacks.Callback):
+    """Each epoch's training steps as one tracked step with its known total (tftransfer.core.progress): a bar on
+    a terminal, a log line every few seconds when piped. The epoch's own summary line follows it, so no closing
+    line is logged."""
+
+    def __init__(self, phase: str, steps: int, first_epoch: int, epochs: int) -> None:
+        super().__init__()
+        self.phase, self.steps, self.first_epoch, self.epochs = phase, steps, first_epoch, epochs
+        self.current: Tracker | None = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._finish()
+        what = f"{self.phase} epoch {epoch - self.first_epoch + 1}/{self.epochs}"
+        self.current = Tracker(what, self.steps, "steps", log_finish=False)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.current is not None:
+            self.current.advance()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._finish()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.current is not None:
+            self.current.finish()
+            self.current = None

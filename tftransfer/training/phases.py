@@ -25,6 +25,7 @@ from tftransfer.core.errors import TfTransferError
 from tftransfer.data.augment import AUGMENT_VERSION
 from tftransfer.data.balance import class_weight_for
 from tftransfer.data.pipeline import Datasets
+from tftransfer.data.sources import DataSource
 from tftransfer.model import backbones
 from tftransfer.model.classifier import BOTTLENECK_LAYER, HEAD_LAYER, POOL_LAYER, alignment_layer, build_inference_fn
 from tftransfer.model.features import (
@@ -33,7 +34,9 @@ from tftransfer.model.features import (
     build_feature_extractor,
     build_head_model,
     cached_features,
+    feature_cache_path,
     features_dataset,
+    read_cached_features,
 )
 from tftransfer.model.freezing import FreezeReport, freeze_backbone, unfreeze_top_blocks
 from tftransfer.runs.layout import RunDir
@@ -54,6 +57,7 @@ from tftransfer.training.callbacks import (
     NaNGuard,
     Progress,
     StepCount,
+    StepProgress,
     extra_weights,
 )
 from tftransfer.training.checkpoint import Checkpoint, save_checkpoint
@@ -127,6 +131,14 @@ class FeatureCacheSpec:
     cache_dir: Path | None
 
 
+def _phase1_key_parts(cache: FeatureCacheSpec, views: int, augmenter: Any, seed: int) -> dict[str, Any]:
+    """The cache key of phase 1's train features: the backbone's, plus the augmentation of views beyond the first."""
+    # Random weights (key part "seed") depend on the seed even when no view is augmented.
+    return {**cache.key_parts,
+            "augment": f"{AUGMENT_VERSION} {augmenter.get_config()}" if views > 1 else None,
+            "seed": seed if views > 1 else cache.key_parts.get("seed")}
+
+
 def phase1_feature_sets(extractor: Callable[[Any], np.ndarray], views: int, data: Datasets,
                         cache: FeatureCacheSpec, seed: int) -> tuple[FeatureSet, FeatureSet | None]:
     """The train (`views` per image) and val pooled features phase 1 trains on, through the feature cache.
@@ -135,10 +147,7 @@ def phase1_feature_sets(extractor: Callable[[Any], np.ndarray], views: int, data
     data reads the features select computed.
     """
     views = views if data.augmenter is not None else 1
-    # Random weights (key part "seed") depend on the seed even when no view is augmented.
-    parts = {**cache.key_parts,
-             "augment": f"{AUGMENT_VERSION} {data.augmenter.get_config()}" if views > 1 else None,
-             "seed": seed if views > 1 else cache.key_parts.get("seed")}
+    parts = _phase1_key_parts(cache, views, data.augmenter, seed)
     # View 1 is always the clean image; further views go through the training augmenter.
     train_views = [data.ordered_train(augment=False)] + [data.ordered_train(augment=True)] * (views - 1)
     train_set = cached_features(extractor, train_views, data.source.train, parts, cache.cache_dir, what="train")
@@ -149,6 +158,20 @@ def phase1_feature_sets(extractor: Callable[[Any], np.ndarray], views: int, data
         val_set = cached_features(extractor, [data.val], data.source.val, cache.key_parts, cache.cache_dir,
                                   what="val")
     return train_set, val_set
+
+
+def cached_clean_feature_sets(source: DataSource, cache: FeatureCacheSpec,
+                              seed: int) -> tuple[FeatureSet, FeatureSet | None] | None:
+    """What phase1_feature_sets(views=1) would read from the cache, found without building a model or a pipeline;
+    None when any of it is not cached."""
+    train = read_cached_features(feature_cache_path(source.train, _phase1_key_parts(cache, 1, None, seed), 1,
+                                                    cache.cache_dir, "train"), 1)
+    if train is None:
+        return None
+    if source.val is None or len(source.val) == 0:
+        return train, None
+    val = read_cached_features(feature_cache_path(source.val, cache.key_parts, 1, cache.cache_dir, "val"), 1)
+    return (train, val) if val is not None else None
 
 
 def _shared_features(found: FeatureSet | None, views: int) -> FeatureSet:
@@ -435,10 +458,11 @@ def _resume_phase(state: _FitState, name: str, phase: PhaseConfig, inputs: Phase
     return resume.state.epoch
 
 
-def _phase_callbacks(state: _FitState, phase: PhaseConfig, inputs: PhaseInputs, guard: NaNGuard,
+def _phase_callbacks(state: _FitState, name: str, phase: PhaseConfig, inputs: PhaseInputs, guard: NaNGuard,
                      best: BestWeights | None) -> list[keras.callbacks.Callback]:
     # StepCount first: the callbacks after it read the learning rate and save the optimizer at an epoch's end
     callbacks = [StepCount(), *inputs.callbacks, *state.shared, guard] + ([best] if best else [])
+    callbacks.append(StepProgress(name, inputs.steps_per_epoch, state.epoch, phase.epochs))
     if phase.early_stopping_patience and inputs.val is not None:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=phase.early_stopping_patience))
     if state.run is not None and not inputs.on_features:
@@ -526,7 +550,7 @@ def _run_phase(state: _FitState, name: str, phase: PhaseConfig, set_trainable: C
     guard = NaNGuard()
     state.jit_compile = _fit_falling_back_from_xla(
         state, name, phase, inputs, initial_epoch=initial_epoch, epochs=state.epoch + phase.epochs,
-        callbacks=_phase_callbacks(state, phase, inputs, guard, best), verbose=verbose,
+        callbacks=_phase_callbacks(state, name, phase, inputs, guard, best), verbose=verbose,
         class_weight=None if _own_loss(inputs.model) else state.class_weight)
     return _end_phase(state, name, phase, inputs, report, best, guard, started, evaluate_phase)
 
