@@ -211,6 +211,30 @@ class AdaptConfig:
     max_target_images: int = _opt(0, "use at most this many target images (random, seeded); 0 = all", min=0)
 
 
+# Mirrors tftransfer.training.pruning.PRUNABLE_LAYERS (config must not import Keras; a test ties them).
+PRUNABLE_LAYER_KINDS = ("conv", "dense", "depthwise")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Magnitude pruning during phase 2 (Zhu & Gupta 2017): the smallest weights of the kernels it trains are zeroed
+    on a polynomial schedule and kept at zero; the exported weights are ordinary, with zeros in them."""
+
+    target_sparsity: float = _opt(0.0, "fraction of each pruned kernel's weights set to zero by the end of the "
+                                       "schedule (0 = no pruning); only kernels phase 2 trains are pruned, so "
+                                       "phases.finetune.unfreeze_blocks=1000 prunes the whole backbone",
+                                  min=0.0, max=1.0, max_exclusive=True)
+    initial_sparsity: float = _opt(0.0, "sparsity at the schedule's first step", min=0.0, max=1.0,
+                                   max_exclusive=True)
+    begin_fraction: float = _opt(0.0, "where in phase 2 (fraction of its steps) pruning starts", min=0.0, max=1.0)
+    end_fraction: float = _opt(0.75, "where in phase 2 the target sparsity is reached (the rest fine-tunes with "
+                                     "the final masks)", min=0.0, max=1.0)
+    frequency: int = _opt(0, "optimizer steps between mask updates (0 = 1/16 of the schedule's length)", min=0)
+    power: float = _opt(3.0, "exponent of the polynomial schedule (3 in Zhu & Gupta)", min=1.0)
+    layers: tuple[str, ...] = _opt(("conv", "dense"), "kinds of layer whose kernels are pruned: conv (incl. 1x1), "
+                                                      "dense, depthwise", choices=PRUNABLE_LAYER_KINDS)
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     """Knowledge distillation (Hinton et al. 2015) from a finished teacher run; off while `teacher` is empty."""
@@ -240,6 +264,7 @@ class ExperimentConfig:
     phases: PhasesConfig = field(default_factory=PhasesConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 KEEP = 2
 _PREFIX = "epoch-"
 STATE_FILE = "state.json"
+MASKS_FILE = "masks.npz"
+_MASK_KEY = "m{:05d}"
 FILES_KEY = "files"  # in state.json: {file name: {"bytes": n, "sha256": hex}} of the checkpoint's other files
 
 
@@ -48,6 +50,7 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_value: float | None = None
     best_epoch: int | None = None
+    prune_sparsity: float | None = None  # the pruning schedule's sparsity at its last mask update (masks.npz)
 
     @property
     def phase_epochs_done(self) -> int:  # noqa: D102
@@ -65,8 +68,12 @@ def _arrays_list(path: Path) -> list[np.ndarray]:
 
 def save_checkpoint(checkpoints: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer | None,
                     state: TrainState, best_weights: list[np.ndarray] | None = None,
-                    extra_weights: list[np.ndarray] | None = None) -> Path:
-    """Writes checkpoints/epoch-NNNN/ atomically and keeps only the newest few."""
+                    extra_weights: list[np.ndarray] | None = None,
+                    masks: dict[str, np.ndarray] | None = None) -> Path:
+    """Writes checkpoints/epoch-NNNN/ atomically and keeps only the newest few.
+
+    `masks` (pruning masks by kernel variable path) are training state like the optimizer's: masks.npz.
+    """
     checkpoints.mkdir(parents=True, exist_ok=True)
     final = checkpoints / f"{_PREFIX}{state.epoch:04d}{'-end' if state.phase_done else ''}"
     tmp = checkpoints / f".tmp-{final.name}-{os.getpid()}"
@@ -80,6 +87,9 @@ def save_checkpoint(checkpoints: Path, model: keras.Model, optimizer: keras.opti
         np.savez(tmp / "best.npz", **_weights_arrays(best_weights))
     if extra_weights:  # weights that live outside the model, e.g. DANN's domain classifier
         np.savez(tmp / "extra.npz", **_weights_arrays(extra_weights))
+    if masks:
+        np.savez(tmp / MASKS_FILE, **{_MASK_KEY.format(i): m for i, m in enumerate(masks.values())},
+                 paths=np.array(list(masks), dtype=str))
     record = {**state.__dict__, FILES_KEY: _file_records(tmp)}
     (tmp / STATE_FILE).write_text(json.dumps(record, indent=1, default=float))
     if final.exists():
@@ -160,6 +170,15 @@ class Checkpoint:
         """Training-only weights saved beside the model (an adaptation method's), if any."""
         file = self.path / "extra.npz"
         return _arrays_list(file) if file.is_file() else None
+
+    def masks(self) -> dict[str, np.ndarray] | None:
+        """Pruning masks by kernel variable path, if the checkpoint has them."""
+        file = self.path / MASKS_FILE
+        if not file.is_file():
+            return None
+        with np.load(file) as data:
+            paths = [str(p) for p in data["paths"]]
+            return {path: data[_MASK_KEY.format(i)].astype(bool) for i, path in enumerate(paths)}
 
     def best_weights(self) -> list[np.ndarray] | None:
         """The current phase's best weights so far, if any."""
