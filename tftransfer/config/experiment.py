@@ -232,7 +232,16 @@ class PruneConfig:
     frequency: int = _opt(0, "optimizer steps between mask updates (0 = 1/16 of the schedule's length)", min=0)
     power: float = _opt(3.0, "exponent of the polynomial schedule (3 in Zhu & Gupta)", min=1.0)
     layers: tuple[str, ...] = _opt(("conv", "dense"), "kinds of layer whose kernels are pruned: conv (incl. 1x1), "
-                                                      "dense, depthwise", choices=PRUNABLE_LAYER_KINDS)
+                                                      "dense, depthwise (the output layer never is; biases and "
+                                                      "BatchNorm never are)", choices=PRUNABLE_LAYER_KINDS)
+
+    def __post_init__(self) -> None:
+        if self.end_fraction < self.begin_fraction:
+            raise ConfigError(f"prune.end_fraction {self.end_fraction} is before prune.begin_fraction "
+                              f"{self.begin_fraction}")
+        if self.target_sparsity and self.initial_sparsity > self.target_sparsity:
+            raise ConfigError(f"prune.initial_sparsity {self.initial_sparsity} is above prune.target_sparsity "
+                              f"{self.target_sparsity}")
 
 
 @dataclass(frozen=True)

@@ -429,9 +429,8 @@ def _resume_phase(state: _FitState, name: str, phase: PhaseConfig, inputs: Phase
     if resume is None or resume.state.phase != name or resume.state.phase_done:
         return state.epoch
     resume.restore_optimizer(inputs.model.optimizer, inputs.model.trainable_variables)
-    masks = resume.masks()
-    if state.progress.pruning is not None and masks:
-        state.progress.pruning.set_masks(masks, resume.state.prune_sparsity)
+    if state.progress.pruning is not None:
+        state.progress.pruning.set_masks(resume.masks(), resume.state.prune_sparsity, str(resume.path))
     state.progress.seconds_before = resume.state.phase_seconds
     if best is not None and resume.state.best_epoch:
         best.best, best.best_epoch = resume.state.best_value, resume.state.best_epoch

@@ -21,6 +21,9 @@ import keras
 import numpy as np
 
 from tftransfer.config.experiment import PruneConfig
+from tftransfer.core.errors import RunDirError
+from tftransfer.model.classifier import HEAD_LAYER
+from tftransfer.model.layers import InferenceBackbone
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +67,13 @@ def layer_kind(layer: keras.Layer) -> str | None:
     return None
 
 
-def _leaf_layers(model: keras.Model) -> list[keras.Layer]:
-    return [layer for layer in model._flatten_layers(include_self=False) if not isinstance(layer, keras.Model)]
+def _leaf_layers(layer: keras.Layer) -> list[keras.Layer]:
+    """Every layer inside `layer` that is not itself a model, depth first, the backbone's layers included."""
+    if isinstance(layer, InferenceBackbone):
+        return _leaf_layers(layer.backbone)
+    if not isinstance(layer, keras.Model):
+        return [layer]
+    return [leaf for child in layer.layers for leaf in _leaf_layers(child)]
 
 
 def prunable_kernels(model: keras.Model, kinds: Sequence[str], trainable_only: bool = True
@@ -73,11 +81,13 @@ def prunable_kernels(model: keras.Model, kinds: Sequence[str], trainable_only: b
     """(layer name, kind, kernel variable) of every layer of the given kinds, nested models included, in order.
 
     `trainable_only`: only the kernels the phase trains (a frozen kernel could not recover from being pruned).
+    The classifier's output layer is never pruned: it holds classes x features weights, too few to matter, and
+    each of them decides a class.
     """
     found = []
     for layer in _leaf_layers(model):
         kind = layer_kind(layer)
-        if kind is None or kind not in kinds:
+        if kind is None or kind not in kinds or layer.name == HEAD_LAYER:
             continue
         kernel = getattr(layer, "depthwise_kernel" if kind == "depthwise" else "kernel", None)
         if kernel is None or (trainable_only and not (layer.trainable and kernel.trainable)):
@@ -110,7 +120,7 @@ class MagnitudePruning(keras.callbacks.Callback):
     phase continues the schedule where it stopped. `set_masks` puts a checkpoint's masks back.
     """
 
-    def __init__(self, cfg: PruneConfig, kernels: list[tuple[str, Any]], total_steps: int) -> None:
+    def __init__(self, cfg: PruneConfig, kernels: list[tuple[str, str, Any]], total_steps: int) -> None:
         super().__init__()
         self.cfg = cfg
         self.kernels = kernels
@@ -118,6 +128,7 @@ class MagnitudePruning(keras.callbacks.Callback):
         self.end_step = max(self.begin_step, int(round(cfg.end_fraction * total_steps)))
         self.frequency = cfg.frequency or max(1, (self.end_step - self.begin_step) // 16)
         self.masks: dict[str, np.ndarray] = {}
+        self._factors: dict[str, Any] = {}  # each mask as a tensor of its kernel's dtype: multiplied in every step
         self.sparsity = 0.0  # the schedule's value at the last mask update
 
     # -- masks as training state
@@ -125,30 +136,41 @@ class MagnitudePruning(keras.callbacks.Callback):
         """The masks keyed by kernel variable path (for checkpoints)."""
         return dict(self.masks)
 
-    def set_masks(self, masks: dict[str, np.ndarray], sparsity: float | None = None) -> None:
-        """Masks from a checkpoint; a kernel whose shape changed is an error (the model is not the one saved)."""
+    def _set(self, path: str, mask: np.ndarray, kernel: Any) -> None:
+        self.masks[path] = mask
+        self._factors[path] = keras.ops.convert_to_tensor(mask, dtype=kernel.dtype)
+
+    def set_masks(self, masks: dict[str, np.ndarray] | None, sparsity: float | None, source: str) -> None:
+        """A checkpoint's masks, verified against the model: one per pruned kernel, of its shape, and the kernel
+        zero wherever its mask is (the weights and masks were saved together). RunDirError naming `source`."""
+        if not sparsity:
+            return  # saved before the schedule's first update: no masks yet
+        masks = masks or {}
         for _, _, kernel in self.kernels:
             saved = masks.get(kernel.path)
             if saved is None:
-                continue
+                raise RunDirError(f"{source}: no pruning mask for {kernel.path}; the run's config or code changed "
+                                  "since it was saved")
             if tuple(saved.shape) != tuple(kernel.shape):
-                raise ValueError(f"mask of {kernel.path} has shape {saved.shape}, the kernel {tuple(kernel.shape)}")
-            self.masks[kernel.path] = saved.astype(bool)
-        if sparsity is not None:
-            self.sparsity = float(sparsity)
-        self.apply_masks()
+                raise RunDirError(f"{source}: the mask of {kernel.path} has shape {saved.shape}, the kernel "
+                                  f"{tuple(kernel.shape)}")
+            if np.any(keras.ops.convert_to_numpy(kernel)[~saved] != 0):
+                raise RunDirError(f"{source}: {kernel.path} has nonzero weights where its mask prunes them; the "
+                                  "checkpoint's weights and masks do not belong together")
+            self._set(kernel.path, saved.astype(bool), kernel)
+        self.sparsity = float(sparsity)
 
     def apply_masks(self) -> None:
-        """Zeroes every masked weight."""
+        """Zeroes every masked weight (the optimizer's step, momentum included, may have moved it)."""
         for _, _, kernel in self.kernels:
-            mask = self.masks.get(kernel.path)
-            if mask is not None:
-                kernel.assign(keras.ops.convert_to_numpy(kernel) * mask)
+            factor = self._factors.get(kernel.path)
+            if factor is not None:
+                kernel.assign(kernel * factor)
 
     def update_masks(self, sparsity: float) -> None:
         """New masks at `sparsity` from the kernels' current magnitudes (already-pruned zeros stay pruned)."""
         for _, _, kernel in self.kernels:
-            self.masks[kernel.path] = magnitude_mask(keras.ops.convert_to_numpy(kernel), sparsity)
+            self._set(kernel.path, magnitude_mask(keras.ops.convert_to_numpy(kernel), sparsity), kernel)
         self.sparsity = sparsity
         self.apply_masks()
 
@@ -157,9 +179,11 @@ class MagnitudePruning(keras.callbacks.Callback):
         return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
 
     def _due(self, step: int) -> bool:
-        if step < self.begin_step or step > self.end_step:
+        if step < self.begin_step:
             return False
-        return (step - self.begin_step) % self.frequency == 0 or step == self.end_step
+        if step >= self.end_step:  # once, at the end step (or the first step after it, e.g. end_fraction 0)
+            return self.sparsity < self.cfg.target_sparsity
+        return (step - self.begin_step) % self.frequency == 0
 
     def on_train_begin(self, logs: dict | None = None) -> None:  # noqa: D102
         logger.info("pruning %d kernels (%s) to sparsity %.2f: polynomial schedule from step %d to %d, masks "
