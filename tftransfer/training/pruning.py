@@ -159,6 +159,7 @@ class MagnitudePruning(keras.callbacks.Callback):
                                   "checkpoint's weights and masks do not belong together")
             self._set(kernel.path, saved.astype(bool), kernel)
         self.sparsity = float(sparsity)
+        logger.info("restored %d pruning masks at sparsity %.3f from %s", len(self.masks), self.sparsity, source)
 
     def apply_masks(self) -> None:
         """Zeroes every masked weight (the optimizer's step, momentum included, may have moved it)."""
