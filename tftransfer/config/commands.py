@@ -27,14 +27,15 @@ MIN_IMAGE_SIDE = 8
 SPLIT_NAMES = ("auto", "all", "train", "val", "test")
 
 # Mirrors tftransfer.serving.tflite.TFLITE_MODES (that module imports TensorFlow); a test ties the two.
-TFLITE_MODE_NAMES = ("float32", "float16", "dynamic", "int8")
+TFLITE_MODE_NAMES = ("float32", "float16", "dynamic", "int8", "int8-uint8")
 
 
 @dataclass(frozen=True)
 class ExportCommandConfig:
     """`tftransfer export RUN`: the next SavedModel version of a finished run, checked, optionally TFLite."""
 
-    tflite: str | None = opt(None, "Also write model_<mode>.tflite; int8 calibrates on training images.",
+    tflite: str | None = opt(None, "Also write model_<mode>.tflite, the labels inside; int8 and int8-uint8 (full "
+                                   "integer, uint8 input and output) calibrate on training images.",
                              choices=TFLITE_MODE_NAMES)
     model_dir: Path | None = opt(None, "Model folder to write versions into (default: <export.dir>/<name> of the "
                                        "run's config).")

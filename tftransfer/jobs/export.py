@@ -27,7 +27,7 @@ from tftransfer.serving.savedmodel import (
     saved_model_size,
     stage_export,
 )
-from tftransfer.serving.tflite import export_tflite
+from tftransfer.serving.tflite import CALIBRATED_MODES, export_tflite
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +82,8 @@ def export_run(run_dir: str | Path, config: ExportCommandConfig | None = None, *
     names = read_labels(run.labels)
     image_size = run_image_size(run.path)
     source = load_run_source(run.path)
-    if tflite == "int8" and source is None:
-        raise DataError(f"--tflite int8 calibrates on the run's training images, which are not available (see "
+    if tflite in CALIBRATED_MODES and source is None:
+        raise DataError(f"--tflite {tflite} calibrates on the run's training images, which are not available (see "
                         f"data.path in {run.config}); restore them or choose float32, float16 or dynamic")
     top_k = cfg.top_k or int(export_cfg.get("top_k", ExportConfig.top_k))
     tolerance = float(export_cfg.get("parity_tolerance", ExportConfig.parity_tolerance))
@@ -121,7 +121,8 @@ def _check_and_publish(staged: StagedExport, model: Any, run: RunDir, source: Da
     tflite_entry = None
     if cfg.tflite is not None:
         tflite_entry = export_tflite(model, staged.path, image_size, cfg.tflite, source,
-                                     representative_images=cfg.representative_images, batch_size=cfg.batch_size)
+                                     representative_images=cfg.representative_images, batch_size=cfg.batch_size,
+                                     labels=read_labels(run.labels))
     card = read_json(staged.path / MODEL_CARD_FILE)
     card["tflite"] = tflite_entry
     version_dir = publish_export(staged, prepare=lambda final: _write_card(staged.path, card, final, parity))
