@@ -13,6 +13,7 @@ import pytest
 from tftransfer import cli
 from tftransfer.config.commands import (
     AdaptCommandConfig,
+    CompressReportCommandConfig,
     DomainCommandConfig,
     EvaluateCommandConfig,
     ExportCommandConfig,
@@ -29,6 +30,7 @@ COMMAND_CONFIGS = {
     "evaluate": (EvaluateCommandConfig, {"data", "progress"}),
     "domain": (DomainCommandConfig, set()),
     "adapt": (AdaptCommandConfig, set()),
+    "compress-report": (CompressReportCommandConfig, set()),
 }
 
 

@@ -16,6 +16,7 @@ import click
 from tftransfer import __version__
 from tftransfer.config.commands import (
     AdaptCommandConfig,
+    CompressReportCommandConfig,
     DomainCommandConfig,
     EvaluateCommandConfig,
     ExportCommandConfig,
@@ -54,6 +55,7 @@ run_domain = _job("tftransfer.jobs.domain:run_domain")
 run_adapt = _job("tftransfer.jobs.adapt:run_adapt")
 run_evaluation = _job("tftransfer.jobs.evaluate:run_evaluation")
 export_run = _job("tftransfer.jobs.export:export_run")
+run_compress_report = _job("tftransfer.jobs.compress_report:run_compress_report")
 predict_files = _job("tftransfer.jobs.predict:predict_files")
 inspect_data = _job("tftransfer.data.inspect:inspect_data")
 format_report = _job("tftransfer.data.inspect:format_report")
@@ -196,26 +198,32 @@ def _output_dir(ctx: click.Context, param: click.Parameter, value: Path | None) 
 
 
 class _CommaList(click.ParamType):
-    """'1,3,5' -> (1, 3, 5) for a tuple[int, ...] config field; '' -> (); a tuple (the default) stays."""
+    """'1,3,5' -> (1, 3, 5) for a tuple[int, ...] config field; '' -> (); a tuple (the default) stays. With
+    `choices`, each item must be one of them."""
 
-    def __init__(self, item: type) -> None:
-        self.item = item
-        one = {str: "TEXT", int: "INT", float: "FLOAT"}.get(item, item.__name__.upper())
-        self.name = f"{one}[,{one}...]"
+    def __init__(self, item: type, choices: tuple[Any, ...] | None = None) -> None:
+        self.item, self.choices = item, choices
+        one = "|".join(map(str, choices)) if choices else {str: "TEXT", int: "INT", float: "FLOAT"}.get(
+            item, item.__name__.upper())
+        self.name = f"{one}[,...]" if choices else f"{one}[,{one}...]"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, tuple):
             return value
         try:
-            return tuple(self.item(v.strip()) for v in str(value).split(",") if v.strip())
+            items = tuple(self.item(v.strip()) for v in str(value).split(",") if v.strip())
         except ValueError:
             self.fail(f"expected comma-separated {self.item.__name__} values, got {value!r}", param, ctx)
+        wrong = [item for item in items if self.choices and item not in self.choices]
+        if wrong:
+            self.fail(f"{wrong[0]!r} is not one of {', '.join(map(str, self.choices or ()))}", param, ctx)
+        return items
 
 
 def _click_type(spec: SettingSpec) -> Any:
     """The Click parameter type of a config field: its choices, its range, or its plain type."""
     if spec.multiple:
-        return _CommaList(spec.type)
+        return _CommaList(spec.type, spec.choices)
     if spec.choices:
         return click.Choice(list(spec.choices))
     if spec.type in (int, float) and (spec.min is not None or spec.max is not None):
@@ -582,6 +590,32 @@ def _echo_evaluation(result: dict[str, Any], out: Path) -> None:
         for item in result["mistakes"][:5]:
             click.echo(f"  {item['confidence']:.3f} {item['predicted']} (true {item['true']}): {item['file']}")
     click.echo(f"summary: {out / 'summary.md'}")
+
+
+@main.command("compress-report", epilog="Example: tftransfer compress-report runs/teacher runs/student "
+                                          "--tflite float32,int8-uint8")
+@click.argument("models", metavar="RUN_OR_EXPORT...", nargs=-1, required=True,
+                type=click.Path(exists=True, path_type=Path))
+@config_option(CompressReportCommandConfig, "data")
+@config_option(CompressReportCommandConfig, "split")
+@config_option(CompressReportCommandConfig, "tflite")
+@config_option(CompressReportCommandConfig, "output", "-o", "--output")
+@config_option(CompressReportCommandConfig, "max_images")
+@config_option(CompressReportCommandConfig, "latency_runs")
+@config_option(CompressReportCommandConfig, "batch_size")
+@config_option(CompressReportCommandConfig, "threads")
+@config_option(CompressReportCommandConfig, "representative_images")
+@_user_errors
+def compress_report_command(models: tuple[Path, ...], **settings: Any) -> None:
+    """Compare runs, exports and .tflite files on the same images: accuracy, parameters, size, latency."""
+    result = run_compress_report(list(models), command_config(CompressReportCommandConfig, settings=settings))
+    report = result.report
+    click.echo(f"{report['examples']} images of {report['data']} ({report['split']}):")
+    for row in report["models"]:
+        click.echo(f"  {row['name']:<36} accuracy {row['accuracy']:.4f}  nonzero {row['nonzero_parameters']:>10,} "
+                   f"of {row['parameters']:>10,}  gzip {row['gzip_bytes']:>11,} B  batch 1 "
+                   f"{row['latency_batch1_ms']:8.2f} ms{'  (Pareto)' if row['pareto'] else ''}")
+    click.echo(f"report: {result.output_dir / 'compress_report.md'}")
 
 
 @main.command("export", epilog="Example: tftransfer export runs/flowers --tflite int8")

@@ -50,6 +50,26 @@ class ExportCommandConfig:
 
 
 @dataclass(frozen=True)
+class CompressReportCommandConfig:
+    """`tftransfer compress-report MODEL...`: accuracy, parameters, size and latency of runs, exports and TFLite
+    files on the same images, as JSON, Markdown and an accuracy-latency plot."""
+
+    data: str = opt("", "Images every model is scored on (default: the first run's own data).")
+    split: str = opt("val", "Split of the data (val: the run's validation split, drawn with its fractions).",
+                     choices=SPLIT_NAMES)
+    tflite: tuple[str, ...] = opt((), "Also convert each run's model to these TFLite modes (comma-separated) and "
+                                      "report them; an export's model_*.tflite files are reported anyway.",
+                                  choices=TFLITE_MODE_NAMES)
+    output: Path = opt(Path("compress_report"), "Folder of compress_report.json, compress_report.md, pareto.png "
+                                                "and the converted .tflite files.")
+    max_images: int = opt(0, "Score at most this many images, spread over the split (0 = all).", min=0)
+    latency_runs: int = opt(20, "Timed calls per batch size (after one warm-up call).", min=1)
+    batch_size: int = opt(32, "Batch size of the accuracy pass and of the second latency figure.", min=1)
+    threads: int = opt(0, "TFLite interpreter threads (0 = one per CPU core, as TensorFlow uses).", min=0)
+    representative_images: int = opt(100, "Training images that calibrate an int8 conversion.", min=1)
+
+
+@dataclass(frozen=True)
 class PredictCommandConfig:
     """`tftransfer predict MODEL IMAGES...`: top-k classes of image files with a run or an exported SavedModel."""
 

@@ -46,10 +46,7 @@ def export_tflite(model: keras.Model, version_dir: str | Path, image_size: int, 
         if source is None or len(source.train) == 0:
             raise DataError(f"{mode} quantization calibrates on training images, and the run's training data is "
                             "not available; restore it at the path in config.yaml or choose float32/float16/dynamic")
-        sub = source.train.subset(spread_indices(len(source.train), representative_images))
-        pixels = np.concatenate([p.numpy() for _, p in split_batches(sub, image_size, batch_size)])
-        representative = tfl.representative_from_pixels(pixels)
-        used = len(pixels)
+        representative, used = representative_from_source(source, image_size, representative_images, batch_size)
     started = time.perf_counter()
     flatbuffer = tfl.convert_to_tflite(model, image_size, mode, representative)
     if labels is not None:
@@ -235,6 +232,14 @@ def convert_to_tflite(model: keras.Model, image_size: int, mode: str = "float32"
     return flatbuffer
 
 
+def representative_from_source(source: DataSource, image_size: int, count: int, batch_size: int = 32
+                               ) -> tuple[RepresentativeData, int]:
+    """Calibration data of up to `count` training images spread over the split, and how many there are."""
+    sub = source.train.subset(spread_indices(len(source.train), count))
+    pixels = np.concatenate([p.numpy() for _, p in split_batches(sub, image_size, batch_size)])
+    return representative_from_pixels(pixels), len(pixels)
+
+
 def representative_from_pixels(pixels: np.ndarray) -> RepresentativeData:
     """A representative-dataset callable yielding each image as its own [1, S, S, 3] float32 batch."""
     pixels = np.asarray(pixels, np.float32)
@@ -246,13 +251,16 @@ def representative_from_pixels(pixels: np.ndarray) -> RepresentativeData:
     return generate
 
 
-def load_interpreter(model: bytes | str | Path) -> Any:
-    """A TFLite interpreter for flatbuffer bytes or a .tflite path (LiteRT's when installed, else tf.lite's)."""
+def load_interpreter(model: bytes | str | Path, num_threads: int | None = None) -> Any:
+    """A TFLite interpreter for flatbuffer bytes or a .tflite path (LiteRT's when installed, else tf.lite's), with
+    its default delegate, XNNPACK, on `num_threads` threads (None: the runtime's default)."""
     try:
         from ai_edge_litert.interpreter import Interpreter  # type: ignore[import-not-found]
     except ImportError:
         Interpreter = tf.lite.Interpreter  # noqa: N806  (deprecated in favour of LiteRT, still in TF 2.21)
-    kwargs = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
+    kwargs: dict[str, Any] = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
+    if num_threads is not None:
+        kwargs["num_threads"] = num_threads
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice, once per load
         return Interpreter(**kwargs)
@@ -274,27 +282,57 @@ def _dequantized(values: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
     return (values.astype(np.float32) - zero) * scale
 
 
+class TflitePredictor:
+    """Calls a single-input, single-output TFLite model on float32 [N, S, S, 3] pixels, resizing its input only
+    when the batch shape changes (what a latency measure must not count); integer I/O is (de)quantized."""
+
+    def __init__(self, interpreter: Any) -> None:
+        self.interpreter = interpreter
+        self.input = interpreter.get_input_details()[0]
+        self.shape: tuple[int, ...] | None = None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """[N, C] float32 outputs of one batch."""
+        batch = np.asarray(batch, np.float32)
+        if self.shape != batch.shape:
+            self.interpreter.resize_tensor_input(self.input["index"], list(batch.shape))
+            self.interpreter.allocate_tensors()
+            self.shape = batch.shape
+        self.interpreter.set_tensor(self.input["index"], _quantized(batch, self.input))
+        self.interpreter.invoke()
+        out = self.interpreter.get_output_details()[0]
+        # Copy: get_tensor returns a view into the interpreter's buffer, overwritten by the next invoke.
+        return _dequantized(np.array(self.interpreter.get_tensor(out["index"])), out).astype(np.float32)
+
+
 def predict_tflite(interpreter: Any, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """[N, C] outputs of a single-input, single-output TFLite model for float32 [N, S, S, 3] pixels (an integer
     model's input is quantized, its output dequantized)."""
-    pixels = np.asarray(pixels, np.float32)
-    inp = interpreter.get_input_details()[0]
-    outputs = []
-    current = None
-    for start in range(0, len(pixels), batch_size):
-        batch = pixels[start:start + batch_size]
-        if current != batch.shape:
-            interpreter.resize_tensor_input(inp["index"], list(batch.shape))
-            interpreter.allocate_tensors()
-            current = batch.shape
-        interpreter.set_tensor(inp["index"], _quantized(batch, inp))
-        interpreter.invoke()
-        out = interpreter.get_output_details()[0]
-        # Copy: get_tensor returns a view into the interpreter's buffer, overwritten by the next invoke.
-        outputs.append(_dequantized(np.array(interpreter.get_tensor(out["index"])), out))
+    predictor = TflitePredictor(interpreter)
+    outputs = [predictor(pixels[start:start + batch_size]) for start in range(0, len(pixels), batch_size)]
     if not outputs:
         return np.zeros((0, int(interpreter.get_output_details()[0]["shape"][-1])), np.float32)
-    return np.concatenate(outputs).astype(np.float32)
+    return np.concatenate(outputs)
+
+
+def tflite_parameters(model: bytes | str | Path) -> tuple[int, int]:
+    """(parameters, nonzero parameters) of a .tflite model: the values of its constant tensors (weights, biases,
+    folded BatchNorm), float or quantized; not shape constants."""
+    interpreter = load_interpreter(model)  # not allocated: only constant tensors hold data
+    total = nonzero = 0
+    for detail in interpreter.get_tensor_details():
+        try:
+            values = interpreter.get_tensor(detail["index"])
+        except ValueError:  # an activation
+            continue
+        if not np.issubdtype(values.dtype, np.number):
+            continue
+        quantized = np.size(detail["quantization_parameters"]["scales"]) > 0  # per-tensor or per-channel
+        if np.issubdtype(values.dtype, np.integer) and not quantized:
+            continue  # a shape or axis constant; an integer model's weights and biases are quantized
+        total += int(values.size)
+        nonzero += int(np.count_nonzero(values))
+    return total, nonzero
 
 
 def compare_with_reference(tflite_probs: np.ndarray, reference_probs: np.ndarray, labels: np.ndarray

@@ -1,4 +1,5 @@
-"""Magnitude pruning: the schedule, the masks, their survival across an interrupted phase, and exports with zeros."""
+"""Compression: magnitude pruning (the schedule, the masks, their survival across an interrupted phase, exports
+with zeros) and the compress-report command on the pruned run."""
 
 from __future__ import annotations
 
@@ -154,3 +155,34 @@ def test_exports_are_ordinary_graphs_with_the_zeros_in_them(pruned, tmp_path):
             continue
     zeros, total = _kernel_zeros([t for t in tensors if t.dtype == np.float32])
     assert zeros / total >= TARGET - 0.05
+
+
+def test_compress_report_compares_the_run_its_export_and_tflite_conversions(pruned, tmp_path):
+    out = tmp_path / "report"
+    lone = tmp_path / "lone.tflite"  # a .tflite file passed on its own: its labels come from inside it
+    version = sorted(pruned["saved"].iterdir())[-1]
+    args = ["compress-report", str(pruned["run"]), str(version), "--tflite", "float32,int8-uint8", "-o", str(out),
+            "--latency-runs", "2", "--batch-size", "8"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    lone.write_bytes((out / "pruned_model_int8-uint8.tflite").read_bytes())
+    result = CliRunner().invoke(main, [*args[:-6], str(lone), *args[-6:]])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "compress_report.json").read_text())
+    rows = {row["name"]: row for row in report["models"]}
+    assert set(rows) == {"pruned", "pruned tflite float32", "pruned tflite int8-uint8", f"pruned/v{version.name}",
+                         "lone.tflite"}
+    assert report["split"] == "val" and all(row["examples"] == report["examples"] > 0 for row in rows.values())
+    float_models = [rows["pruned"], rows["pruned tflite float32"], rows[f"pruned/v{version.name}"]]
+    assert len({row["accuracy"] for row in float_models}) == 1  # the same model, the same images
+    assert abs(rows["pruned tflite int8-uint8"]["accuracy"] - rows["pruned"]["accuracy"]) <= 0.2
+    assert rows["lone.tflite"]["accuracy"] == rows["pruned tflite int8-uint8"]["accuracy"]
+    for row in rows.values():
+        assert 0 < row["nonzero_parameters"] < row["parameters"] and row["gzip_bytes"] < row["size_bytes"]
+        assert row["latency_batch1_ms"] > 0 and row["latency_batch8_ms"] > 0
+    assert rows["pruned tflite float32"]["sparsity"] > 0.6  # pruned convolutions, folded BatchNorm kept
+    assert any(row["pareto"] for row in rows.values())
+    markdown = (out / "compress_report.md").read_text()
+    assert "| Model | Kind | Accuracy |" in markdown and "pareto.png" in markdown and (out / "pareto.png").is_file()
+    bad = CliRunner().invoke(main, ["compress-report", str(pruned["run"] / "config.yaml")])
+    assert bad.exit_code != 0 and "must be a .tflite model" in bad.output and "Traceback" not in bad.output
