@@ -514,9 +514,16 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
         raise ConfigError(f"{source}{exc}") from None
 
 
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return [_plain(item) for item in value] if isinstance(value, (list, tuple)) else value
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict of a config dataclass (for YAML, JSON and TensorBoard hparams)."""
-    return dataclasses.asdict(cfg)
+    """Plain nested dict of a config dataclass (for YAML, JSON and TensorBoard hparams): a tuple field is a list,
+    as YAML reads it back."""
+    return _plain(dataclasses.asdict(cfg))
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:
