@@ -86,6 +86,7 @@ def pruned(tmp_path_factory) -> dict[str, Path]:
     out = runner.invoke(main, ["fit", "--resume", str(run)])
     assert out.exit_code == 0, out.output
     assert f"restored 6 pruning masks at sparsity {TARGET:.3f}" in out.output
+    assert "pruned " in out.output and f"({TARGET:.1%})" in out.output  # the summary line of the pruned phase
     return {"run": run, "killed": killed, "saved": root / "saved" / "pruned"}
 
 

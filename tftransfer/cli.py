@@ -688,7 +688,10 @@ def _echo_fit_result(metrics: dict[str, Any]) -> None:
     for phase in metrics["phases"]:
         val = phase.get("val") or {}
         acc = f"val accuracy {val['accuracy']:.4f}" if "accuracy" in val else "no validation data"
-        click.echo(f"  {phase['name']:<9} {phase['epochs_run']:>3} epochs  {phase['seconds']:7.1f} s  {acc}")
+        prune = phase.get("pruning")
+        pruned = f"  pruned {prune['zeros']:,} of {prune['pruned_weights']:,} weights ({prune['sparsity']:.1%})" \
+            if prune else ""
+        click.echo(f"  {phase['name']:<9} {phase['epochs_run']:>3} epochs  {phase['seconds']:7.1f} s  {acc}{pruned}")
     final = (metrics.get("final") or {}).get("val")
     if final:
         click.echo(f"final val accuracy {final['accuracy']:.4f}  macro-F1 {final['macro_f1']:.4f}")
