@@ -18,7 +18,7 @@ import tftransfer
 from tftransfer.cli import main
 from tftransfer.config.experiment import PRUNABLE_LAYER_KINDS, PruneConfig, load_config
 from tftransfer.core.errors import ConfigError
-from tftransfer.serving.tflite import load_interpreter
+from tftransfer.serving.tflite import load_interpreter, read_labels
 from tftransfer.training import callbacks
 from tftransfer.training.checkpoint import MASKS_FILE, list_checkpoints, read_checkpoint
 from tftransfer.training.pruning import PRUNABLE_LAYERS, magnitude_mask, polynomial_sparsity, prunable_kernels
@@ -147,6 +147,7 @@ def test_exports_are_ordinary_graphs_with_the_zeros_in_them(pruned, tmp_path):
     zeros, total = _kernel_zeros([v.numpy() for v in loaded.variables])
     assert zeros / total >= TARGET - 0.01
     exported = tftransfer.export(pruned["run"], tflite="float32", force=True, model_dir=tmp_path / "model")
+    assert read_labels(exported.tflite["file"]) == ["cyan", "magenta", "yellow"]  # the run's classes, inside
     interpreter = load_interpreter(exported.tflite["file"])
     tensors = []
     for detail in interpreter.get_tensor_details():

@@ -208,7 +208,7 @@ class MagnitudePruning(keras.callbacks.Callback):
         self.apply_masks()
 
     def report(self, model: keras.Model) -> dict[str, Any]:
-        """The schedule and the measured per-layer sparsity of the pruned kernels (metrics.json, pruning.json)."""
+        """The schedule and the measured per-layer sparsity of the pruned kernels (metrics.json phases[].pruning)."""
         pruned = sparsity_rows(self.kernels)
         measured = kernel_sparsity(model, self.cfg.layers)
         return {"target_sparsity": self.cfg.target_sparsity, "initial_sparsity": self.cfg.initial_sparsity,
