@@ -28,8 +28,8 @@ from tftransfer.model.layers import InferenceBackbone
 logger = logging.getLogger(__name__)
 
 # prune.layers names -> the Keras layer classes whose `kernel` is pruned (a registry; DepthwiseConv2D is not a
-# Conv2D subclass in Keras 3, so "conv" leaves depthwise kernels alone: they hold ~3% of a MobileNet's weights and
-# are the layers pruning hurts most).
+# Conv2D subclass in Keras 3, so "conv" leaves depthwise kernels alone: they hold few of a MobileNet's weights, and
+# each of their 3x3 filters sees a single channel, so pruning one removes much of what that channel computes).
 PRUNABLE_LAYERS: dict[str, tuple[type, ...]] = {
     "conv": (keras.layers.Conv2D, keras.layers.Conv1D, keras.layers.Conv3D),
     "dense": (keras.layers.Dense,),
