@@ -13,6 +13,7 @@ import pytest
 from tftransfer import cli
 from tftransfer.config.commands import (
     AdaptCommandConfig,
+    CompressReportCommandConfig,
     DomainCommandConfig,
     EvaluateCommandConfig,
     ExportCommandConfig,
@@ -34,6 +35,7 @@ COMMAND_CONFIGS = {
     # lr-find also takes fit's experiment options (config, --set, --backbone, ...): they build the ExperimentConfig
     "lr-find": (LrFindCommandConfig, {o.name for o in cli.main.commands["fit"].params if isinstance(o, click.Option)}),
     "select": (SelectCommandConfig, {"data", "candidates"}),
+    "compress-report": (CompressReportCommandConfig, set()),
 }
 
 

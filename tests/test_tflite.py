@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import keras
@@ -13,8 +14,11 @@ from tftransfer.config.experiment import ModelConfig
 from tftransfer.data.specs import load_source
 from tftransfer.model import backbones
 from tftransfer.model.classifier import build_model
+from tftransfer.serving.parity import split_batches
 from tftransfer.serving.savedmodel import export_saved_model
 from tftransfer.serving.tflite import (
+    CALIBRATED_MODES,
+    LABELS_FILE,
     TFLITE_MODES,
     build_fixed_size_model,
     compare_with_reference,
@@ -22,13 +26,14 @@ from tftransfer.serving.tflite import (
     export_tflite,
     load_interpreter,
     predict_tflite,
+    read_labels,
     representative_from_pixels,
 )
 
 SIZE = 32
 # Max abs probability difference to the Keras model allowed per mode: float32 is the same arithmetic; float16
 # rounds the weights; dynamic and int8 quantize to 8 bits.
-TOLERANCE = {"float32": 1e-5, "float16": 1e-2, "dynamic": 0.05, "int8": 0.1}
+TOLERANCE = {"float32": 1e-5, "float16": 1e-2, "dynamic": 0.05, "int8": 0.1, "int8-uint8": 0.1}
 
 
 @pytest.fixture(scope="module")
@@ -50,19 +55,20 @@ def _keras_probs(model: keras.Model, pixels: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("mode", list(TFLITE_MODES))
 def test_tiny_model_converts_in_every_mode_and_agrees_with_keras(tiny, pixels, mode):
-    representative = representative_from_pixels(pixels[:16]) if mode == "int8" else None
+    representative = representative_from_pixels(pixels[:16]) if mode in CALIBRATED_MODES else None
     flatbuffer = convert_to_tflite(tiny, SIZE, mode, representative)
     interpreter = load_interpreter(flatbuffer)
 
     inp = interpreter.get_input_details()[0]
-    assert list(inp["shape_signature"]) == [-1, SIZE, SIZE, 3] and inp["dtype"] == np.float32
+    assert list(inp["shape_signature"]) == [-1, SIZE, SIZE, 3]
+    assert inp["dtype"] == (np.uint8 if mode == "int8-uint8" else np.float32)
     # batch_size 5 over 8 images: a resized last batch.
     probs = predict_tflite(interpreter, pixels[16:], batch_size=5)
     assert probs.shape == (8, 3)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-2)
     assert np.max(np.abs(probs - _keras_probs(tiny, pixels[16:]))) <= TOLERANCE[mode]
     integer = any(d["dtype"] == np.int8 for d in interpreter.get_tensor_details())
-    assert integer == (mode in ("dynamic", "int8"))
+    assert integer == (mode in ("dynamic", "int8", "int8-uint8"))
 
 
 def test_int8_needs_representative_data_and_modes_are_checked(tiny):
@@ -125,3 +131,34 @@ def test_export_tflite_reports_size_and_accuracy_against_the_saved_model(tmp_pat
     assert comparison["reference_accuracy"] == 1.0
     assert abs(comparison["accuracy_delta"]) <= 0.05 and comparison["top1_agreement"] >= 0.95
     assert comparison["max_abs_diff"] < 0.1
+
+
+def test_full_integer_uint8_model_takes_raw_pixels_agrees_with_the_float_one_and_carries_its_labels(tmp_path: Path):
+    data = make_colour_folder(tmp_path / "colours", per_class=6, splits=True)
+    source = load_source(str(data), 0.0)
+    model = _colour_model()
+    mixing = np.array([[0, 1, 1], [1, 0, 1], [1, 1, 0]], np.float32).T * (10.0 / 255.0)  # cyan, magenta, yellow
+    model.layers[-1].set_weights([mixing, np.zeros(3, np.float32)])
+    version_dir = export_saved_model(model, tmp_path / "saved_models" / "colours", source.class_names, SIZE)
+
+    entry = export_tflite(model, version_dir, SIZE, "int8-uint8", source, representative_images=9,
+                          labels=source.class_names)
+
+    interpreter = load_interpreter(entry["file"])
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    assert inp["dtype"] == np.uint8 and out["dtype"] == np.uint8
+    assert inp["quantization"] == (1.0, 0)  # a uint8 input is the raw pixel value
+    assert entry["input"].startswith("uint8") and entry["output"].startswith("uint8")
+    # raw uint8 pixels straight into the interpreter: its argmax is the float model's
+    pixels = np.concatenate([np.asarray(p) for _, p in split_batches(source.val, SIZE, 32)])
+    interpreter.resize_tensor_input(inp["index"], list(pixels.shape))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp["index"], np.round(pixels).astype(np.uint8))
+    interpreter.invoke()
+    agree = np.mean(interpreter.get_tensor(out["index"]).argmax(1) == _keras_probs(model, pixels).argmax(1))
+    assert agree >= 0.9 and entry["comparison"]["top1_agreement"] >= 0.9
+    assert entry["comparison"]["accuracy"] >= 0.9
+    assert read_labels(entry["file"]) == source.class_names
+    with zipfile.ZipFile(entry["file"]) as archive:
+        assert archive.read(LABELS_FILE).decode().splitlines() == source.class_names
+    assert read_labels(convert_to_tflite(model, SIZE, "float32")) is None

@@ -9,6 +9,7 @@ The public Python API (each returns the same typed result the matching command p
     preds = tftransfer.predict(result.run_dir, ["photo.jpg"])
     shift = tftransfer.domain_report(result.run_dir, target="other_domain/", adapt="all")
     small = tftransfer.distill(result.run_dir, "mobilenet", values={"model.weights": "w.h5"}, train_baseline=True)
+    table = tftransfer.compress_report([result.run_dir, small.run_dir], tflite=("float32", "int8-uint8"))
 
 Importing tftransfer does not import TensorFlow; each function imports its job on first use.
 """
@@ -21,6 +22,7 @@ from typing import Any
 
 from tftransfer.config.commands import (
     AdaptCommandConfig,
+    CompressReportCommandConfig,
     DomainCommandConfig,
     EvaluateCommandConfig,
     ExportCommandConfig,
@@ -35,6 +37,7 @@ __version__ = "0.1.0"
 _JOBS = {
     "evaluate": "tftransfer.jobs.evaluate:run_evaluation",
     "export": "tftransfer.jobs.export:export_run",
+    "compress_report": "tftransfer.jobs.compress_report:run_compress_report",
     "predict": "tftransfer.jobs.predict:predict_files",
     "domain_report": "tftransfer.jobs.domain:run_domain",
     "adapt": "tftransfer.jobs.adapt:run_adapt",
@@ -46,8 +49,8 @@ _JOBS = {
 
 # ExportCommandConfig and the like: the settings of a job besides fit as one frozen dataclass (tftransfer.config.
 # commands); each job takes one, or its fields as keywords.
-__all__ = ["ExperimentConfig", "AdaptCommandConfig", "DomainCommandConfig", "EvaluateCommandConfig",
-           "ExportCommandConfig", "PredictCommandConfig", "fit", "load_config", *_JOBS]
+__all__ = ["ExperimentConfig", "AdaptCommandConfig", "CompressReportCommandConfig", "DomainCommandConfig",
+           "EvaluateCommandConfig", "ExportCommandConfig", "PredictCommandConfig", "fit", "load_config", *_JOBS]
 
 
 def fit(config: str | Path | ExperimentConfig | None = None, *, values: Mapping[str, Any] | None = None,

@@ -17,6 +17,7 @@ from tftransfer import __version__
 from tftransfer.config.commands import (
     SELECT_SCORE_NAMES,
     AdaptCommandConfig,
+    CompressReportCommandConfig,
     DomainCommandConfig,
     EvaluateCommandConfig,
     ExportCommandConfig,
@@ -60,6 +61,7 @@ run_domain = _job("tftransfer.jobs.domain:run_domain")
 run_adapt = _job("tftransfer.jobs.adapt:run_adapt")
 run_evaluation = _job("tftransfer.jobs.evaluate:run_evaluation")
 export_run = _job("tftransfer.jobs.export:export_run")
+run_compress_report = _job("tftransfer.jobs.compress_report:run_compress_report")
 predict_files = _job("tftransfer.jobs.predict:predict_files")
 inspect_data = _job("tftransfer.data.inspect:inspect_data")
 format_report = _job("tftransfer.data.inspect:format_report")
@@ -261,7 +263,8 @@ def _output_dir(ctx: click.Context, param: click.Parameter, value: Path | None) 
 
 
 class _CommaList(click.ParamType):
-    """'1,3,5' -> (1, 3, 5) for a tuple[int, ...] config field; '' -> (); a tuple (the default) stays."""
+    """'1,3,5' -> (1, 3, 5) for a tuple[int, ...] config field; '' -> (); a tuple (the default) stays. With
+    `choices`, each item must be one of them."""
 
     def __init__(self, item: type, choices: tuple[Any, ...] | None = None) -> None:
         self.item, self.choices = item, choices
@@ -660,6 +663,32 @@ def _echo_evaluation(result: dict[str, Any], out: Path) -> None:
     click.echo(f"summary: {out / 'summary.md'}")
 
 
+@main.command("compress-report", epilog="Example: tftransfer compress-report runs/teacher runs/student "
+                                          "--tflite float32,int8-uint8")
+@click.argument("models", metavar="RUN_OR_EXPORT...", nargs=-1, required=True,
+                type=click.Path(exists=True, path_type=Path))
+@config_option(CompressReportCommandConfig, "data")
+@config_option(CompressReportCommandConfig, "split")
+@config_option(CompressReportCommandConfig, "tflite")
+@config_option(CompressReportCommandConfig, "output", "-o", "--output")
+@config_option(CompressReportCommandConfig, "max_images")
+@config_option(CompressReportCommandConfig, "latency_runs")
+@config_option(CompressReportCommandConfig, "batch_size")
+@config_option(CompressReportCommandConfig, "threads")
+@config_option(CompressReportCommandConfig, "representative_images")
+@_user_errors
+def compress_report_command(models: tuple[Path, ...], **settings: Any) -> None:
+    """Compare runs, exports and .tflite files on the same images: accuracy, parameters, size, latency."""
+    result = run_compress_report(list(models), command_config(CompressReportCommandConfig, settings=settings))
+    report = result.report
+    click.echo(f"{report['examples']} images of {report['data']} ({report['split']}):")
+    for row in report["models"]:
+        click.echo(f"  {row['name']:<36} accuracy {row['accuracy']:.4f}  nonzero {row['nonzero_parameters']:>10,} "
+                   f"of {row['parameters']:>10,}  gzip {row['gzip_bytes']:>11,} B  batch 1 "
+                   f"{row['latency_batch1_ms']:8.2f} ms{'  (Pareto)' if row['pareto'] else ''}")
+    click.echo(f"report: {result.output_dir / 'compress_report.md'}")
+
+
 @main.command("export", epilog="Example: tftransfer export runs/flowers --tflite int8")
 @click.argument("run_dir", metavar="RUN", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @config_option(ExportCommandConfig, "tflite")
@@ -731,7 +760,10 @@ def _echo_fit_result(metrics: dict[str, Any]) -> None:
     for phase in record.phases:
         val = phase.get("val") or {}
         acc = f"val accuracy {val['accuracy']:.4f}" if "accuracy" in val else "no validation data"
-        click.echo(f"  {phase['name']:<9} {phase['epochs_run']:>3} epochs  {phase['seconds']:7.1f} s  {acc}")
+        prune = phase.get("pruning")
+        pruned = f"  pruned {prune['zeros']:,} of {prune['pruned_weights']:,} weights ({prune['sparsity']:.1%})" \
+            if prune else ""
+        click.echo(f"  {phase['name']:<9} {phase['epochs_run']:>3} epochs  {phase['seconds']:7.1f} s  {acc}{pruned}")
     if record.val:
         click.echo(f"final val accuracy {record.val['accuracy']:.4f}  macro-F1 {record.val['macro_f1']:.4f}")
     export = record.export

@@ -32,14 +32,15 @@ SPLIT_NAMES = ("auto", "all", "train", "val", "test")
 SELECT_SCORE_NAMES = ("logme", "h_score", "probe_accuracy")
 
 # Mirrors tftransfer.serving.tflite.TFLITE_MODES (that module imports TensorFlow); a test ties the two.
-TFLITE_MODE_NAMES = ("float32", "float16", "dynamic", "int8")
+TFLITE_MODE_NAMES = ("float32", "float16", "dynamic", "int8", "int8-uint8")
 
 
 @dataclass(frozen=True)
 class ExportCommandConfig:
     """`tftransfer export RUN`: the next SavedModel version of a finished run, checked, optionally TFLite."""
 
-    tflite: str | None = opt(None, "Also write model_<mode>.tflite; int8 calibrates on training images.",
+    tflite: str | None = opt(None, "Also write model_<mode>.tflite, the labels inside; int8 and int8-uint8 (full "
+                                   "integer, uint8 input and output) calibrate on training images.",
                              choices=TFLITE_MODE_NAMES)
     model_dir: Path | None = opt(None, "Model folder to write versions into (default: <export.dir>/<name> of the "
                                        "run's config).")
@@ -66,6 +67,26 @@ class LrFindCommandConfig:
     def __post_init__(self) -> None:
         if self.min_lr >= self.max_lr:
             raise ConfigError(f"min_lr (--min-lr) {self.min_lr:g} must be below max_lr (--max-lr) {self.max_lr:g}")
+
+
+@dataclass(frozen=True)
+class CompressReportCommandConfig:
+    """`tftransfer compress-report MODEL...`: accuracy, parameters, size and latency of runs, exports and TFLite
+    files on the same images, as JSON, Markdown and an accuracy-latency plot."""
+
+    data: str = opt("", "Images every model is scored on (default: the first run's own data).")
+    split: str = opt("val", "Split of the data (val: the run's validation split, drawn with its fractions).",
+                     choices=SPLIT_NAMES)
+    tflite: tuple[str, ...] = opt((), "Also convert each run's model to these TFLite modes (comma-separated) and "
+                                      "report them; an export's model_*.tflite files are reported anyway.",
+                                  choices=TFLITE_MODE_NAMES)
+    output: Path = opt(Path("compress_report"), "Folder of compress_report.json, compress_report.md, pareto.png "
+                                                "and the converted .tflite files.")
+    max_images: int = opt(0, "Score at most this many images, spread over the split (0 = all).", min=0)
+    latency_runs: int = opt(20, "Timed calls per batch size (after one warm-up call).", min=1)
+    batch_size: int = opt(32, "Batch size of the accuracy pass and of the second latency figure.", min=1)
+    threads: int = opt(0, "TFLite interpreter threads (0 = one per CPU core, as TensorFlow uses).", min=0)
+    representative_images: int = opt(100, "Training images that calibrate an int8 conversion.", min=1)
 
 
 @dataclass(frozen=True)

@@ -215,6 +215,39 @@ class AdaptConfig:
     max_target_images: int = _opt(0, "use at most this many target images (random, seeded); 0 = all", min=0)
 
 
+# Mirrors tftransfer.training.pruning.PRUNABLE_LAYERS (config must not import Keras; a test ties them).
+PRUNABLE_LAYER_KINDS = ("conv", "dense", "depthwise")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Magnitude pruning during phase 2 (Zhu & Gupta 2017): the smallest weights of the kernels it trains are zeroed
+    on a polynomial schedule and kept at zero; the exported weights are ordinary, with zeros in them."""
+
+    target_sparsity: float = _opt(0.0, "fraction of each pruned kernel's weights set to zero by the end of the "
+                                       "schedule (0 = no pruning); only kernels phase 2 trains are pruned, so "
+                                       "phases.finetune.unfreeze_blocks=1000 prunes the whole backbone",
+                                  min=0.0, max=1.0, max_exclusive=True)
+    initial_sparsity: float = _opt(0.0, "sparsity at the schedule's first step", min=0.0, max=1.0,
+                                   max_exclusive=True)
+    begin_fraction: float = _opt(0.0, "where in phase 2 (fraction of its steps) pruning starts", min=0.0, max=1.0)
+    end_fraction: float = _opt(0.75, "where in phase 2 the target sparsity is reached (the rest fine-tunes with "
+                                     "the final masks)", min=0.0, max=1.0)
+    frequency: int = _opt(0, "optimizer steps between mask updates (0 = 1/16 of the schedule's length)", min=0)
+    power: float = _opt(3.0, "exponent of the polynomial schedule (3 in Zhu & Gupta)", min=1.0)
+    layers: tuple[str, ...] = _opt(("conv", "dense"), "kinds of layer whose kernels are pruned: conv (incl. 1x1), "
+                                                      "dense, depthwise (the output layer never is; biases and "
+                                                      "BatchNorm never are)", choices=PRUNABLE_LAYER_KINDS)
+
+    def __post_init__(self) -> None:
+        if self.end_fraction < self.begin_fraction:
+            raise ConfigError(f"prune.end_fraction {self.end_fraction} is before prune.begin_fraction "
+                              f"{self.begin_fraction}")
+        if self.target_sparsity and self.initial_sparsity > self.target_sparsity:
+            raise ConfigError(f"prune.initial_sparsity {self.initial_sparsity} is above prune.target_sparsity "
+                              f"{self.target_sparsity}")
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     """Knowledge distillation (Hinton et al. 2015) from a finished teacher run; off while `teacher` is empty."""
@@ -244,6 +277,7 @@ class ExperimentConfig:
     phases: PhasesConfig = field(default_factory=PhasesConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
@@ -484,9 +518,16 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
         raise ConfigError(f"{source}{exc}") from None
 
 
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return [_plain(item) for item in value] if isinstance(value, (list, tuple)) else value
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict of a config dataclass (for YAML, JSON and TensorBoard hparams)."""
-    return dataclasses.asdict(cfg)
+    """Plain nested dict of a config dataclass (for YAML, JSON and TensorBoard hparams): a tuple field is a list,
+    as YAML reads it back."""
+    return _plain(dataclasses.asdict(cfg))
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:

@@ -16,6 +16,7 @@ from tftransfer.runs.layout import RunDir, check_run_name
 from tftransfer.runs.records import read_run_metrics
 from tftransfer.serving.publish import ExportResult, publish_model
 from tftransfer.serving.savedmodel import next_version
+from tftransfer.serving.tflite import CALIBRATED_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,8 @@ def export_run(run_dir: str | Path, config: ExportCommandConfig | None = None, *
                           f"leave out --version to write the next one ({next_version(target)})")
     model = load_run_model(run.path)
     source = load_run_source(run.path)
-    if cfg.tflite == "int8" and source is None:
-        raise DataError(f"--tflite int8 calibrates on the run's training images, which are not available (see "
+    if cfg.tflite in CALIBRATED_MODES and source is None:
+        raise DataError(f"--tflite {cfg.tflite} calibrates on the run's training images, which are not available (see "
                         f"data.path in {run.config}); restore them or choose float32, float16 or dynamic")
     metrics = read_run_metrics(run.metrics)
     return publish_model(model, run, target, read_labels(run.labels), run_image_size(run.path), source, cfg,

@@ -330,6 +330,7 @@ def render_summary_markdown(metrics: Mapping[str, Any], *, run_dir: Path | None 
     lines += _final_section(metrics)
     lines += _adapt_section(metrics)
     lines += _distill_section(metrics)
+    lines += _pruning_section(metrics)
     lines += _export_section(metrics)
     lines += _plots_section(run_dir)
     return "\n".join(lines).rstrip("\n") + "\n"
@@ -355,6 +356,25 @@ def _adapt_section(metrics: Mapping[str, Any]) -> list[str]:
                 for rule, entry in ((r, _mapping(e)) for r, e in selection.items())]
         lines += ["Which epoch each model-selection rule picks, and the target accuracy there:", "",
                   *_table(["Rule", "Epoch", "Phase", "Target accuracy"], rows), ""]
+    return lines
+
+
+def _pruning_section(metrics: Mapping[str, Any]) -> list[str]:
+    """A pruned phase: its schedule, and the measured sparsity of every kernel it pruned."""
+    lines: list[str] = []
+    for phase in (p for p in metrics.get("phases") or [] if isinstance(p, Mapping)):
+        prune = phase.get("pruning")
+        if not isinstance(prune, Mapping):
+            continue
+        lines += [f"## Pruning (phase {_text(phase.get('name'))})", "",
+                  f"Magnitude pruning, polynomial schedule (power {_num(prune.get('power'))}) from step "
+                  f"{_int(prune.get('begin_step'))} to {_int(prune.get('end_step'))}, masks updated every "
+                  f"{_int(prune.get('frequency'))} steps, target {_pct(prune.get('target_sparsity'))}: "
+                  f"{_int(prune.get('zeros'))} of {_int(prune.get('pruned_weights'))} weights of "
+                  f"{_int(prune.get('pruned_kernels'))} kernels are zero (**{_pct(prune.get('sparsity'))}**).", ""]
+        rows = [[_text(row.get("layer")), _text(row.get("kind")), _int(row.get("weights")), _pct(row.get("sparsity"))]
+                for row in (_mapping(r) for r in prune.get("layers") or [])]
+        lines += [*_table(["Layer", "Kind", "Weights", "Sparsity"], rows, ["---", "---", "---:", "---:"]), ""]
     return lines
 
 

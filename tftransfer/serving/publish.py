@@ -81,7 +81,8 @@ def _check_and_publish(staged: StagedExport, model: Any, run: RunDir, source: Da
     tflite_entry = None
     if cfg.tflite is not None:
         tflite_entry = export_tflite(model, staged.path, image_size, cfg.tflite, source,
-                                     representative_images=cfg.representative_images, batch_size=cfg.batch_size)
+                                     representative_images=cfg.representative_images, batch_size=cfg.batch_size,
+                                     labels=list(_staged_card(staged).classes))
         progress.advance()
     card = replace(_staged_card(staged), tflite=tflite_entry)
     written: dict[str, Any] = {}

@@ -473,8 +473,13 @@ def signature_defs_text(version_dir: str | Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def saved_model_size(version_dir: str | Path) -> int:
-    """Bytes of saved_model.pb plus the variables, what a server loads."""
+def saved_model_files(version_dir: str | Path) -> list[Path]:
+    """saved_model.pb and the variables' files, what a server loads."""
     root = Path(version_dir)
     files = [root / "saved_model.pb", *(p for p in (root / "variables").rglob("*") if p.is_file())]
-    return int(sum(p.stat().st_size for p in files if p.is_file()))
+    return [p for p in files if p.is_file()]
+
+
+def saved_model_size(version_dir: str | Path) -> int:
+    """Bytes of saved_model.pb plus the variables, what a server loads."""
+    return int(sum(p.stat().st_size for p in saved_model_files(version_dir)))

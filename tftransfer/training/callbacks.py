@@ -21,6 +21,7 @@ from tftransfer.config.experiment import (
 from tftransfer.core.progress import Tracker
 from tftransfer.training.adaptation.trainer import AdaptiveTrainer
 from tftransfer.training.checkpoint import TrainState, save_checkpoint
+from tftransfer.training.pruning import MagnitudePruning
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,11 @@ class Progress:
     seconds_before: float = 0.0
     completed: list[dict[str, Any]] = field(default_factory=list)
     best: BestWeights | None = None
+    pruning: MagnitudePruning | None = None  # the phase's pruning callback, whose masks are checkpointed
+
+    def masks(self) -> dict[str, np.ndarray] | None:
+        """The pruning masks to checkpoint, if the phase prunes."""
+        return self.pruning.mask_arrays() if self.pruning is not None else None
 
     def state(self, epoch: int, phase_done: bool = False) -> TrainState:
         best = self.best
@@ -151,7 +157,8 @@ class Progress:
                           phase_seconds=self.seconds_before + time.perf_counter() - self.started,
                           completed=list(self.completed), history=list(self.recorder.rows),
                           best_value=best.best if best and best.best_epoch else None,
-                          best_epoch=best.best_epoch if best else None)
+                          best_epoch=best.best_epoch if best else None,
+                          prune_sparsity=self.pruning.sparsity if self.pruning is not None else None)
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
@@ -169,7 +176,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
             return  # never overwrite the last good checkpoint with a diverged epoch
         best = self.progress.best
         save_checkpoint(self.checkpoints, self.full_model, self.model.optimizer, self.progress.state(epoch + 1),
-                        best.best_weights if best else None, extra_weights=extra_weights(self.model))
+                        best.best_weights if best else None, extra_weights=extra_weights(self.model),
+                        masks=self.progress.masks())
 
 
 

@@ -35,6 +35,8 @@ _PREFIX = "epoch-"
 _TMP_PREFIX = ".tmp-"
 _TMP_NAME = r"^\.tmp-epoch-\d+(?:-end)?-(\d+)$"  # .tmp-epoch-NNNN[-end]-<pid>
 STATE_FILE = "state.json"
+MASKS_FILE = "masks.npz"
+_MASK_KEY = "m{:05d}"
 FILES_KEY = "files"  # in state.json: {file name: {"bytes": n, "sha256": hex}} of the checkpoint's other files
 
 
@@ -51,6 +53,7 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     best_value: float | None = None
     best_epoch: int | None = None
+    prune_sparsity: float | None = None  # the pruning schedule's sparsity at its last mask update (masks.npz)
 
     @property
     def phase_epochs_done(self) -> int:  # noqa: D102
@@ -68,12 +71,14 @@ def _arrays_list(path: Path) -> list[np.ndarray]:
 
 def save_checkpoint(checkpoints: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer | None,
                     state: TrainState, best_weights: list[np.ndarray] | None = None,
-                    extra_weights: list[np.ndarray] | None = None) -> Path:
+                    extra_weights: list[np.ndarray] | None = None,
+                    masks: dict[str, np.ndarray] | None = None) -> Path:
     """Writes checkpoints/epoch-NNNN/ atomically and keeps only the newest few.
 
     The files and the folder are fsync'd before the rename that publishes them, so a power loss cannot leave a
     checkpoint that looks complete but is not. A full or read-only disk is a StorageError naming the path, with the
-    temporary folder removed (and those of writers that died, at the next checkpoint).
+    temporary folder removed (and those of writers that died, at the next checkpoint). `masks` (pruning masks by
+    kernel variable path) are training state like the optimizer's: masks.npz.
     """
     final = checkpoints / f"{_PREFIX}{state.epoch:04d}{'-end' if state.phase_done else ''}"
     tmp = checkpoints / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
@@ -84,7 +89,7 @@ def save_checkpoint(checkpoints: Path, model: keras.Model, optimizer: keras.opti
             shutil.rmtree(tmp)
         tmp.mkdir()
         with removed_on_failure(tmp):
-            _write_checkpoint(tmp, model, optimizer, state, best_weights, extra_weights)
+            _write_checkpoint(tmp, model, optimizer, state, best_weights, extra_weights, masks)
             fsync_tree(tmp)
             if final.exists():
                 shutil.rmtree(final)
@@ -100,7 +105,7 @@ def save_checkpoint(checkpoints: Path, model: keras.Model, optimizer: keras.opti
 
 def _write_checkpoint(folder: Path, model: keras.Model, optimizer: keras.optimizers.Optimizer | None,
                       state: TrainState, best_weights: list[np.ndarray] | None,
-                      extra_weights: list[np.ndarray] | None) -> None:
+                      extra_weights: list[np.ndarray] | None, masks: dict[str, np.ndarray] | None) -> None:
     """The checkpoint's files in `folder`, state.json (with their sizes and checksums) last."""
     model.save_weights(str(folder / "model.weights.h5"))
     if optimizer is not None and optimizer.built:
@@ -109,6 +114,9 @@ def _write_checkpoint(folder: Path, model: keras.Model, optimizer: keras.optimiz
         np.savez(folder / "best.npz", **_weights_arrays(best_weights))
     if extra_weights:  # weights that live outside the model, e.g. DANN's domain classifier
         np.savez(folder / "extra.npz", **_weights_arrays(extra_weights))
+    if masks:
+        np.savez(folder / MASKS_FILE, **{_MASK_KEY.format(i): m for i, m in enumerate(masks.values())},
+                 paths=np.array(list(masks), dtype=str))
     record = {**state.__dict__, FILES_KEY: _file_records(folder)}
     (folder / STATE_FILE).write_text(json.dumps(record, indent=1, default=float))
 
@@ -180,6 +188,15 @@ class Checkpoint:
         """Training-only weights saved beside the model (an adaptation method's), if any."""
         file = self.path / "extra.npz"
         return _arrays_list(file) if file.is_file() else None
+
+    def masks(self) -> dict[str, np.ndarray] | None:
+        """Pruning masks by kernel variable path, if the checkpoint has them."""
+        file = self.path / MASKS_FILE
+        if not file.is_file():
+            return None
+        with np.load(file) as data:
+            paths = [str(p) for p in data["paths"]]
+            return {path: data[_MASK_KEY.format(i)].astype(bool) for i, path in enumerate(paths)}
 
     def best_weights(self) -> list[np.ndarray] | None:
         """The current phase's best weights so far, if any."""

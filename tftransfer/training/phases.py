@@ -69,6 +69,7 @@ from tftransfer.training.distill import (
     view_steps,
 )
 from tftransfer.training.loop import fit_loop, holds_first_replica, is_multiworker, resolve_loop, share_from_chief
+from tftransfer.training.pruning import MagnitudePruning, build_pruning
 from tftransfer.training.schedule import build_optimizer, compile_for_phase
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class PhaseResult:
     train_images_per_second: float
     first_epoch: int
     val: dict[str, Any] | None = None
+    pruning: dict[str, Any] | None = None  # the pruning schedule and measured per-layer sparsity, if it pruned
 
 
 @dataclass
@@ -450,6 +452,8 @@ def _resume_phase(state: _FitState, name: str, phase: PhaseConfig, inputs: Phase
     if resume is None or resume.state.phase != name or resume.state.phase_done:
         return state.epoch
     resume.restore_optimizer(inputs.model.optimizer, inputs.model.trainable_variables)
+    if state.progress.pruning is not None:
+        state.progress.pruning.set_masks(resume.masks(), resume.state.prune_sparsity, str(resume.path))
     state.progress.seconds_before = resume.state.phase_seconds
     if best is not None and resume.state.best_epoch:
         best.best, best.best_epoch = resume.state.best_value, resume.state.best_epoch
@@ -461,7 +465,8 @@ def _resume_phase(state: _FitState, name: str, phase: PhaseConfig, inputs: Phase
 def _phase_callbacks(state: _FitState, name: str, phase: PhaseConfig, inputs: PhaseInputs, guard: NaNGuard,
                      best: BestWeights | None) -> list[keras.callbacks.Callback]:
     # StepCount first: the callbacks after it read the learning rate and save the optimizer at an epoch's end
-    callbacks = [StepCount(), *inputs.callbacks, *state.shared, guard] + ([best] if best else [])
+    pruning = [state.progress.pruning] if state.progress.pruning is not None else []
+    callbacks = [StepCount(), *pruning, *inputs.callbacks, *state.shared, guard] + ([best] if best else [])
     callbacks.append(StepProgress(name, inputs.steps_per_epoch, state.epoch, phase.epochs))
     if phase.early_stopping_patience and inputs.val is not None:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=phase.early_stopping_patience))
@@ -517,14 +522,27 @@ def _end_phase(state: _FitState, name: str, phase: PhaseConfig, inputs: PhaseInp
         name=name, epochs_run=epochs_run, best_epoch=best.best_epoch if best else None, freeze=report,
         learning_rate=phase.learning_rate, seconds=seconds,
         train_images_per_second=epochs_run * state.data.train_examples / seconds if seconds > 0 else 0.0,
-        first_epoch=state.epoch + 1, val=evaluate_phase(state.model) if evaluate_phase else None)
+        first_epoch=state.epoch + 1, val=evaluate_phase(state.model) if evaluate_phase else None,
+        pruning=progress.pruning.report(state.model) if progress.pruning is not None else None)
     state.epoch += epochs_run
     progress.completed.append(asdict(done))
     if run is not None:  # the phase's final weights (best restored), so a resume starts the next phase
         progress.best = None
         save_checkpoint(run.checkpoints, state.model, None, progress.state(state.epoch, phase_done=True),
-                        extra_weights=extra_weights(inputs.model))
+                        extra_weights=extra_weights(inputs.model), masks=progress.masks())
+    progress.pruning = None
     return done
+
+
+def _phase_pruning(state: _FitState, name: str, phase: PhaseConfig, inputs: PhaseInputs) -> MagnitudePruning | None:
+    """Phase 2's pruning callback when prune.target_sparsity > 0 (its best-epoch restore is then off)."""
+    if name != "finetune":
+        return None
+    pruning = build_pruning(state.cfg.prune, state.model, phase.epochs * inputs.steps_per_epoch)
+    if pruning is not None and phase.restore_best:
+        logger.info("phase %s keeps its last epoch's weights (restore_best is off while pruning: an earlier epoch "
+                    "is less sparse than the target)", name)
+    return pruning
 
 
 def _run_phase(state: _FitState, name: str, phase: PhaseConfig, set_trainable: Callable[[], FreezeReport],
@@ -543,7 +561,8 @@ def _run_phase(state: _FitState, name: str, phase: PhaseConfig, set_trainable: C
     state.jit_compile = _keras_keeps_xla(inputs, name, state.jit_compile)
     state.recorder.phase = name
     progress = state.progress
-    best = BestWeights() if phase.restore_best and inputs.val is not None else None
+    progress.pruning = _phase_pruning(state, name, phase, inputs)
+    best = BestWeights() if phase.restore_best and inputs.val is not None and progress.pruning is None else None
     progress.phase, progress.phase_start, progress.started, progress.best = name, state.epoch, started, best
     progress.seconds_before = 0.0
     initial_epoch = _resume_phase(state, name, phase, inputs, best)
