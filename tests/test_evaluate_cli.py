@@ -209,6 +209,18 @@ def test_export_command_writes_next_version_card_and_int8_tflite(fitted):
     comparison = lite["comparison"]
     assert comparison["examples"] == 12 and abs(comparison["accuracy_delta"]) <= 0.1
 
+    # issue 13 item 8: evaluate and predict take the .tflite file itself, run by the TFLite interpreter
+    tflite_file = version_dir / "model_int8.tflite"
+    out = version_dir.parent.parent / "tflite-eval"
+    evaluated = _invoke("evaluate", tflite_file, "--output", out, "--no-progress")
+    assert evaluated.exit_code == 0, evaluated.output
+    scored = json.loads((out / "metrics.json").read_text())
+    assert scored["model"]["kind"] == "tflite" and scored["metrics"]["accuracy"] >= 0.9
+    predicted = _invoke("predict", tflite_file, str(fitted["data"] / "val"), "--json", out / "p.json")
+    assert predicted.exit_code == 0, predicted.output
+    rows = json.loads((out / "p.json").read_text())["predictions"]
+    assert len(rows) == 12 and {r["top_k"][0]["class"] for r in rows} <= set(COLOURS)
+
     # Exports never overwrite: an explicit existing version is refused and nothing changes.
     before = sorted(p.name for p in model_dir.iterdir())
     again = _invoke("export", fitted["run"], "--version", "2")

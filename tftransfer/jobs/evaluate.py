@@ -118,7 +118,7 @@ def default_evaluation_dir(classifier: Classifier, data_label: str) -> Path:
     """<run>/eval/<data>-<split> for a run; evaluations/<name>-v<version>/<data>-<split> for an export."""
     if classifier.kind == "run":
         return classifier.path / "eval" / data_label
-    return Path("evaluations") / _safe_label(f"{classifier.path.parent.name}-v{classifier.path.name}") / data_label
+    return Path("evaluations") / _safe_label(classifier.name.replace("/v", "-v")) / data_label
 
 
 def _holds_evaluation(folder: Path) -> bool:

@@ -16,6 +16,7 @@ from tftransfer.core.progress import track
 from tftransfer.evaluation.inference import predict_probabilities
 from tftransfer.runs.finished import load_run, read_labels
 from tftransfer.runs.layout import RunDir, is_saved_model_dir, latest_version_dir
+from tftransfer.serving import tflite as tfl
 from tftransfer.serving.contract import LABELS_FILE, MODEL_CARD_FILE
 from tftransfer.serving.model_card import ModelCard
 from tftransfer.serving.savedmodel import load_exported, predict_exported_pixels
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 class Classifier:
     """A loaded model: `predict(pixels)` maps float32 [N, S, S, 3] pixels in [0, 255] to [N, C] probabilities."""
 
-    kind: str  # "run" or "saved_model"
+    kind: str  # "run", "saved_model" or "tflite"
     path: Path
     class_names: list[str]
     image_size: int
@@ -42,6 +43,9 @@ class Classifier:
         """runs/<name> -> name; saved_models/<name>/<version> -> name/v<version>."""
         if self.kind == "saved_model":
             return f"{self.path.parent.name}/v{self.path.name}"
+        if self.kind == "tflite":
+            return f"{self.path.parent.parent.name}/v{self.path.parent.name}/{self.path.name}" \
+                if self.path.parent.name.isdigit() else self.path.stem
         return self.path.name
 
 
@@ -58,9 +62,11 @@ def load_classifier(path: str | Path, image_size: int | None = None, batch_size:
     path = Path(path)
     if not path.exists():
         raise RunDirError(f"model not found: {path} does not exist")
+    if path.is_file() and path.suffix == ".tflite":
+        return _load_tflite(path, image_size, batch_size)
     if not path.is_dir():
-        raise RunDirError(f"{path} is a file; pass a run directory (runs/<name>) or an exported SavedModel "
-                          "directory (saved_models/<name>/<version>)")
+        raise RunDirError(f"{path} is a file; pass a run directory (runs/<name>), an exported SavedModel "
+                          "directory (saved_models/<name>/<version>) or a .tflite file")
     if is_saved_model_dir(path):
         return _load_saved_model(path, image_size, batch_size)
     if RunDir(path).config.is_file():
@@ -71,6 +77,31 @@ def load_classifier(path: str | Path, image_size: int | None = None, batch_size:
         return _load_saved_model(latest, image_size, batch_size)
     raise RunDirError(f"{path} is neither a run directory (no config.yaml) nor an exported SavedModel "
                       "(no saved_model.pb, no numbered version folders)")
+
+
+def _load_tflite(path: Path, image_size: int | None, batch_size: int) -> Classifier:
+    """A .tflite file tftransfer wrote (probabilities out; labels inside it, or labels.txt beside it), run by the
+    TFLite interpreter as a device would, integer I/O (de)quantized."""
+    try:
+        interpreter = tfl.load_interpreter(path)
+        names = tfl.read_labels(path)
+    except (ValueError, RuntimeError) as exc:
+        raise RunDirError(f"cannot load {path} as a TFLite model: {exc}") from exc
+    if names is None:
+        beside = path.parent / LABELS_FILE
+        if not beside.is_file():
+            raise RunDirError(f"{path} has no labels inside it and no {LABELS_FILE} beside it")
+        names = read_labels(beside)
+    shape = interpreter.get_input_details()[0]["shape"]
+    size = int(shape[1])  # the file is converted at one input size; --image-size cannot change it
+    card = ModelCard.read(path.parent / MODEL_CARD_FILE)
+    run_dir = Path(card.run_dir) if card and card.run_dir and RunDir(Path(card.run_dir)).config.is_file() else None
+
+    def predict(pixels: np.ndarray) -> np.ndarray:
+        return tfl.predict_tflite(interpreter, np.asarray(pixels, np.float32), batch_size=batch_size)
+
+    return Classifier(kind="tflite", path=path, class_names=names, image_size=size, predict=predict,
+                      run_dir=run_dir, card=card.to_dict() if card else {})
 
 
 def _load_run(path: Path, image_size: int | None) -> Classifier:
