@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from tftransfer.reporting.markdown import escape_cell, table
+from tftransfer.reporting.pareto import plot_accuracy_latency
 
 
 def pareto_flags(rows: list[dict[str, Any]], accuracy: str = "accuracy", latency: str = "latency_batch1_ms") -> None:
@@ -56,27 +57,5 @@ def plot_compress_pareto(rows: list[dict[str, Any]], path: Path) -> Path | None:
     points = [r for r in rows if r.get("latency_batch1_ms")]
     if not points:
         return None
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.add_subplot()
-    for row in points:
-        ax.plot(row["latency_batch1_ms"], row["accuracy"], "o", color="tab:red" if row.get("pareto") else "tab:blue")
-        ax.annotate(row["name"], (row["latency_batch1_ms"], row["accuracy"]), fontsize=7, xytext=(4, 4),
-                    textcoords="offset points")
-    front = sorted((r for r in points if r.get("pareto")), key=lambda r: r["latency_batch1_ms"])
-    if len(front) > 1:
-        ax.plot([r["latency_batch1_ms"] for r in front], [r["accuracy"] for r in front], color="tab:red",
-                linestyle="--", linewidth=1, label="Pareto front")
-        ax.legend(loc="lower right")
-    latencies = [r["latency_batch1_ms"] for r in points]
-    log_x = max(latencies) > 4 * min(latencies)  # a log axis only where the latencies span a wide range
-    if log_x:
-        ax.set_xscale("log")
-    ax.margins(x=0.25, y=0.1)
-    ax.set_xlabel(f"batch-1 latency (ms{', log scale' if log_x else ''}); red: on the Pareto front")
-    ax.set_ylabel("accuracy")
-    ax.set_title("Accuracy against latency")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return plot_accuracy_latency(points, path, "accuracy", lambda row: row["name"], "accuracy",
+                                 "Accuracy against latency")

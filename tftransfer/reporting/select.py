@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tftransfer.reporting.pareto import plot_accuracy_latency
+
 
 def _num(value: Any, fmt: str, missing: str = "-") -> str:
     return missing if value is None else format(value, fmt)
@@ -70,29 +72,5 @@ def plot_pareto(candidates: list[dict[str, Any]], path: Path) -> Path | None:
     points = [c for c in candidates if c.get("probe_accuracy") is not None and c.get("latency_batch1_ms")]
     if not points:
         return None
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.add_subplot()
-    for c in points:
-        colour = "tab:red" if c.get("pareto") else "tab:blue"
-        ax.errorbar(c["latency_batch1_ms"], c["probe_accuracy"], yerr=c.get("probe_accuracy_std") or 0, fmt="o",
-                    color=colour, capsize=3)
-        ax.annotate(candidate_label(c), (c["latency_batch1_ms"], c["probe_accuracy"]), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
-    front = sorted((c for c in points if c.get("pareto")), key=lambda c: c["latency_batch1_ms"])
-    if len(front) > 1:
-        ax.plot([c["latency_batch1_ms"] for c in front], [c["probe_accuracy"] for c in front], color="tab:red",
-                linestyle="--", linewidth=1, label="Pareto front")
-        ax.legend(loc="lower right")
-    latencies = [c["latency_batch1_ms"] for c in points]
-    log_x = max(latencies) > 4 * min(latencies)  # a log axis only where the latencies span a wide range
-    if log_x:
-        ax.set_xscale("log")
-    ax.margins(x=0.25, y=0.1)
-    ax.set_xlabel(f"batch-1 latency (ms{', log scale' if log_x else ''}); red: on the Pareto front")
-    ax.set_ylabel("linear-probe accuracy (k-fold)")
-    ax.set_title("Expected accuracy against latency")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return plot_accuracy_latency(points, path, "probe_accuracy", candidate_label, "linear-probe accuracy (k-fold)",
+                                 "Expected accuracy against latency", error="probe_accuracy_std")
