@@ -297,8 +297,19 @@ def test_parity_copies_are_removed_on_failure_and_stale_ones_at_the_next_check(
     stale = tmp_path / f"tftransfer-parity-{_dead_pid()}-abc"  # left by a check that was killed
     stale.mkdir()
     (stale / "image_000000").write_bytes(b"a copy")
-    monkeypatch.setattr(parity_module.subprocess, "run",
-                        lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "the probe failed"))
+    class FailedProbe:  # the fresh process exits 1 (Popen: the Keras side runs while it starts)
+        returncode = 1
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def communicate(self, timeout=None):
+            return "", "the probe failed"
+
+        def poll(self):
+            return 1
+
+    monkeypatch.setattr(parity_module.subprocess, "Popen", FailedProbe)
     with pytest.raises(RunDirError, match="failed in a fresh process"):
         check_parity_fresh_process(model, version_dir, np.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32),
                                    [b"bytes"])

@@ -435,7 +435,8 @@ def _write_train_batch(data: Datasets, run: RunDir) -> None:
         pixels, labels = next(iter(data.train.take(1)))[:2]
         augmenter = step_augmenter(data)
         if augmenter is not None:  # placement `model`: the pipeline's batches are not augmented yet
-            pixels = augment_float32(augmenter, pixels)
+            # in a graph, as in the training step (some augmentations are written for tracing, e.g. the XLA warp)
+            pixels = tf.function(lambda images: augment_float32(augmenter, images))(pixels)
         grids.plot_train_batch(np.asarray(pixels), np.asarray(labels), data.class_names,
                                run.path / grids.TRAIN_BATCH_PNG)
     except Exception:  # noqa: BLE001  (a picture must not cost the run its metrics)

@@ -77,24 +77,9 @@ def check_parity_fresh_process(model: keras.Model, version_dir: str | Path, pixe
             np.save(work / "pixels.npy", pixels)
             for i, data in enumerate(encoded):
                 (work / f"image_{i:06d}").write_bytes(data)
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         started = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "tftransfer.serving.probe", "--probe", str(version_dir), tmp],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        try:
-            # The Keras side runs while the new process imports TensorFlow and loads the export.
-            keras_pixels, keras_bytes = _keras_side(model, pixels, encoded, image_size)
-            _, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise RunDirError(f"checking the export {version_dir} in a fresh process took over {timeout:.0f} s") \
-                from exc
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        if proc.returncode != 0:
-            tail = "\n".join(stderr.strip().splitlines()[-5:])
-            raise RunDirError(f"the export {version_dir} failed in a fresh process (exit {proc.returncode}):\n{tail}")
+        keras_pixels, keras_bytes = _probe_beside_keras(model, version_dir, work, pixels, encoded, image_size,
+                                                        timeout)
         probe = json.loads((work / "probe.json").read_text())
         pixel_probs = np.load(work / "pixels_probs.npy")
         bytes_probs = np.load(work / "bytes_probs.npy")
@@ -118,6 +103,29 @@ def check_parity_fresh_process(model: keras.Model, version_dir: str | Path, pixe
             "serving_default": {"images": len(encoded), "refused": refused, "max_abs_diff": bytes_diff},
             "tftransfer_layers_imported": probe["tftransfer_layers_imported"], "seconds": seconds,
             "signatures": probe["signatures"], "signatures_text": probe["signatures_text"]}
+
+
+def _probe_beside_keras(model: keras.Model, version_dir: str | Path, work: Path, pixels: np.ndarray,
+                        encoded: Sequence[bytes], image_size: int | None, timeout: float
+                        ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Runs the probe process on `work` and, while it imports TensorFlow and loads the export, the Keras side
+    here; returns the Keras side. RunDirError when the process fails or runs past `timeout`."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen([sys.executable, "-m", "tftransfer.serving.probe", "--probe", str(version_dir), str(work)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        keras_side = _keras_side(model, pixels, encoded, image_size)
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise RunDirError(f"checking the export {version_dir} in a fresh process took over {timeout:.0f} s") from exc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        tail = "\n".join(stderr.strip().splitlines()[-5:])
+        raise RunDirError(f"the export {version_dir} failed in a fresh process (exit {proc.returncode}):\n{tail}")
+    return keras_side
 
 
 def _keras_side(model: keras.Model, pixels: np.ndarray, encoded: Sequence[bytes],

@@ -88,7 +88,7 @@ def _check_and_publish(staged: StagedExport, model: Any, run: RunDir, source: Da
     written: dict[str, Any] = {}
     version_dir = publish_export(staged, prepare=lambda final: written.update(_write_card(staged.path, card, final,
                                                                                        parity)))
-    return ExportResult(version_dir, written, parity, tflite_entry)
+    return ExportResult(version_dir, written, parity, written.get("tflite"))  # the TFLite file at its version
 
 
 def _staged_card(staged: StagedExport) -> ModelCard:
