@@ -212,7 +212,8 @@ def test_export_command_writes_next_version_card_and_int8_tflite(fitted):
     # issue 13 item 8: evaluate and predict take the .tflite file itself, run by the TFLite interpreter
     tflite_file = version_dir / "model_int8.tflite"
     out = version_dir.parent.parent / "tflite-eval"
-    evaluated = _invoke("evaluate", tflite_file, "--output", out, "--no-progress")
+    evaluated = _invoke("evaluate", tflite_file, "--data", fitted["data"], "--split", "val", "--output", out,
+                        "--no-progress")
     assert evaluated.exit_code == 0, evaluated.output
     scored = json.loads((out / "metrics.json").read_text())
     assert scored["model"]["kind"] == "tflite" and scored["metrics"]["accuracy"] >= 0.9

@@ -98,7 +98,10 @@ def _load_tflite(path: Path, image_size: int | None, batch_size: int) -> Classif
     run_dir = Path(card.run_dir) if card and card.run_dir and RunDir(Path(card.run_dir)).config.is_file() else None
 
     def predict(pixels: np.ndarray) -> np.ndarray:
-        return tfl.predict_tflite(interpreter, np.asarray(pixels, np.float32), batch_size=batch_size)
+        probs = np.clip(tfl.predict_tflite(interpreter, np.asarray(pixels, np.float32), batch_size=batch_size), 0, None)
+        # An integer model's probabilities come in steps of 1/256 and need not sum to 1: renormalised, the
+        # ranking (and so every prediction) is the file's own.
+        return probs / np.maximum(probs.sum(axis=-1, keepdims=True), 1e-12)
 
     return Classifier(kind="tflite", path=path, class_names=names, image_size=size, predict=predict,
                       run_dir=run_dir, card=card.to_dict() if card else {})
