@@ -323,3 +323,14 @@ def test_bad_data_fails_before_the_run_folder_and_a_broken_candidate_is_left_out
         run_select(str(data), [{"backbone": "tiny", "weights": str(tmp_path / "broken.weights.h5")}],
                    runs_dir=tmp_path / "runs", name="none_built", cache_dir=str(tmp_path / "cache"))
     assert json.loads((tmp_path / "runs" / "none_built" / "select.json").read_text())["candidates"][0]["error"]
+
+
+def test_a_candidate_takes_its_width_multiplier_from_an_official_weights_file_name(tmp_path):
+    """As fit does (issue 13 item 10), so the recommended fit command builds the backbone that was scored."""
+    official = tmp_path / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+    official.write_bytes(b"not read here")
+    [found] = parse_candidates([{"backbone": "mobilenetv2", "weights": str(official)}])
+    assert found.backbone_kwargs == {"alpha": 0.35}
+    [kept] = parse_candidates([{"backbone": "mobilenetv2", "weights": str(official),
+                                "backbone_kwargs": {"alpha": 1.0}}])
+    assert kept.backbone_kwargs == {"alpha": 1.0}

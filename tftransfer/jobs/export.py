@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tftransfer.config.commands import ExportCommandConfig, command_config
-from tftransfer.config.experiment import ExportConfig, read_yaml
+from tftransfer.config.experiment import ExportConfig, build_config, read_yaml
 from tftransfer.core.errors import ConfigError, DataError, RunDirError
 from tftransfer.runs.finished import load_run_model, load_run_source, read_labels, run_image_size
 from tftransfer.runs.layout import RunDir, check_run_name
@@ -64,7 +64,7 @@ def export_run(run_dir: str | Path, config: ExportCommandConfig | None = None, *
 def run_export_settings(values: dict[str, Any], config_path: Path) -> ExportConfig:
     """A run's `export:` config section, its missing keys at today's defaults (older runs lack newer keys)."""
     known = {f.name for f in fields(ExportConfig)}
-    try:
-        return ExportConfig(**{key: value for key, value in values.items() if key in known})
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{config_path}: export: {exc}") from exc
+    try:  # as strict as load_config on the keys this version knows: a bad type or range names the key
+        return build_config(ExportConfig, {key: value for key, value in values.items() if key in known}, "export.")
+    except ConfigError as exc:
+        raise ConfigError(f"{config_path}: {exc}") from exc

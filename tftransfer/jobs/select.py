@@ -156,7 +156,11 @@ def _checked(candidate: BackboneCandidate, where: str) -> BackboneCandidate:
     elif not Path(weights).expanduser().is_file():
         raise ConfigError(f"{where}: weights file not found: {weights} (imagenet, none or a .h5/.weights.h5/.keras "
                           "file)")
-    return BackboneCandidate(spec.name, weights, dict(candidate.backbone_kwargs), size)
+    kwargs = dict(candidate.backbone_kwargs)
+    alpha = backbones.alpha_from_weights_name(spec, None if weights == "none" else weights, kwargs)
+    if alpha is not None:  # as fit does, so the recommended fit command builds what was scored
+        kwargs["alpha"] = alpha
+    return BackboneCandidate(spec.name, weights, kwargs, size)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ def _check_and_publish(staged: StagedExport, model: Any, run: RunDir, source: Da
                        cfg: ExportCommandConfig, image_size: int, tolerance: float,
                        progress: Tracker) -> ExportResult:
     """The parity check (and TFLite) on the staged export, then the rename to its version; ParityError if it fails."""
+    card = _staged_card(staged)
     pixels, encoded, described = parity_inputs(source, image_size, cfg.parity_images)
     parity = check_parity_fresh_process(model, staged.path, pixels, encoded, tolerance=tolerance)
     parity["data"] = described
@@ -82,9 +83,9 @@ def _check_and_publish(staged: StagedExport, model: Any, run: RunDir, source: Da
     if cfg.tflite is not None:
         tflite_entry = export_tflite(model, staged.path, image_size, cfg.tflite, source,
                                      representative_images=cfg.representative_images, batch_size=cfg.batch_size,
-                                     labels=list(_staged_card(staged).classes))
+                                     labels=list(card.classes))
         progress.advance()
-    card = replace(_staged_card(staged), tflite=tflite_entry)
+    card = replace(card, tflite=tflite_entry)
     written: dict[str, Any] = {}
     version_dir = publish_export(staged, prepare=lambda final: written.update(_write_card(staged.path, card, final,
                                                                                        parity)))
