@@ -148,6 +148,21 @@ def test_cli_data_inspect(planted, tmp_path):
     assert "Traceback" not in missing.output
 
 
+def test_cli_data_inspect_manifest_outside_its_folder_needs_the_flag(tmp_path):
+    from tftransfer.data.manifest import write_manifest
+
+    images = make_colour_folder(tmp_path / "d", per_class=4)
+    rows = [{"path": str(p), "label": p.parent.name} for p in sorted(images.rglob("*.jpg"))]
+    manifest = write_manifest(tmp_path / "lists" / "m.csv", rows)
+    refused = CliRunner().invoke(main, ["data", "inspect", str(manifest)])
+    assert refused.exit_code == 1 and "lead outside the manifest's folder" in refused.output
+    assert "Traceback" not in refused.output
+    out = tmp_path / "r.json"
+    allowed = CliRunner().invoke(main, ["data", "inspect", str(manifest), "--allow-outside-paths", "--json", str(out)])
+    assert allowed.exit_code == 0, allowed.output
+    assert json.loads(out.read_text())["num_examples"] == len(rows) > 0
+
+
 @pytest.mark.slow
 def test_inspect_real_data(shared_data, tmp_path):
     hymenoptera = inspect_data(str(shared_data / "datasets" / "hymenoptera"))
@@ -169,7 +184,8 @@ def test_inspect_real_data(shared_data, tmp_path):
     office = shared_data / "datasets" / "office31"
     rows = [{"path": str(p), "label": p.parent.name, "domain": domain}
             for domain in ("dslr", "webcam") for p in sorted((office / domain / "images").rglob("*.jpg"))]
-    both = inspect_data(str(write_manifest(tmp_path / "office31.csv", rows)))
+    # the rows name files outside the manifest's folder, which must be allowed in so many words
+    both = inspect_data(str(write_manifest(tmp_path / "office31.csv", rows)), allow_outside_paths=True)
     assert both["num_examples"] == 1293 and both["domains"] == ["dslr", "webcam"]
     assert both["near_duplicates"]["cross_domain_pairs"] >= 1
 

@@ -836,6 +836,8 @@ def data_group() -> None:
 @click.option("--test-split", type=click.FloatRange(0.0, 0.9), help="As data.test_split.")
 @click.option("--stratify/--no-stratify", default=None, help="As data.stratify.")
 @click.option("--tfds-data-dir", default="", help="As data.tfds_data_dir.")
+@click.option("--allow-outside-paths", is_flag=True,
+              help="As data.allow_outside_paths: a manifest may name files outside its own folder.")
 @click.option("--near-bits", type=click.IntRange(0, 128),
               help="Bits (of a 256-bit dHash) two images may differ by to count as near-duplicates (default 24; "
                    "0 = identical hash).")
@@ -843,14 +845,16 @@ def data_group() -> None:
               help="No progress bar while files are checked (one is drawn on stderr only when it is a terminal).")
 @_user_errors
 def inspect_command(data: str, json_path: Path | None, val_split: float | None, test_split: float | None,
-                    stratify: bool | None, tfds_data_dir: str, near_bits: int | None, no_progress: bool) -> None:
+                    stratify: bool | None, tfds_data_dir: str, allow_outside_paths: bool, near_bits: int | None,
+                    no_progress: bool) -> None:
     """Classes and counts per split, imbalance, image sizes, bad files, duplicates and leakage across splits.
 
     DATA is anything --data takes: an image folder, a .csv/.jsonl manifest, an .npz, tfds:NAME or builtin:NAME.
     """
     with _probe_progress(enabled=False if no_progress else None):
         report = inspect_data(data, val_split=val_split, test_split=test_split, stratify=stratify,
-                              tfds_data_dir=tfds_data_dir, near_duplicate_bits=near_bits, json_path=json_path)
+                              tfds_data_dir=tfds_data_dir, near_duplicate_bits=near_bits, json_path=json_path,
+                              allow_outside_paths=allow_outside_paths)
     click.echo(format_report(report), nl=False)
     if json_path is not None:
         click.echo(f"report: {json_path}")

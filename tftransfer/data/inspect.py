@@ -282,8 +282,11 @@ def inspect_source(source: DataSource, probes: dict[str, ImageProbe] | None = No
 
 def inspect_data(spec: str, *, val_split: float | None = None, test_split: float | None = None,
                  stratify: bool | None = None, tfds_data_dir: str = "",
-                 near_duplicate_bits: int | None = None, json_path: str | Path | None = None) -> dict[str, Any]:
+                 near_duplicate_bits: int | None = None, json_path: str | Path | None = None,
+                 allow_outside_paths: bool = False) -> dict[str, Any]:
     """Inspects a `--data` spec (split as `fit` would with these settings; defaults from DataConfig).
+
+    `allow_outside_paths` is data.allow_outside_paths: a manifest's rows may name files outside its folder.
 
     Writes the report as JSON to `json_path` when given, and returns it.
     """
@@ -292,7 +295,8 @@ def inspect_data(spec: str, *, val_split: float | None = None, test_split: float
     probes: dict[str, ImageProbe] = {}
     source = load_source(spec, defaults.val_split if val_split is None else val_split, False, tfds_data_dir,
                          test_split=defaults.test_split if test_split is None else test_split,
-                         stratify=defaults.stratify if stratify is None else stratify, probes=probes)
+                         stratify=defaults.stratify if stratify is None else stratify, probes=probes,
+                         allow_outside_paths=allow_outside_paths)
     report = inspect_source(source, probes,
                             NEAR_DUPLICATE_BITS if near_duplicate_bits is None else near_duplicate_bits)
     if json_path is not None:
