@@ -201,6 +201,33 @@ def test_bn_batch_predicts_per_batch_in_a_seeded_order():
     np.testing.assert_allclose(whole.probs, adabn.probs, atol=1e-5)
 
 
+def test_reused_working_copies_start_from_the_model_every_time():
+    # adapt() reuses one working copy per model (so the domain report traces each once); no call may see
+    # what an earlier one did, and a change to the model itself must reach the copies.
+    model = handmade_model(seed=2)
+    a, b = target_images(12, seed=4), target_images(12, seed=5) * 0.3
+    online = dict(batch_size=6, seed=0, min_diversity_ratio=0.0, min_entropy_ratio=0.0)
+    first = {m: adapters.adapt(m, model, a, batch_size=6, seed=0).probs for m in ("adabn", "bn-batch")}
+    first["tent"] = adapters.adapt("tent", model, a, learning_rate=0.05, **online).probs
+    for method in ("adabn", "bn-batch"):
+        adapters.adapt(method, model, b, batch_size=6, seed=0)
+    adapters.adapt("tent", model, b, learning_rate=5.0, **online)
+    for method in ("adabn", "bn-batch"):
+        np.testing.assert_allclose(adapters.adapt(method, model, a, batch_size=6, seed=0).probs, first[method],
+                                   atol=1e-6)
+    np.testing.assert_allclose(adapters.adapt("tent", model, a, learning_rate=0.05, **online).probs, first["tent"],
+                               atol=1e-6)
+    backbone = batchnorm.get_backbone(model)
+    backbone.get_layer("c1").kernel.assign(backbone.get_layer("c1").kernel * -1.5)
+    fresh = adapters.copy_model(model)  # another model: new working copies
+    for method in ("adabn", "bn-batch"):
+        changed = adapters.adapt(method, model, a, batch_size=6, seed=0).probs
+        assert not np.allclose(changed, first[method], atol=1e-4)
+        np.testing.assert_allclose(changed, adapters.adapt(method, fresh, a, batch_size=6, seed=0).probs, atol=1e-6)
+    np.testing.assert_allclose(adapters.adapt("tent", model, a, learning_rate=0.05, **online).probs,
+                               adapters.adapt("tent", fresh, a, learning_rate=0.05, **online).probs, atol=1e-6)
+
+
 def test_episodic_tent_predicts_like_bn_batch_and_online_tent_learns():
     model = handmade_model(seed=1)
     before = [w.copy() for w in model.get_weights()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -47,18 +48,40 @@ def dim_target(root: Path, factor: float = 0.45, per_class: int = 8, size: int =
     return root
 
 
+class _TensorFlowWarnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def invoke(*args: str) -> object:
     return CliRunner().invoke(main, ["domain", *args], catch_exceptions=False)
 
 
-def test_domain_command_labeled_target_with_adaptation_and_corruptions(fitted, tmp_path):
+def test_domain_command_labeled_target_with_adaptation_and_corruptions(fitted, tmp_path, monkeypatch):
+    from tensorflow.python.eager.polymorphic_function import polymorphic_function
+
     run, _ = fitted
     target = dim_target(tmp_path / "dim")
     out = tmp_path / "report"
-    result = invoke(str(run), "--target", str(target), "--adapt", "adabn,adabn-aligned,bn-batch,tent",
+    # TensorFlow counts traces per function body over the whole process: start from none, so that only this
+    # command's traces count, not those of tests run before it in the same worker.
+    monkeypatch.setattr(polymorphic_function, "_frequent_tracing_detector_manager",
+                        type(polymorphic_function._frequent_tracing_detector_manager)())
+    traced = _TensorFlowWarnings()
+    logging.getLogger("tensorflow").addHandler(traced)
+    try:
+        result = invoke(str(run), "--target", str(target), "--adapt", "adabn,adabn-aligned,bn-batch,tent",
                     "--corruptions", "gaussian_noise,contrast", "--severities", "1,3", "--adapt-severities", "3",
-                    "--batch-size", "8", "--permutations", "200", "--tsne", "--out", str(out))
+                        "--batch-size", "8", "--permutations", "200", "--tsne", "--out", str(out))
+    finally:
+        logging.getLogger("tensorflow").removeHandler(traced)
     assert result.exit_code == 0, result.output
+    # Each model the report runs (the run's, its split, each adapter's working copy) is traced once.
+    assert not [m for m in traced.messages if "retracing" in m], traced.messages
     for name in ("domain.json", "domain.md", "feature_map_pca.png", "feature_map_tsne.png",
                  "corruption_accuracy.png", "batchnorm_drift.png", "target_confusion_matrix.png"):
         assert (out / name).is_file(), name

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +51,9 @@ class AdaptationResult:
     method: str
     probs: np.ndarray
     seconds: float
-    # An inference model reproducing `probs` (AdaBN); None when predictions depend on the batch composition.
+    # An inference model reproducing `probs` (AdaBN); None when predictions depend on the batch composition. It is
+    # the adapted model's working copy, which the next adapt() on the same model overwrites: copy_model() it to
+    # keep it.
     model: keras.Model | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -106,6 +109,27 @@ def copy_model(model: keras.Model) -> keras.Model:
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
     return clone
+
+
+# One working copy per (model, kind), reset to the model's weights at every use. The domain report adapts one
+# model dozens of times (each method on the target and the source, each corruption); a fresh copy per call
+# would trace its inference (and TENT's step) again every time: seconds each for a MobileNetV2, and TensorFlow's
+# "triggered tf.function retracing" warning.
+_WORKSPACES: weakref.WeakKeyDictionary[keras.Model, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _workspace(model: keras.Model, kind: str, build: Callable[[keras.Model], Any]) -> Any:
+    spaces = _WORKSPACES.setdefault(model, {})
+    if kind not in spaces:
+        spaces[kind] = build(model)
+    return spaces[kind]
+
+
+def working_copy(model: keras.Model) -> keras.Model:
+    """This model's reusable copy (see _workspace), with the model's current weights."""
+    copy = _workspace(model, "copy", copy_model)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def _parent_layers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
@@ -175,7 +199,8 @@ def source_input_moments(model: keras.Model, images: np.ndarray, batch_size: int
 
 def adabn_model(model: keras.Model, images: np.ndarray, batch_size: int = 32, *,
                 source_images: np.ndarray | None = None, memory_budget_mb: float = 512.0,
-                source_moments: dict[str, batchnorm.Moments] | None = None) -> tuple[keras.Model, dict]:
+                source_moments: dict[str, batchnorm.Moments] | None = None,
+                reuse_copy: bool = False) -> tuple[keras.Model, dict]:
     """A copy of `model` whose BatchNorm moving statistics are the exact statistics of the target images.
 
     Stage by stage (see batchnorm_stages): the inputs of stage-k layers are measured over all images with every
@@ -188,12 +213,13 @@ def adabn_model(model: keras.Model, images: np.ndarray, batch_size: int = 32, *,
     trained on features made with the stored statistics, which in a fine-tuned tftransfer model are the
     backbone's pre-training (ImageNet) statistics, not the source's, so plain AdaBN also moves the source.
     `source_moments` (from source_input_moments) stand for `source_images` when the source data is gone.
-    Returns (adapted model, info). The input model is not changed.
+    Returns (adapted model, info). The input model is not changed. With `reuse_copy` the adapted model is the
+    model's working copy (see working_copy), overwritten by the next such call; else a new copy.
     """
     batchnorm.require_batchnorm(model, "AdaBN")
     if source_images is not None and source_moments is None:
         source_moments = source_input_moments(model, source_images, batch_size)
-    adapted = copy_model(model)
+    adapted = working_copy(model) if reuse_copy else copy_model(model)
     backbone = batchnorm.get_backbone(adapted)
     bn_layers = batchnorm.batchnorm_layers(backbone)
     stage = batchnorm_stages(backbone)
@@ -277,7 +303,8 @@ def _adabn(model: keras.Model, images: np.ndarray, *, batch_size: int = 32, seed
     started = time.perf_counter()
     if aligned and source_images is None:
         raise ConfigError("adabn-aligned needs source images (the domain report passes the source's)")
-    adapted, info = adabn_model(model, images, batch_size, source_images=source_images if aligned else None)
+    adapted, info = adabn_model(model, images, batch_size, source_images=source_images if aligned else None,
+                                reuse_copy=True)
     probs = predict_probabilities(adapted, images, batch_size)
     info.pop("changes")  # per-layer detail is for adabn_model callers; the report keeps the summary
     return AdaptationResult("adabn-aligned" if aligned else "adabn", probs, time.perf_counter() - started,
@@ -307,12 +334,20 @@ class BatchStatsNormalization(keras.layers.BatchNormalization):
         return keras.ops.cast(out, self.compute_dtype)
 
 
-def build_batch_stats_model(model: keras.Model) -> tuple[keras.Model, list[BatchStatsNormalization]]:
-    """pixels -> logits like `model`, but every backbone BatchNorm uses batch statistics; own BN variables.
+@dataclass
+class _StatsCopy:
+    """A batch-statistics model (build_batch_stats_model), its BatchNorm layers and its own backbone copy."""
 
-    The front (resize, preprocess) and head layers are shared with `model` and not trained here; the backbone
-    is a copy, so updating its BatchNorm scale and offset leaves `model` untouched.
-    """
+    model: keras.Model
+    layers: list[BatchStatsNormalization]
+    backbone: keras.Model
+
+    def sync(self, source: keras.Model) -> None:
+        """Back to the source model's current backbone weights."""
+        self.backbone.set_weights(batchnorm.get_backbone(source).get_weights())
+
+
+def _stats_copy(model: keras.Model) -> _StatsCopy:
     batchnorm.require_batchnorm(model, "batch-statistics adaptation")
     backbone = batchnorm.get_backbone(model)
 
@@ -327,7 +362,24 @@ def build_batch_stats_model(model: keras.Model) -> tuple[keras.Model, list[Batch
     x = model.get_layer(POOL_LAYER)(clone(x))
     outputs = build_head_model(model)(x)
     layers = [layer for layer in clone.layers if isinstance(layer, BatchStatsNormalization)]
-    return keras.Model(inputs, outputs, name="batch_stats"), layers
+    return _StatsCopy(keras.Model(inputs, outputs, name="batch_stats"), layers, clone)
+
+
+def build_batch_stats_model(model: keras.Model) -> tuple[keras.Model, list[BatchStatsNormalization]]:
+    """pixels -> logits like `model`, but every backbone BatchNorm uses batch statistics; own BN variables.
+
+    The front (resize, preprocess) and head layers are shared with `model` and not trained here; the backbone
+    is a copy, so updating its BatchNorm scale and offset leaves `model` untouched.
+    """
+    built = _stats_copy(model)
+    return built.model, built.layers
+
+
+def _working_stats(model: keras.Model) -> _StatsCopy:
+    """The model's reusable batch-statistics copy (see _workspace), synced to its current weights."""
+    built = _workspace(model, "stats", _stats_copy)
+    built.sync(model)
+    return built
 
 
 def _shuffled(images: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -345,7 +397,8 @@ def _bn_batch(model: keras.Model, images: np.ndarray, *, batch_size: int = 32, s
               reference_probs: np.ndarray | None = None, source_images: np.ndarray | None = None
               ) -> AdaptationResult:
     started = time.perf_counter()
-    stats_model, layers = build_batch_stats_model(model)
+    stats = _working_stats(model)
+    stats_model, layers = stats.model, stats.layers
     shuffled, order = _shuffled(np.asarray(images, np.float32), seed)
     probs = _unshuffle(predict_probabilities(stats_model, shuffled, batch_size), order)
     info = {"layers": len(layers), "batch_size": int(batch_size), "batches": len(batches_of(shuffled, batch_size)),
@@ -357,24 +410,45 @@ def _bn_batch(model: keras.Model, images: np.ndarray, *, batch_size: int = 32, s
 class _TentLearner:
     """The batch-statistics model, its BatchNorm scale/offset parameters, one entropy step and a reset."""
 
-    stats_model: keras.Model
-    layers: list
+    stats: _StatsCopy
     params: list
+    optimizer: keras.optimizers.Optimizer
     step: Any
-    reset: Any
+    initial: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def stats_model(self) -> keras.Model:  # noqa: D102
+        return self.stats.model
+
+    @property
+    def layers(self) -> list[BatchStatsNormalization]:  # noqa: D102
+        return self.stats.layers
+
+    def start(self, source: keras.Model, learning_rate: float) -> None:
+        """Back to the source model's parameters, at this learning rate, with a fresh optimizer state."""
+        self.stats.sync(source)
+        self.initial = [keras.ops.convert_to_numpy(p) for p in self.params]
+        self.optimizer.learning_rate = learning_rate
+        self.reset()
+
+    def reset(self) -> None:
+        """Parameters as at start(), optimizer moments and step count zero (the learning rate is kept)."""
+        for p, value in zip(self.params, self.initial):
+            p.assign(value)
+        for v in self.optimizer.variables:
+            if not v.path.endswith("learning_rate"):
+                v.assign(tf.zeros_like(v))
 
 
-def _tent_learner(model: keras.Model, learning_rate: float) -> _TentLearner:
-    stats_model, layers = build_batch_stats_model(model)
-    params = [w for layer in layers for w in (layer.gamma if layer.scale else None,
-                                              layer.beta if layer.center else None) if w is not None]
+def _build_tent_learner(model: keras.Model) -> _TentLearner:
+    stats = _stats_copy(model)
+    params = [w for layer in stats.layers for w in (layer.gamma if layer.scale else None,
+                                                    layer.beta if layer.center else None) if w is not None]
     if not params:
         raise batchnorm.ModelStructureError("TENT needs BatchNorm layers with a scale or offset to train")
-    initial = [keras.ops.convert_to_numpy(p) for p in params]
-    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+    optimizer = keras.optimizers.Adam(learning_rate=1e-3)
     optimizer.build(params)
-    # Moments and step count; optimizer.variables also holds the learning rate, which a reset must keep.
-    optimizer_state = [v for v in optimizer.variables if not v.path.endswith("learning_rate")]
+    stats_model = stats.model
 
     @tf.function(reduce_retracing=True)
     def step(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -385,13 +459,14 @@ def _tent_learner(model: keras.Model, learning_rate: float) -> _TentLearner:
         optimizer.apply(tape.gradient(loss, params), params)
         return logits, loss
 
-    def reset() -> None:
-        for p, value in zip(params, initial):
-            p.assign(value)
-        for v in optimizer_state:
-            v.assign(tf.zeros_like(v))
+    return _TentLearner(stats, params, optimizer, step)
 
-    return _TentLearner(stats_model, layers, params, step, reset)
+
+def _tent_learner(model: keras.Model, learning_rate: float) -> _TentLearner:
+    """The model's reusable TENT learner (see _workspace), started from its current weights."""
+    learner = _workspace(model, "tent", _build_tent_learner)
+    learner.start(model, learning_rate)
+    return learner
 
 
 @dataclass

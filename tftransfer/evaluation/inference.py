@@ -99,8 +99,15 @@ def predict_dataset(model: keras.Model, dataset: tf.data.Dataset) -> tuple[np.nd
 logger = logging.getLogger(__name__)
 
 
+# The (feature extractor, head) split of each live model, built once: a domain report splits the same model for
+# the source and the target, and each new split model would be traced again.
+_SPLITS: weakref.WeakKeyDictionary[keras.Model, tuple[keras.Model, keras.Model]] = weakref.WeakKeyDictionary()
+
+
 def features_and_probs(model: Any, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Pooled backbone features (as the phase-1 cache) and softmax probabilities, from one pass."""
-
-    features = predict_outputs(build_feature_extractor(model), images, batch_size)
-    return features, predict_probabilities(build_head_model(model), features, 4 * batch_size)
+    split = _SPLITS.get(model)
+    if split is None:
+        split = _SPLITS[model] = (build_feature_extractor(model), build_head_model(model))
+    features = predict_outputs(split[0], images, batch_size)
+    return features, predict_probabilities(split[1], features, 4 * batch_size)
