@@ -238,3 +238,36 @@ def test_cosine_schedule_follows_the_steps_that_run_on_a_file_pipeline(tmp_path)
     assert all(rate > 0 for rate in rates[:-1]), rates
     assert rates[-1] == pytest.approx(0.0, abs=1e-9)
     assert np.all(np.diff(rates) < 0)
+
+
+def test_step_progress_reports_each_epochs_steps_without_a_per_step_hook():
+    import time
+
+    import tensorflow as tf
+
+    from tftransfer.core.progress import report_progress_to
+    from tftransfer.training.callbacks import StepProgress
+
+    # Keras calls a callback after every step only if it defines a batch hook; this one reads the step counter.
+    assert StepProgress.on_train_batch_end is keras.callbacks.Callback.on_train_batch_end
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+    def slow(x, y):  # ~30 ms a batch, so the watcher sees steps while an epoch runs
+        tf.py_function(lambda: time.sleep(0.03), [], [])
+        return x, y
+
+    data = tf.data.Dataset.from_tensor_slices((np.zeros((12, 2), np.float32), np.zeros(12, np.int64)))
+    events = []
+    with report_progress_to(events.append):
+        model.fit(data.batch(2).map(slow), epochs=2, verbose=0,
+                  callbacks=[StepProgress("finetune", 6, first_epoch=0, epochs=2, poll_seconds=0.005)])
+    epochs = {}
+    for event in events:
+        epochs.setdefault(event.what, []).append(event)
+    assert list(epochs) == ["finetune epoch 1/2", "finetune epoch 2/2"]
+    for shown in epochs.values():
+        done = [e.done for e in shown]
+        assert done == sorted(done) and done[0] == 0 and done[-1] == 6 and shown[-1].finished
+        assert [e.finished for e in shown].count(True) == 1 and all(e.total == 6 for e in shown)
+    assert any(0 < e.done < 6 for e in events)  # seen while the epoch ran, not only at its end
