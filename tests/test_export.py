@@ -313,7 +313,8 @@ def test_parity_copies_are_removed_on_failure_and_stale_ones_at_the_next_check(
     with pytest.raises(RunDirError, match="failed in a fresh process"):
         check_parity_fresh_process(model, version_dir, np.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32),
                                    [b"bytes"])
-    assert list(tmp_path.iterdir()) == []
+    # (TensorFlow's autograph may write its generated sources there too: only the check's own copies count)
+    assert list(tmp_path.glob("tftransfer-parity-*")) == []
 
 
 # --- signatures -------------------------------------------------------------------------------------------

@@ -11,9 +11,8 @@ from typing import Any
 from tftransfer.config.commands import ExportCommandConfig, command_config
 from tftransfer.config.experiment import ExportConfig, build_config, read_yaml
 from tftransfer.core.errors import ConfigError, DataError, RunDirError
-from tftransfer.runs.finished import load_run_model, load_run_source, read_labels, run_image_size
+from tftransfer.runs.finished import load_run
 from tftransfer.runs.layout import RunDir, check_run_name
-from tftransfer.runs.records import read_run_metrics
 from tftransfer.serving.publish import ExportResult, publish_model
 from tftransfer.serving.savedmodel import next_version
 from tftransfer.serving.tflite import CALIBRATED_MODES
@@ -51,13 +50,13 @@ def export_run(run_dir: str | Path, config: ExportCommandConfig | None = None, *
     if cfg.version is not None and (target / str(cfg.version)).exists():
         raise RunDirError(f"export path {target / str(cfg.version)} already exists and exports never overwrite; "
                           f"leave out --version to write the next one ({next_version(target)})")
-    model = load_run_model(run.path)
-    source = load_run_source(run.path)
+    finished = load_run(run.path)
+    source = finished.source()
     if cfg.tflite in CALIBRATED_MODES and source is None:
         raise DataError(f"--tflite {cfg.tflite} calibrates on the run's training images, which are not available (see "
                         f"data.path in {run.config}); restore them or choose float32, float16 or dynamic")
-    metrics = read_run_metrics(run.metrics)
-    return publish_model(model, run, target, read_labels(run.labels), run_image_size(run.path), source, cfg,
+    metrics = finished.metrics()
+    return publish_model(finished.model, run, target, finished.class_names, finished.image_size, source, cfg,
                          export_cfg, metrics.val if metrics is not None else None)
 
 

@@ -342,21 +342,24 @@ def _export(exp: Experiment, run: RunDir, final_val: dict | None) -> tuple[Path 
     if not cfg.export.enabled:
         return None, None
     model_dir = Path(cfg.export.dir) / cfg.name
+    unpublished = {"path": None, "version": None, "published": False}
     try:
         result = publish_model(exp.model, run, model_dir, exp.source.class_names, exp.image_size, exp.source,
                                ExportCommandConfig(), cfg.export, final_val)
     except ExportGateError as refused:
         # the run is complete and kept: only its publication is refused
         logger.warning("%s: tftransfer export %s --force", refused, run.path)
-        return None, {"path": None, "version": None, "published": False, "gate": str(refused)}
+        return None, {**unpublished, "gate": str(refused)}
     except ParityError as failed:
         logger.error("%s", failed)
-        return None, {"path": str(failed.kept), "version": None, "published": False,
-                      "parity_max_abs_diff": failed.parity["max_abs_diff"],
-                      "parity_tolerance": cfg.export.parity_tolerance, "parity_ok": False}
+        return None, {**unpublished, "path": str(failed.kept), **_parity_entry(failed.parity, cfg, ok=False)}
     return result.version_dir, {"path": str(result.version_dir), "version": int(result.version_dir.name),
-                                "published": True, "parity_max_abs_diff": result.parity["max_abs_diff"],
-                                "parity_tolerance": cfg.export.parity_tolerance, "parity_ok": True}
+                                "published": True, **_parity_entry(result.parity, cfg, ok=True)}
+
+
+def _parity_entry(parity: dict[str, Any], cfg: ExperimentConfig, ok: bool) -> dict[str, Any]:
+    return {"parity_max_abs_diff": parity["max_abs_diff"], "parity_tolerance": cfg.export.parity_tolerance,
+            "parity_ok": ok}
 
 
 def _fit_metrics(exp: Experiment, run: RunDir, fitted: FitPhasesResult, final_val: dict | None,
