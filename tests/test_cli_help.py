@@ -15,6 +15,23 @@ def test_fit_image_size_zero_means_the_backbone_default():
     assert cfg.data.image_size == 0  # resolved to the backbone's default size when the run starts
 
 
+def test_epochs_sets_fine_tuning_and_leaves_the_cheap_head_phase_its_own(tmp_path):
+    def config(command: str, *args: str):
+        head = [] if command == "fit" else [str(tmp_path), "--student", "tiny"]
+        ctx = cli.main.commands[command].make_context(command, [*head, *args])
+        flags = {k: v for k, v in ctx.params.items() if k in ("epochs", "head_epochs")}
+        return cli._config_from_options(None, (), flags, None), flags
+
+    default, _ = config("fit")
+    short, _ = config("fit", "--epochs", "2")
+    assert (short.phases.finetune.epochs, short.phases.head.epochs) == (2, default.phases.head.epochs)
+    both, _ = config("fit", "--epochs", "0", "--head-epochs", "7")
+    assert (both.phases.finetune.epochs, both.phases.head.epochs) == (0, 7)
+    _, flags = config("distill", "--epochs", "3", "--head-epochs", "4")  # distill: the same flags, the same keys
+    assert {key for flag in flags for key in cli._DISTILL_FLAGS[flag]} == {"phases.finetune.epochs",
+                                                                          "phases.head.epochs"}
+
+
 def test_fit_data_help_lists_every_kind_of_data():
     text = CliRunner().invoke(cli.main, ["fit", "--help"]).output
     for kind in ("CSV/JSONL", ".npz", "tfds:", "builtin:", "0 = the backbone's default"):

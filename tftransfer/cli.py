@@ -361,9 +361,15 @@ def backbones_command(details: bool, names: tuple[str, ...]) -> None:
                "(or: tftransfer backbones NAME).")
 
 
+EPOCHS_HELP = ("Epochs of phase 2, fine-tuning the top blocks (0 = head only); the head phase keeps its own "
+               "(--head-epochs).  [phases.finetune.epochs]")
+HEAD_EPOCHS_HELP = "Epochs of phase 1, the new head on the frozen backbone (0 skips it).  [phases.head.epochs]"
+
 _CONFIG_FLAGS = {  # flag name -> the config key(s) it sets
     "backbone": ("model.backbone",), "data": ("data.path",), "weights": ("model.weights",),
-    "epochs": ("phases.head.epochs", "phases.finetune.epochs"), "batch_size": ("data.batch_size",),
+    # fastai's convention: --epochs is the expensive phase; the head's epochs on cached features are nearly free,
+    # so a short --epochs does not starve the head of them
+    "epochs": ("phases.finetune.epochs",), "head_epochs": ("phases.head.epochs",), "batch_size": ("data.batch_size",),
     "image_size": ("data.image_size",), "name": ("name",), "precision": ("runtime.precision",),
     "jit": ("runtime.jit",), "val_split": ("data.val_split",), "test_split": ("data.test_split",),
     "class_weight": ("data.class_weight",), "strict_data": ("data.strict",), "target": ("adapt.target",),
@@ -382,7 +388,8 @@ def _experiment_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--data", help="Image folder (class subfolders), CSV/JSONL manifest (path,label), .npz "
                                     "(images, labels), tfds:<name> or builtin:<name>.  [data.path]"),
         click.option("--weights", help="imagenet, none, or a local .h5/.weights.h5/.keras file.  [model.weights]"),
-        click.option("--epochs", type=click.IntRange(min=0), help="Epochs of each phase.  [phases.*.epochs]"),
+        click.option("--epochs", type=click.IntRange(min=0), help=EPOCHS_HELP),
+        click.option("--head-epochs", type=click.IntRange(min=0), help=HEAD_EPOCHS_HELP),
         click.option("--batch-size", type=click.IntRange(min=1), help="Batch size.  [data.batch_size]"),
         click.option("--image-size", type=click.IntRange(min=0),
                      help="Input size in pixels; 0 = the backbone's default.  [data.image_size]"),
@@ -456,10 +463,11 @@ def fit_command(config_path: Path | None, overrides: tuple[str, ...], overwrite:
     _echo_fit_result(run_fit(cfg, overwrite=overwrite, verbose=verbose).metrics)
 
 
-_DISTILL_FLAGS = {  # flag name -> the config key it sets
-    "data": "data.path", "weights": "model.weights", "image_size": "data.image_size", "name": "name",
-    "batch_size": "data.batch_size", "alpha": "distill.alpha", "temperature": "distill.temperature",
-    "views": "distill.views", "unlabeled": "distill.unlabeled", "baseline": "distill.baseline",
+_DISTILL_FLAGS = {  # flag name -> the config key(s) it sets
+    **{flag: _CONFIG_FLAGS[flag] for flag in ("data", "weights", "image_size", "name", "batch_size", "epochs",
+                                              "head_epochs")},
+    "alpha": ("distill.alpha",), "temperature": ("distill.temperature",), "views": ("distill.views",),
+    "unlabeled": ("distill.unlabeled",), "baseline": ("distill.baseline",),
 }
 
 
@@ -475,7 +483,8 @@ _DISTILL_FLAGS = {  # flag name -> the config key it sets
 @click.option("--data", help="Labelled training data (default: the teacher run's data settings).  [data.path]")
 @click.option("--weights", help="The student's weights: imagenet, none or a file.  [model.weights]")
 @click.option("--image-size", type=click.IntRange(min=1), help="The student's input size.  [data.image_size]")
-@click.option("--epochs", type=click.IntRange(min=0), help="Epochs of each phase.  [phases.*.epochs]")
+@click.option("--epochs", type=click.IntRange(min=0), help=EPOCHS_HELP)
+@click.option("--head-epochs", type=click.IntRange(min=0), help=HEAD_EPOCHS_HELP)
 @click.option("--batch-size", type=click.IntRange(min=1), help="Batch size.  [data.batch_size]")
 @click.option("--name", help="Run name (default <student>_from_<teacher run>).  [name]")
 @click.option("--alpha", type=click.FloatRange(0, 1), help="Weight of the soft loss.  [distill.alpha]")
@@ -493,14 +502,12 @@ _DISTILL_FLAGS = {  # flag name -> the config key it sets
 @_user_errors
 @_with_probe_progress
 def distill_command(teacher: Path, student: str, config_path: Path | None, overrides: tuple[str, ...],
-                    epochs: int | None, train_baseline: bool, overwrite: bool, progress: bool,
+                    train_baseline: bool, overwrite: bool, progress: bool,
                     **flags: Any) -> None:
     """Train a small STUDENT on TEACHER_RUN's soft targets (knowledge distillation), as a new run."""
     if train_baseline and flags.get("baseline"):
         raise click.UsageError("give --baseline RUN or --train-baseline, not both")
-    values = {_DISTILL_FLAGS[flag]: value for flag, value in flags.items() if value is not None}
-    if epochs is not None:
-        values.update({"phases.head.epochs": epochs, "phases.finetune.epochs": epochs})
+    values = {key: value for flag, value in flags.items() if value is not None for key in _DISTILL_FLAGS[flag]}
     result = run_distill(teacher, student, config=config_path, values=values, overrides=overrides,
                          train_baseline=train_baseline, overwrite=overwrite)
     _echo_fit_result(result.metrics)
