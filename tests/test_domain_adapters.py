@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import keras
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ from tftransfer.config.experiment import ModelConfig
 from tftransfer.core.errors import ConfigError
 from tftransfer.domain import adapters, batchnorm
 from tftransfer.domain.shift import batchnorm_drift, entropy
-from tftransfer.evaluation.inference import batches_of, predict_probabilities
+from tftransfer.evaluation.inference import batches_of, features_and_probs, inference_fn, predict_probabilities
 from tftransfer.model.backbones import get_backbone_spec
 from tftransfer.model.classifier import build_model
 
@@ -285,3 +288,37 @@ def test_methods_need_batchnorm_and_known_names():
     assert {"adabn", "adabn-aligned", "bn-batch", "tent"} <= set(adapters.list_adapters())
     with pytest.raises(ConfigError, match="source images"):
         adapters.adapt("adabn-aligned", handmade_model(), images)
+
+
+def test_per_model_caches_are_freed_with_their_model():
+    # Every cached per-model value (traced inference, feature/head split, BN probes, working copies, source
+    # moments) lives only as long as the model: a value holding its model strongly would keep both forever.
+    model, images = handmade_model(seed=3), target_images(8, seed=6)
+    inference_fn(model)(images)
+    features_and_probs(model, images, 4)
+    online = dict(batch_size=4, seed=0, min_diversity_ratio=0.0, min_entropy_ratio=0.0)
+    for method in adapters.list_adapters():
+        extra = online if method.startswith("tent") else dict(batch_size=4, seed=0)
+        if method == "adabn-aligned":
+            extra["source_images"] = images
+        adapters.adapt(method, model, images, **extra)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_source_moments_are_measured_once_per_images_and_weights(monkeypatch):
+    model, source = handmade_model(seed=4), target_images(8, seed=7)
+    calls = []
+    measure = batchnorm.input_moments
+    monkeypatch.setattr(batchnorm, "input_moments", lambda *a, **k: calls.append(1) or measure(*a, **k))
+    first = adapters.source_input_moments(model, source, 4)
+    again = adapters.source_input_moments(model, source, 4)
+    assert len(calls) == 1 and again.keys() == first.keys()
+    adapters.source_input_moments(model, source[:6], 4)  # other images: measured
+    backbone = batchnorm.get_backbone(model)
+    backbone.get_layer("c1").kernel.assign(backbone.get_layer("c1").kernel * 2.0)  # other weights: measured
+    changed = adapters.source_input_moments(model, source, 4)
+    assert len(calls) == 3
+    assert not np.allclose(changed["bn1"].mean, first["bn1"].mean)

@@ -1,4 +1,4 @@
-"""cache: moved from tftransfer.model.features."""
+"""Cache locations and content digests: where cached features live and the keys they are stored by."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +27,16 @@ def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def array_digest(arrays: Any) -> str:
+    """sha256 of a sequence of arrays' shapes, dtypes and bytes: the same numbers give the same digest."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.shape}{array.dtype}".encode())
+        digest.update(array.tobytes())
     return digest.hexdigest()
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +34,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tftransfer.core.cache import array_digest
 from tftransfer.core.errors import ConfigError
+from tftransfer.core.memo import per_object
 from tftransfer.core.numerics import entropy, marginal_entropy, stable_softmax
 from tftransfer.domain import batchnorm
 from tftransfer.evaluation.inference import batches_of, predict_probabilities
@@ -113,16 +114,9 @@ def copy_model(model: keras.Model) -> keras.Model:
 
 # One working copy per (model, kind), reset to the model's weights at every use. The domain report adapts one
 # model dozens of times (each method on the target and the source, each corruption); a fresh copy per call
-# would trace its inference (and TENT's step) again every time: seconds each for a MobileNetV2, and TensorFlow's
-# "triggered tf.function retracing" warning.
-_WORKSPACES: weakref.WeakKeyDictionary[keras.Model, dict[str, Any]] = weakref.WeakKeyDictionary()
-
-
+# would trace its inference (and TENT's step) again every time: seconds each for a MobileNetV2.
 def _workspace(model: keras.Model, kind: str, build: Callable[[keras.Model], Any]) -> Any:
-    spaces = _WORKSPACES.setdefault(model, {})
-    if kind not in spaces:
-        spaces[kind] = build(model)
-    return spaces[kind]
+    return per_object(model, ("workspace", kind), lambda: build(model))
 
 
 def working_copy(model: keras.Model) -> keras.Model:
@@ -193,8 +187,16 @@ def source_input_moments(model: keras.Model, images: np.ndarray, batch_size: int
     """Exact statistics of every backbone BatchNorm layer's input over source `images`, by layer name: what
     adabn-aligned maps the target onto. A run can keep them (batchnorm.save_moments) for source-free use."""
     layers = batchnorm.require_batchnorm(model, "AdaBN")
-    measured = batchnorm.input_moments(model, layers, batches_of(np.asarray(images, np.float32), batch_size))
-    return dict(zip((layer.name for layer in layers), measured))
+    images = np.asarray(images, np.float32)
+
+    def measure() -> dict[str, batchnorm.Moments]:
+        measured = batchnorm.input_moments(model, layers, batches_of(images, batch_size))
+        return dict(zip((layer.name for layer in layers), measured))
+
+    # A domain report aligns every corruption to the same source: measure it once per images and weights (the
+    # weights' digest, so a model trained further is measured again).
+    key = ("source moments", array_digest([images]), array_digest(model.get_weights()), batch_size)
+    return dict(per_object(model, key, measure))
 
 
 def adabn_model(model: keras.Model, images: np.ndarray, batch_size: int = 32, *,

@@ -8,7 +8,6 @@ data set, whatever the batch size: the quantity Keras BatchNormalization stores 
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from tftransfer.core.errors import TfTransferError
+from tftransfer.core.memo import per_object
 from tftransfer.model.classifier import BACKBONE_LAYER, PREPROCESS_LAYER, RESIZE_LAYER
 
 logger = logging.getLogger(__name__)
@@ -141,19 +141,13 @@ def build_input_probe(model: keras.Model, layers: Sequence[keras.layers.BatchNor
     return probe
 
 
-# Each live model's probes by the layers they measure: AdaBN aligned to the source measures the same model's
-# source inputs for every adaptation of a domain report, and a new probe each time would be traced each time.
-_PROBES: weakref.WeakKeyDictionary[keras.Model, dict[tuple[int, ...], Callable]] = weakref.WeakKeyDictionary()
-
-
 def input_moments(model: keras.Model, layers: Sequence[keras.layers.BatchNormalization],
                   batches: Iterable[np.ndarray | tf.Tensor]) -> list[Moments]:
     """Exact per-channel mean and variance of each layer's input over all `batches` of pixels."""
-    probes = _PROBES.setdefault(model, {})
-    key = tuple(id(layer) for layer in layers)
-    probe = probes.get(key)
-    if probe is None:
-        probe = probes[key] = build_input_probe(model, layers)
+    # One probe per model and layer set: AdaBN aligned to the source measures the same model's source inputs for
+    # every adaptation of a domain report, and a new probe would be traced each time.
+    key = ("input probe", *(id(layer) for layer in layers))
+    probe = per_object(model, key, lambda: build_input_probe(model, layers))
     moments = [Moments() for _ in layers]
     for pixels in batches:
         for acc, (mean, variance, count) in zip(moments, probe(tf.convert_to_tensor(pixels, tf.float32))):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -16,23 +15,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tftransfer.core.memo import per_object
 from tftransfer.core.numerics import stable_softmax
 from tftransfer.model.classifier import build_inference_fn
 from tftransfer.model.features import build_feature_extractor, build_head_model
 
 logger = logging.getLogger(__name__)
 
-# One traced inference function per live model: tracing a MobileNetV2 costs seconds, and a domain report asks the
-# same model for probabilities dozens of times.
-_INFER: weakref.WeakKeyDictionary[keras.Model, Callable[[Any], np.ndarray]] = weakref.WeakKeyDictionary()
-
-
 def inference_fn(model: keras.Model) -> Callable[[Any], np.ndarray]:
-    """The model's cached inference-mode call (see build_inference_fn)."""
-    fn = _INFER.get(model)
-    if fn is None:
-        fn = _INFER[model] = build_inference_fn(model)
-    return fn
+    """The model's inference-mode call (see build_inference_fn), traced once per live model."""
+    return per_object(model, "inference", lambda: build_inference_fn(model, weak=True))
 
 
 def batches_of(images: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -99,15 +91,9 @@ def predict_dataset(model: keras.Model, dataset: tf.data.Dataset) -> tuple[np.nd
 logger = logging.getLogger(__name__)
 
 
-# The (feature extractor, head) split of each live model, built once: a domain report splits the same model for
-# the source and the target, and each new split model would be traced again.
-_SPLITS: weakref.WeakKeyDictionary[keras.Model, tuple[keras.Model, keras.Model]] = weakref.WeakKeyDictionary()
-
-
 def features_and_probs(model: Any, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Pooled backbone features (as the phase-1 cache) and softmax probabilities, from one pass."""
-    split = _SPLITS.get(model)
-    if split is None:
-        split = _SPLITS[model] = (build_feature_extractor(model), build_head_model(model))
+    # Built once per model: a domain report splits the same model for the source and the target.
+    split = per_object(model, "feature-head split", lambda: (build_feature_extractor(model), build_head_model(model)))
     features = predict_outputs(split[0], images, batch_size)
     return features, predict_probabilities(split[1], features, 4 * batch_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -60,12 +61,15 @@ def get_backbone(model: keras.Model) -> keras.Model:
     return model.get_layer(BACKBONE_LAYER).backbone
 
 
-def build_inference_fn(model: keras.Model) -> Callable[[Any], np.ndarray]:
+def build_inference_fn(model: keras.Model, weak: bool = False) -> Callable[[Any], np.ndarray]:
     """A compiled inference-mode call returning numpy, usable under every tf.distribute strategy.
 
     Keras' predict_on_batch is not: under MirroredStrategy it returns one output per replica for the whole
     batch (twice the rows with 2 replicas), so evaluation and feature extraction go through this instead.
+    `weak=True` refers to the model weakly, for a function cached per model (a strong closure would keep the
+    model alive forever); calling it after the model is gone raises ReferenceError.
     """
+    ref = weakref.ref(model) if weak else (lambda: model)
 
     # One trace for every batch size: an unknown batch dimension in the signature (tracing MobileNetV2 costs
     # seconds, and the last, smaller batch of every pass would otherwise trace again).
@@ -73,7 +77,10 @@ def build_inference_fn(model: keras.Model) -> Callable[[Any], np.ndarray]:
 
     @tf.function(input_signature=[spec])
     def infer(x):
-        return model(x, training=False)
+        live = ref()
+        if live is None:
+            raise ReferenceError("the model of this inference function was deleted")
+        return live(x, training=False)
 
     return lambda x: infer(tf.cast(x, spec.dtype)).numpy()
 
