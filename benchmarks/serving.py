@@ -23,7 +23,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -46,28 +45,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=30, help="timed calls per case")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return p.parse_args(argv)
-
-
-def _percentiles(times: list[float], batch: int) -> dict[str, float]:
-    import numpy as np
-
-    total = float(np.sum(times))
-    return {"calls": len(times), "p50_ms": 1000 * float(np.percentile(times, 50)),
-            "p95_ms": 1000 * float(np.percentile(times, 95)), "mean_ms": 1000 * total / len(times),
-            "images_per_second": batch * len(times) / total}
-
-
-def _time_calls(call: Any, batches: list[Any], runs: int) -> list[float]:
-    """Seconds per call over `runs` calls cycling through `batches`, after WARMUP_CALLS untimed ones."""
-    for i in range(WARMUP_CALLS):
-        call(batches[i % len(batches)])
-    times = []
-    for i in range(runs):
-        batch = batches[i % len(batches)]
-        start = time.perf_counter()
-        call(batch)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def machine() -> dict[str, Any]:
@@ -101,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tftransfer.config.experiment import ModelConfig
     from tftransfer.data.images import decode_and_resize
+    from tftransfer.evaluation.metrics import latency_summary, time_calls
     from tftransfer.model import backbones
     from tftransfer.model.classifier import build_model
     from tftransfer.serving.savedmodel import export_saved_model, load_exported
@@ -130,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 "keras predict_on_batch (decoded arrays)": (model.predict_on_batch, pixel_batches),
             }
             for name, (call, batches) in cases.items():
-                figures = _percentiles(_time_calls(call, batches, args.runs), batch)
+                figures = latency_summary(time_calls(call, batches, args.runs, WARMUP_CALLS), batch)
                 results["cases"].append({"case": name, "batch_size": batch, **figures})
                 print(f"batch {batch:>3}  {name:<42} p50 {figures['p50_ms']:8.1f} ms  p95 {figures['p95_ms']:8.1f} ms"
                       f"  {figures['images_per_second']:8.1f} images/s", flush=True)

@@ -20,7 +20,6 @@ import datetime as dt
 import json
 import os
 import platform
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import tensorflow as tf
 
 from tftransfer.config.experiment import ExportConfig
 from tftransfer.data.images import decode_and_resize
+from tftransfer.evaluation.metrics import latency_summary, time_calls
 from tftransfer.serving.inputs import decode_checked
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,23 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _stats(times: list[float], batch: int) -> dict[str, float]:
-    total = float(np.sum(times))
-    return {"calls": len(times), "p50_ms": 1000 * float(np.percentile(times, 50)),
-            "p95_ms": 1000 * float(np.percentile(times, 95)), "images_per_second": batch * len(times) / total}
-
-
-def _time(fn: Any, batches: list[tf.Tensor], runs: int) -> list[float]:
-    for batch in batches[:WARMUP_CALLS]:
-        fn(batch)
-    times = []
-    for i in range(runs):
-        started = time.perf_counter()
-        fn(batches[i % len(batches)])
-        times.append(time.perf_counter() - started)
-    return times
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the comparison, prints a table and writes the JSON."""
     args = parse_args(argv)
@@ -83,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batches = [tf.constant(encoded[i:i + batch]) for i in range(0, len(encoded) - batch + 1, batch)]
         np.testing.assert_array_equal(plain(batches[0]).numpy(), checked(batches[0]).numpy())
         for name, fn in (("plain", plain), ("checked", checked)):
-            results["cases"][f"{name}_batch{batch}"] = _stats(_time(fn, batches, args.runs), batch)
+            times = time_calls(fn, batches, args.runs, WARMUP_CALLS)
+            results["cases"][f"{name}_batch{batch}"] = latency_summary(times, batch)
     results.update(
         date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), images=len(encoded),
         image_size=size, machine={"cpus": os.cpu_count(), "processor": platform.processor(),

@@ -308,22 +308,36 @@ def confident_mistakes(y_true: np.ndarray, probs: np.ndarray, files: Sequence[st
     ]
 
 
-def measure_latency(predict: Any, pixels: np.ndarray, runs: int = 20, batch_size: int = 1) -> dict[str, Any]:
-    """Latency of `predict` on batches of `batch_size` in milliseconds (p50, p95, mean) over `runs` calls, after a
-    warm-up.
+def time_calls(call: Any, batches: Sequence[Any], runs: int, warmup: int = 1) -> list[float]:
+    """Milliseconds of each of `runs` calls cycling through `batches`, after `warmup` untimed calls (the first
+    call's tracing is not what a latency figure means)."""
+    for i in range(warmup):
+        call(batches[i % len(batches)])
+    times = []
+    for i in range(runs):
+        batch = batches[i % len(batches)]
+        start = time.perf_counter()
+        call(batch)
+        times.append(1000.0 * (time.perf_counter() - start))
+    return times
 
-    The warm-up call takes the first-call tracing out of the figures; the images come from the evaluated data
-    (cycled when there are fewer than a batch).
-    """
+
+def latency_summary(times_ms: Sequence[float], batch_size: int) -> dict[str, Any]:
+    """p50, p95 and mean milliseconds per call and images per second, the shape every latency figure has."""
+    if not len(times_ms):
+        return {"batch_size": batch_size, "runs": 0, "p50_ms": None, "p95_ms": None, "mean_ms": None,
+                "images_per_second": None}
+    times = np.asarray(times_ms, np.float64)
+    return {"batch_size": batch_size, "runs": len(times), "p50_ms": float(np.percentile(times, 50)),
+            "p95_ms": float(np.percentile(times, 95)), "mean_ms": float(np.mean(times)),
+            "images_per_second": float(1000.0 * batch_size * len(times) / np.sum(times))}
+
+
+def measure_latency(predict: Any, pixels: np.ndarray, runs: int = 20, batch_size: int = 1) -> dict[str, Any]:
+    """Latency of `predict` on batches of `batch_size` images (see latency_summary) over `runs` calls, after a
+    warm-up; the images come from the evaluated data (cycled when there are fewer than a batch)."""
     pixels = np.asarray(pixels, np.float32)
     if len(pixels) == 0 or runs < 1:
-        return {"batch_size": batch_size, "runs": 0, "p50_ms": None, "p95_ms": None, "mean_ms": None}
+        return latency_summary([], batch_size)
     batches = [pixels[np.arange(i, i + batch_size) % len(pixels)] for i in range(0, runs * batch_size, batch_size)]
-    predict(batches[0])
-    times = []
-    for batch in batches:
-        start = time.perf_counter()
-        predict(batch)
-        times.append(1000.0 * (time.perf_counter() - start))
-    return {"batch_size": batch_size, "runs": len(times), "p50_ms": float(np.percentile(times, 50)),
-            "p95_ms": float(np.percentile(times, 95)), "mean_ms": float(np.mean(times))}
+    return latency_summary(time_calls(predict, batches, runs), batch_size)

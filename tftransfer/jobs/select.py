@@ -36,6 +36,7 @@ from tftransfer.core.io import write_json
 from tftransfer.data.pipeline import make_datasets
 from tftransfer.data.sources import DataSource, Split
 from tftransfer.data.specs import source_from_config
+from tftransfer.evaluation.metrics import time_calls
 from tftransfer.evaluation.transferability import SCORES, score_features
 from tftransfer.jobs.fit import feature_cache_spec
 from tftransfer.model import backbones
@@ -191,13 +192,7 @@ def subsample_source(source: DataSource, max_images: int, seed: int) -> DataSour
 
 def _latency_ms(infer: Any, pixels: np.ndarray, runs: int) -> float:
     """Median milliseconds of `infer(pixels)` over `runs` calls after a warm-up call."""
-    infer(pixels)
-    times = []
-    for _ in range(max(runs, 1)):
-        start = time.perf_counter()
-        infer(pixels)
-        times.append(1000.0 * (time.perf_counter() - start))
-    return float(np.median(times))
+    return float(np.median(time_calls(infer, [pixels], max(runs, 1))))
 
 
 def measure_cost(model: keras.Model, infer: Any, image_size: int, latency_runs: int, seed: int) -> dict[str, Any]:
