@@ -114,7 +114,9 @@ def test_distilled_student_follows_the_teacher_and_the_baseline_does_not(folders
     assert "## Distillation" in summary and "Baseline (same student, no teacher)" in summary
     saved = (result.run_dir / "config.yaml").read_text()
     assert f"teacher: {teacher}" in saved and "baseline: " + str(result.baseline.run_dir) in saved
-    assert yaml.safe_load((result.baseline.run_dir / "config.yaml").read_text())["distill"]["teacher"] == ""
+    saved_baseline = yaml.safe_load((result.baseline.run_dir / "config.yaml").read_text())
+    assert saved_baseline["distill"]["teacher"] == ""
+    assert saved_baseline["phases"]["head"]["feature_cache_views"] == 2  # as many views as the student saw
 
 
 def test_unlabeled_images_get_the_teachers_labels(folders, teacher):

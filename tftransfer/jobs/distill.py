@@ -73,6 +73,18 @@ def distill_config(teacher: str | Path, student: str, *, config: str | Path | No
     return cfg
 
 
+def baseline_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The same student without the teacher, trained on as many views of each image as the distilled one.
+
+    The distilled student's phase 1 trains on `distill.views` cached views of every image; a baseline that saw
+    only the clean image would credit the teacher with what the extra augmented views do.
+    """
+    head = cfg.phases.head
+    views = max(head.feature_cache_views, cfg.distill.views)
+    phases = replace(cfg.phases, head=replace(head, feature_cache_views=views))
+    return replace(cfg, name=f"{cfg.name}_baseline", distill=DistillConfig(), phases=phases)
+
+
 def run_distill(teacher: str | Path, student: str, *, config: str | Path | None = None,
                 values: Mapping[str, Any] | None = None, overrides: Sequence[str] = (),
                 train_baseline: bool = False, overwrite: bool = False, verbose: int = 0) -> DistillResult:
@@ -84,7 +96,7 @@ def run_distill(teacher: str | Path, student: str, *, config: str | Path | None 
         labels = RunDir(Path(teacher)).labels
         if source_from_config(cfg.data).class_names != read_labels(labels):
             raise ConfigError(f"distill.teacher: the classes of {labels} are not the data's ({cfg.data.path})")
-        base_cfg = replace(cfg, name=f"{cfg.name}_baseline", distill=DistillConfig())
+        base_cfg = baseline_config(cfg)
         logger.info("training the baseline %s: the same student without the teacher", base_cfg.name)
         baseline = run_fit(base_cfg, overwrite=overwrite, verbose=verbose)
         cfg = replace(cfg, distill=replace(cfg.distill, baseline=str(baseline.run_dir)))
