@@ -21,7 +21,7 @@ import tensorflow as tf
 import tftransfer
 from tftransfer.config.commands import ExportCommandConfig
 from tftransfer.config.experiment import ExperimentConfig, load_config, save_config
-from tftransfer.core.cache import default_cache_dir, file_hash
+from tftransfer.core.cache import arrays_digest, default_cache_dir, file_hash
 from tftransfer.core.errors import ConfigError, RunDirError
 from tftransfer.core.io import read_json, write_json
 from tftransfer.data.images import DECODE_VERSION
@@ -280,6 +280,8 @@ def _fit_job(exp: Experiment, run: RunDir, checkpoint: Checkpoint | None, verbos
         keras.utils.set_random_seed(cfg.runtime.seed + checkpoint.state.epoch)
         logger.info("resuming %s from %s (%d epochs done)", run.path, checkpoint.path.name, checkpoint.state.epoch)
     fitted = _train(exp, run, checkpoint, evaluate_val, verbose, distill)
+    # Every worker of a multi-worker run logs it: equal digests show they ended on the same all-reduced weights.
+    logger.info("final weights digest %s (%s)", arrays_digest(model.get_weights()), exp.info.task or "one process")
     write_json(run.history, fitted.history)
     model.save(run.model)
 
