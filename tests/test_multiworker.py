@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -128,6 +129,38 @@ def test_two_workers_on_loopback_train_in_lockstep(tmp_path):
     # both workers logged the same epochs (their weights are the same all-reduced ones)
     lines = [[line.split("(")[0] for line in out.splitlines() if line.startswith("epoch ")] for out in outputs]
     assert len(lines[0]) == 4 and lines[0] == lines[1]
+    digests = [_weights_digest(out) for out in outputs]
+    assert digests[0] == digests[1], digests  # bit-identical final weights on both
+
+
+def _weights_digest(output: str) -> str:
+    found = re.findall(r"final weights digest (\w+)", output)
+    assert len(found) == 1, output[-2000:]
+    return found[0]
+
+
+@pytest.mark.slow
+def test_two_workers_match_one_worker_with_the_same_global_batch(tmp_path):
+    """Same seed and global batch (64; the train split is not a multiple of it, so every epoch ends on a padded
+    batch): the two workers' weights are identical, and those of a single process within float tolerance."""
+    from tftransfer.runs.finished import load_run
+
+    runs = tmp_path / "runs"
+    args = _fit_args(runs, "two") + ["--set", "phases.finetune.epochs=3"]
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    procs = [subprocess.Popen(args, env=_env({"cluster": cluster, "task": {"type": "worker", "index": i}}),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [out for out, _ in _finish(procs)]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert _weights_digest(outputs[0]) == _weights_digest(outputs[1])
+    single = subprocess.run(_fit_args(runs, "one") + ["--set", "phases.finetune.epochs=3"], env=_env(),
+                            capture_output=True, text=True, timeout=240)
+    assert single.returncode == 0, single.stderr[-3000:]
+    train = len(json.loads((runs / "one" / "split.json").read_text())["train"])
+    assert train % 64 != 0, train
+    two, one = load_run(runs / "two").model, load_run(runs / "one").model
+    for a, b in zip(two.get_weights(), one.get_weights()):
+        np.testing.assert_allclose(a, b, atol=2e-4)
 
 
 def _finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[str, str]]:
