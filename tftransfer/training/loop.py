@@ -68,8 +68,10 @@ def pad_partial_batches(dataset: tf.data.Dataset, global_batch: int) -> tf.data.
     as it is. Padded rows are zeros with weight 0; the n real rows of a batch weigh global_batch / n, so a loss that
     averages `weight * loss` over the padded batch (Keras' sum_over_batch_size, split evenly over the replicas,
     each dividing by its share) is the mean over the real rows: the step of a single machine on the same batch.
-    Metrics weighted by it ignore the padded rows. Why pad: a partial batch split over several replicas leaves the
-    last ones little or nothing, and a replica's mean over nothing is NaN.
+    Metrics ignore the padded rows: the trainers' own count each real row once (real_rows); Keras' compiled ones
+    take the loss weights, so within an epoch's metric a padded batch's real rows count global_batch / n times.
+    Why pad: a partial batch split over several replicas leaves the last ones little or nothing (a replica's mean
+    over nothing is NaN), and dropping it, as before, trained on different data than one machine.
     """
     def pad_rows(tensor: tf.Tensor, missing: tf.Tensor) -> tf.Tensor:
         padded = tf.pad(tensor, [[0, missing]] + [[0, 0]] * (tensor.shape.rank - 1))
