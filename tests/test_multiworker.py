@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import tensorflow as tf
 
 from tftransfer.core.errors import ConfigError
 from tftransfer.runtime import worker_task
-from tftransfer.training.loop import fit_loop
+from tftransfer.training.loop import fit_loop, pad_partial_batches, with_class_weight
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -128,6 +129,38 @@ def test_two_workers_on_loopback_train_in_lockstep(tmp_path):
     # both workers logged the same epochs (their weights are the same all-reduced ones)
     lines = [[line.split("(")[0] for line in out.splitlines() if line.startswith("epoch ")] for out in outputs]
     assert len(lines[0]) == 4 and lines[0] == lines[1]
+    digests = [_weights_digest(out) for out in outputs]
+    assert digests[0] == digests[1], digests  # bit-identical final weights on both
+
+
+def _weights_digest(output: str) -> str:
+    found = re.findall(r"final weights digest (\w+)", output)
+    assert len(found) == 1, output[-2000:]
+    return found[0]
+
+
+@pytest.mark.slow
+def test_two_workers_match_one_worker_with_the_same_global_batch(tmp_path):
+    """Same seed and global batch (64; the train split is not a multiple of it, so every epoch ends on a padded
+    batch): the two workers' weights are identical, and those of a single process within float tolerance."""
+    from tftransfer.runs.finished import load_run
+
+    runs = tmp_path / "runs"
+    args = _fit_args(runs, "two") + ["--set", "phases.finetune.epochs=3"]
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    procs = [subprocess.Popen(args, env=_env({"cluster": cluster, "task": {"type": "worker", "index": i}}),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [out for out, _ in _finish(procs)]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert _weights_digest(outputs[0]) == _weights_digest(outputs[1])
+    single = subprocess.run(_fit_args(runs, "one") + ["--set", "phases.finetune.epochs=3"], env=_env(),
+                            capture_output=True, text=True, timeout=240)
+    assert single.returncode == 0, single.stderr[-3000:]
+    train = len(json.loads((runs / "one" / "split.json").read_text())["train"])
+    assert train % 64 != 0, train
+    two, one = load_run(runs / "two").model, load_run(runs / "one").model
+    for a, b in zip(two.get_weights(), one.get_weights()):
+        np.testing.assert_allclose(a, b, atol=2e-4)
 
 
 def _finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[str, str]]:
@@ -175,3 +208,79 @@ def test_a_killed_worker_then_both_restarted_resume_with_no_epoch_lost(tmp_path)
     assert [p.returncode for p in procs] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
     history = json.loads((runs / "killed" / "history.json").read_text())
     assert [row["epoch"] for row in history] == list(range(1, 11))  # none lost, none repeated
+
+
+def test_pad_partial_batches_keeps_every_row_and_weights_the_real_ones():
+    x = np.arange(10, dtype="float32").reshape(10, 1)
+    y = np.arange(10, dtype="int32") % 2
+    padded = list(pad_partial_batches(tf.data.Dataset.from_tensor_slices((x, y)).batch(4), 4).as_numpy_iterator())
+    assert [len(b) for b in padded] == [3, 3, 3] and all(b[0].shape == (4, 1) for b in padded)
+    weights = np.concatenate([b[2] for b in padded])
+    np.testing.assert_allclose(weights, [1] * 8 + [2, 2, 0, 0])  # the last 2 rows stand for a batch of 4
+    rows = np.concatenate([b[0][:, 0] for b in padded])[weights > 0]
+    np.testing.assert_array_equal(rows, x[:, 0])  # none dropped, none repeated
+    assert np.all(padded[-1][0][2:] == 0) and np.all(padded[-1][1][2:] == 0)
+    weighted = list(with_class_weight(pad_partial_batches(
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(4), 4), {0: 1.0, 1: 3.0}).as_numpy_iterator())
+    np.testing.assert_allclose(weighted[-1][2], [2 * 1.0, 2 * 3.0, 0, 0])
+    zipped = tf.data.Dataset.zip((tf.data.Dataset.from_tensor_slices((x, y)).batch(4),
+                                  tf.data.Dataset.from_tensor_slices(x).repeat().batch(4)))
+    (source, target), = list(pad_partial_batches(zipped, 4).skip(2).as_numpy_iterator())
+    assert len(source) == 3 and source[0].shape == (4, 1) and target.shape == (4, 1)
+
+
+# Run in a fresh process: the CPU is split into 2 logical devices before TensorFlow starts.
+_REPLICAS_SCRIPT = """
+import json, keras, numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from tftransfer.training.distill import DistillTrainer
+from tftransfer.training.loop import fit_loop, pad_partial_batches, with_class_weight
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(50, 8)).astype("float32")  # 50 = 3 batches of 16 and one of 2
+y = (x[:, 0] > 0).astype("int32")
+teacher = rng.normal(size=(50, 2)).astype("float32")
+mirrored = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+
+def net():
+    keras.utils.set_random_seed(1)
+    return keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(2)])
+
+def plain():
+    model = net()
+    model.compile(keras.optimizers.Adam(0.05), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    return model
+
+def distiller():
+    model = DistillTrainer(net(), 0.5, 2.0)
+    model.compile(optimizer=keras.optimizers.Adam(0.05))
+    return model
+
+out = {}
+for name, build, data in (("plain", plain, (x, y)), ("distill", distiller, (x, y, teacher))):
+    ds = tf.data.Dataset.from_tensor_slices(data).batch(16)
+    one = build()
+    kwargs = {"class_weight": {0: 1.0, 1: 2.0}} if name == "plain" else {}
+    fit_loop(one, ds, epochs=3, **kwargs)
+    with mirrored.scope():
+        two = build()
+    history = fit_loop(two, ds, validation_data=tf.data.Dataset.from_tensor_slices((x[:7], y[:7])).batch(16),
+                       epochs=3, strategy=mirrored, global_batch=16, **kwargs)
+    out[name] = {"steps": [int(keras.ops.convert_to_numpy(m.optimizer.iterations)) for m in (one, two)],
+                 "max_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(one.get_weights(), two.get_weights())),
+                 "finite": bool(np.all(np.isfinite(history.history["val_loss"])))}
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_two_replicas_on_padded_batches_step_like_one():
+    proc = subprocess.run([sys.executable, "-c", _REPLICAS_SCRIPT], capture_output=True, text=True, timeout=180,
+                          env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.split("RESULT", 1)[1])
+    for name in ("plain", "distill"):  # the plain model's loss and the DistillTrainer's own
+        assert found[name]["steps"] == [12, 12], name  # 4 steps an epoch on both: the partial batch is kept
+        assert found[name]["max_diff"] < 1e-5, name
+        assert found[name]["finite"], name  # the 7 validation rows leave replica 2 only padding

@@ -11,15 +11,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 import keras
 import tensorflow as tf
 
 from tftransfer.config.experiment import RuntimeConfig
-from tftransfer.core.errors import ConfigError
+from tftransfer.core.cache import cache_key
+from tftransfer.core.errors import ConfigError, TfTransferError
+from tftransfer.core.io import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -253,3 +257,119 @@ def configure_runtime(cfg: RuntimeConfig) -> RuntimeInfo:
                        distribution=distribution)
     logger.info("runtime: %s", info)
     return info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bf16 inference on CPU (issue 18 item 3): used where a measured probe says it pays, never for training on CPU
+# (measured: little gain). Written once here, the rule's thresholds.
+
+BF16_MIN_SPEEDUP = 1.2  # float32 seconds / bf16 seconds on the probe batches
+BF16_MAX_PROB_DIFF = 0.05  # largest |p_bf16 - p_float32| over the probe batch's softmax probabilities
+BF16_MIN_TOP1_AGREEMENT = 0.99  # share of probe images whose top-1 class is the same
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags(cpuinfo: Path = CPUINFO) -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. not Linux)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def has_amx_bf16(cpuinfo: Path = CPUINFO) -> bool:
+    """Whether the CPU has AMX bf16 tiles (Intel Sapphire Rapids and later): where oneDNN's bf16 kernels pay."""
+    return "amx_bf16" in cpu_flags(cpuinfo)
+
+
+def cpu_model(cpuinfo: Path = CPUINFO) -> str:
+    """The CPU's model name from /proc/cpuinfo, else the platform's processor string."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
+
+
+@dataclass(frozen=True)
+class Bf16Verdict:
+    """Whether inference (feature extraction, evaluation) runs on a bf16 copy of the model, and why."""
+
+    use_bf16: bool
+    reason: str
+    float32_seconds: float | None = None  # the probe's timings and agreement, when it was measured
+    bf16_seconds: float | None = None
+    max_prob_diff: float | None = None
+    top1_agreement: float | None = None
+    from_cache: bool = False
+
+    @property
+    def precision(self) -> str:
+        """The inference precision: mixed_bfloat16 or float32."""
+        return "mixed_bfloat16" if self.use_bf16 else "float32"
+
+    def to_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"precision": self.precision, **asdict(self)}
+
+
+def bf16_pays(float32_seconds: float, bf16_seconds: float, max_prob_diff: float,
+              top1_agreement: float) -> Bf16Verdict:
+    """The rule: bf16 when it is at least BF16_MIN_SPEEDUP faster and its probabilities hold (pure)."""
+    speedup = float32_seconds / bf16_seconds if bf16_seconds > 0 else 0.0
+    measured = dict(float32_seconds=float32_seconds, bf16_seconds=bf16_seconds, max_prob_diff=max_prob_diff,
+                    top1_agreement=top1_agreement)
+    if speedup < BF16_MIN_SPEEDUP:
+        return Bf16Verdict(False, f"bf16 measured {speedup:.2f}x float32's speed (< {BF16_MIN_SPEEDUP}x)", **measured)
+    if max_prob_diff > BF16_MAX_PROB_DIFF or top1_agreement < BF16_MIN_TOP1_AGREEMENT:
+        return Bf16Verdict(False, f"bf16 is {speedup:.2f}x faster but its predictions moved (max |dp| "
+                                  f"{max_prob_diff:.3f} > {BF16_MAX_PROB_DIFF} or top-1 agreement "
+                                  f"{top1_agreement:.3f} < {BF16_MIN_TOP1_AGREEMENT})", **measured)
+    return Bf16Verdict(True, f"bf16 measured {speedup:.2f}x float32's speed, max |dp| {max_prob_diff:.3f}, "
+                             f"top-1 agreement {top1_agreement:.3f}", **measured)
+
+
+def bf16_verdict_path(cache_dir: Path, backbone: str, image_size: int, cpu: str | None = None) -> Path:
+    """Where the probe's verdict for (backbone, image size, CPU model) is cached: it is measured once."""
+    key = cache_key({"backbone": backbone, "image_size": image_size, "cpu": cpu or cpu_model(),
+                     "tensorflow": tf.__version__})
+    return cache_dir / "precision" / f"{backbone}-{image_size}-{key}.json"
+
+
+def read_bf16_verdict(path: Path) -> Bf16Verdict | None:
+    """A cached verdict, or None when there is none (or it cannot be read: it is then measured again)."""
+    if not path.is_file():
+        return None
+    try:
+        data = read_json(path)
+        data.pop("precision", None)
+        return replace(Bf16Verdict(**data), from_cache=True)
+    except (OSError, ValueError, TypeError, TfTransferError) as exc:
+        logger.warning("bf16 probe verdict %s unreadable (%s): measuring again", path, exc)
+        return None
+
+
+def inference_precision(requested: str, device: str, probe: Callable[[], Bf16Verdict], cache_path: Path,
+                        amx: Callable[[], bool] | None = None) -> Bf16Verdict:
+    """The inference precision of runtime.precision `requested`: auto on a CPU with AMX runs (or reads) the probe;
+    elsewhere float32 with the reason (an explicit precision is the training policy, used as it is)."""
+    if requested != "auto":
+        return Bf16Verdict(False, f"runtime.precision={requested} set explicitly: inference uses the model's policy")
+    if device != "cpu":
+        return Bf16Verdict(False, f"runtime.precision=auto on {device}: the training policy serves inference")
+    if not (amx or has_amx_bf16)():  # looked up now: a test may replace has_amx_bf16
+        return Bf16Verdict(False, "this CPU has no AMX (amx_bf16 not in /proc/cpuinfo flags): bf16 measured slower "
+                                  "than float32 for MobileNetV2 without it, float32 kept without probing")
+    cached = read_bf16_verdict(cache_path)
+    if cached is not None:
+        return cached
+    verdict = probe()
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(cache_path, {k: v for k, v in verdict.to_dict().items() if k != "from_cache"})
+    except (OSError, TfTransferError) as exc:  # an unwritable cache costs a probe per run, not the run
+        logger.warning("could not cache the bf16 probe verdict in %s: %s", cache_path, exc)
+    return verdict

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +45,14 @@ def cache_key(parts: dict[str, Any]) -> str:
     """A stable short key for a JSON-able description of everything the features depend on."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def arrays_digest(arrays: Iterable[Any]) -> str:
+    """A short sha256 of arrays' dtypes, shapes and bytes, in order: equal digests mean bit-identical arrays (e.g.
+    the final weights every worker of a multi-worker run logs, to show they trained in lockstep)."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import tensorflow as tf
 import tftransfer
 from tftransfer.config.commands import ExportCommandConfig
 from tftransfer.config.experiment import ExperimentConfig, load_config, save_config
-from tftransfer.core.cache import default_cache_dir, file_hash
+from tftransfer.core.cache import arrays_digest, default_cache_dir, file_hash
 from tftransfer.core.errors import ConfigError, RunDirError
 from tftransfer.core.io import read_json, write_json
 from tftransfer.data.images import DECODE_VERSION
@@ -32,12 +32,13 @@ from tftransfer.evaluation.inference import predict_dataset
 from tftransfer.evaluation.metrics import evaluate_model
 from tftransfer.model import backbones
 from tftransfer.model.classifier import build_model, get_backbone
+from tftransfer.model.precision import Bf16Probe, bf16_copy
 from tftransfer.reporting import grids
 from tftransfer.reporting import run_summary as report
 from tftransfer.runs.finished import load_run
 from tftransfer.runs.layout import RunDir, check_run_name, create_run_dir
 from tftransfer.runs.records import RunMetrics
-from tftransfer.runtime import RuntimeInfo, configure_runtime
+from tftransfer.runtime import Bf16Verdict, RuntimeInfo, bf16_verdict_path, configure_runtime, inference_precision
 from tftransfer.serving.gate import ExportGateError
 from tftransfer.serving.parity import ParityError
 from tftransfer.serving.publish import publish_model
@@ -95,8 +96,10 @@ def _phase_entry(phase: PhaseResult, val_metrics: dict | None) -> dict[str, Any]
             "val": val_metrics, **({"pruning": phase.pruning} if phase.pruning else {})}
 
 
-def feature_cache_spec(cfg: ExperimentConfig, spec: backbones.BackboneSpec, image_size: int) -> FeatureCacheSpec:
-    """What the pooled features depend on: backbone, its weights' bytes, input size, preprocessing, pooling."""
+def feature_cache_spec(cfg: ExperimentConfig, spec: backbones.BackboneSpec, image_size: int,
+                       bf16: bool = False) -> FeatureCacheSpec:
+    """What the pooled features depend on: backbone, its weights' bytes, input size, preprocessing, pooling, and
+    (`bf16`: extracted by the model's bf16 copy) the inference precision."""
     weights = cfg.model.weights
     weights_id: str = weights.lower()
     if weights_id not in ("imagenet", "none"):
@@ -106,7 +109,10 @@ def feature_cache_spec(cfg: ExperimentConfig, spec: backbones.BackboneSpec, imag
              "keras": keras.__version__, "decode": DECODE_VERSION}
     if weights_id == "none":  # random weights depend on the seed
         parts["seed"] = cfg.runtime.seed
-    return FeatureCacheSpec(parts, Path(cfg.runtime.cache_dir) if cfg.runtime.cache_dir else default_cache_dir())
+    if bf16:  # only then: float32 features keep the keys they always had
+        parts["inference_precision"] = "mixed_bfloat16"
+    return FeatureCacheSpec(parts, Path(cfg.runtime.cache_dir) if cfg.runtime.cache_dir else default_cache_dir(),
+                            bf16=bf16)
 
 
 @dataclass
@@ -125,6 +131,11 @@ class Experiment:
     l2sp_reference: dict[int, np.ndarray] | None = None
     teacher: Teacher | None = None  # with distill.teacher
     unlabeled: Split | None = None  # distill.unlabeled's images
+    inference: Bf16Verdict = field(default_factory=lambda: Bf16Verdict(False, "not resolved"))  # bf16 or float32
+
+    def for_inference(self, model: keras.Model) -> keras.Model:
+        """`model` as feature extraction and evaluation run it: its bf16 copy where the probe said bf16 pays."""
+        return bf16_copy(model) if self.inference.use_bf16 else model
 
 
 def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
@@ -173,7 +184,30 @@ def prepare_experiment(cfg: ExperimentConfig) -> Experiment:
     if finetune.l2_sp_alpha > 0 and finetune.epochs > 0 and finetune.unfreeze_blocks > 0:
         # The starting point L2-SP pulls toward: the pretrained values, taken before anything trains or resumes.
         reference = {id(v): np.array(v.numpy(), np.float32) for v in get_backbone(model).trainable_weights}
-    return Experiment(cfg, spec, image_size, source, info, blocks, data, model, target, reference, teacher, unlabeled)
+    inference = resolve_inference(cfg, spec.name, image_size, info, model, data)
+    return Experiment(cfg, spec, image_size, source, info, blocks, data, model, target, reference, teacher, unlabeled,
+                      inference)
+
+
+PROBE_BATCHES = 2  # training batches the bf16 probe times (after a warm-up call each)
+
+
+def resolve_inference(cfg: ExperimentConfig, backbone: str, image_size: int, info: RuntimeInfo,
+                      model: keras.Model, data: Datasets) -> Bf16Verdict:
+    """Whether feature extraction and evaluation run in bf16 (runtime.precision auto, CPU with AMX, measured to
+    pay), through the verdict cached per backbone, image size and CPU model."""
+    cache_dir = Path(cfg.runtime.cache_dir) if cfg.runtime.cache_dir else default_cache_dir()
+
+    def probe() -> Bf16Verdict:
+        batches = [np.asarray(element[0], np.float32)
+                   for element in data.ordered_train(augment=False).take(PROBE_BATCHES)]
+        return Bf16Probe().measure(model, batches)
+
+    verdict = inference_precision(cfg.runtime.precision, info.device, probe,
+                                  bf16_verdict_path(cache_dir, backbone, image_size))
+    logger.info("inference precision %s%s: %s", verdict.precision, " (cached probe)" if verdict.from_cache else "",
+                verdict.reason)
+    return verdict
 
 
 def _distill_inputs(cfg: ExperimentConfig, source: DataSource) -> tuple[Teacher | None, Split | None]:
@@ -272,7 +306,7 @@ def _fit_job(exp: Experiment, run: RunDir, checkpoint: Checkpoint | None, verbos
     evaluate_val = None
     if data.val is not None:
         def evaluate_val(m: keras.Model) -> dict[str, Any]:
-            return evaluate_model(m, data.val, source.class_names)
+            return evaluate_model(exp.for_inference(m), data.val, source.class_names)
     if checkpoint is not None:
         checkpoint.restore_model(model)
         # Reseed from the resume point: the resumed epochs are reproducible, though their data order differs
@@ -280,6 +314,8 @@ def _fit_job(exp: Experiment, run: RunDir, checkpoint: Checkpoint | None, verbos
         keras.utils.set_random_seed(cfg.runtime.seed + checkpoint.state.epoch)
         logger.info("resuming %s from %s (%d epochs done)", run.path, checkpoint.path.name, checkpoint.state.epoch)
     fitted = _train(exp, run, checkpoint, evaluate_val, verbose, distill)
+    # Every worker of a multi-worker run logs it: equal digests show they ended on the same all-reduced weights.
+    logger.info("final weights digest %s (%s)", arrays_digest(model.get_weights()), exp.info.task or "one process")
     write_json(run.history, fitted.history)
     model.save(run.model)
 
@@ -310,7 +346,8 @@ def _open_run(exp: Experiment, resumed: Path | None, overwrite: bool) -> RunDir:
         run = create_run_dir(cfg.runs_dir, cfg.name, overwrite=overwrite)
         save_config(cfg, run.config)
         write_json(run.split, source.split_record())
-    write_json(run.path / "runtime.json", {**exp.info.to_dict(), "augment_placement": exp.data.augment_placement})
+    write_json(run.path / "runtime.json", {**exp.info.to_dict(), "augment_placement": exp.data.augment_placement,
+                                           "inference_precision": exp.inference.to_dict()})
     run.labels.write_text("\n".join(source.class_names) + "\n")
     if source.skipped:
         run.skipped.write_text("".join(f"{path}\t{why}\n" for path, why in source.skipped))
@@ -328,7 +365,8 @@ def _train(exp: Experiment, run: RunDir, checkpoint: Checkpoint | None,
         with exp.info.scope():
             return fit_phases(exp.model, cfg, exp.data, exp.blocks, run=run, jit_compile=exp.info.jit_compile,
                               verbose=verbose, evaluate_phase=evaluate_val,
-                              feature_cache=feature_cache_spec(cfg, exp.spec, exp.image_size), resume=checkpoint,
+                              feature_cache=feature_cache_spec(cfg, exp.spec, exp.image_size, exp.inference.use_bf16),
+                              resume=checkpoint,
                               target=exp.target, l2sp_reference=exp.l2sp_reference, distill=distill)
     except KeyboardInterrupt:
         raise TrainingError(f"interrupted. Every finished epoch is checkpointed in {run.checkpoints}; continue with: "
@@ -376,7 +414,8 @@ def _fit_metrics(exp: Experiment, run: RunDir, fitted: FitPhasesResult, final_va
                 "tftransfer_version": tftransfer.__version__, "tensorflow_version": tf.__version__,
                 "keras_version": keras.__version__, "python_version": platform.python_version(),
                 "runtime": {**info.to_dict(), "jit_compile": fitted.jit_compile,
-                            "augment_placement": exp.data.augment_placement}},
+                            "augment_placement": exp.data.augment_placement,
+                            "inference_precision": exp.inference.to_dict()}},
         phases=[_phase_entry(phase, phase.val) for phase in fitted.phases],
         final={"val": final_val,
                "eval_images_per_second": final_val.get("images_per_second") if final_val else None},

@@ -40,6 +40,7 @@ from tftransfer.model.features import build_feature_extractor
 from tftransfer.runs.finished import FinishedRun, load_run
 from tftransfer.runs.layout import RunDir
 from tftransfer.runs.records import RunMetrics
+from tftransfer.training.loop import batch_weights, real_rows
 
 logger = logging.getLogger(__name__)
 
@@ -94,29 +95,37 @@ class DistillTrainer(keras.Model):
         return self.net(x, training=training)
 
     def train_step(self, data):  # noqa: D102
-        x, labels, teacher = data
+        # A padded batch (training.loop.pad_partial_batches, several replicas) carries per-row weights last.
+        x, labels, teacher = data[:3]
+        row_weight = batch_weights(data, 3)
+        real = real_rows(row_weight)
         with tf.GradientTape() as tape:
             logits = self.net(x, training=True)
             total, soft, hard = distillation_losses(labels, logits, teacher, self.alpha, self.temperature)
+            if row_weight is not None:
+                total, soft = total * row_weight, soft * row_weight
             loss = tf.reduce_mean(total)
             replicas = float(tf.distribute.get_strategy().num_replicas_in_sync)
             scaled = self.optimizer.scale_loss(loss / replicas)
         variables = self.trainable_variables
         self.optimizer.apply(tape.gradient(scaled, variables), variables)
-        labeled = tf.cast(tf.reshape(labels, [-1]) >= 0, tf.float32)
+        labeled = tf.cast(tf.reshape(labels, [-1]) >= 0, tf.float32) * (1.0 if real is None else real)
         self.trackers["loss"].update_state(loss)
         self.trackers["soft_loss"].update_state(tf.reduce_mean(soft))
-        self.trackers["hard_loss"].update_state(tf.reduce_sum(hard) / tf.maximum(tf.reduce_sum(labeled), 1.0))
+        hard_mean = tf.reduce_sum(hard * labeled) / tf.maximum(tf.reduce_sum(labeled), 1.0)
+        self.trackers["hard_loss"].update_state(hard_mean)
         self.accuracy_metric.update_state(tf.maximum(tf.reshape(labels, [-1]), 0), logits, sample_weight=labeled)
         return {m.name: m.result() for m in self.metrics}
 
     def test_step(self, data):  # noqa: D102
-        x, y = data[0], data[1]
+        x, y, row_weight = data[0], data[1], batch_weights(data, 2)
         logits = tf.cast(self.net(x, training=False), tf.float32)
         y = tf.reshape(tf.cast(y, tf.int32), [-1])
         loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+        if row_weight is not None:
+            loss = loss * row_weight
         self.trackers["loss"].update_state(tf.reduce_mean(loss))
-        self.accuracy_metric.update_state(y, logits)
+        self.accuracy_metric.update_state(y, logits, sample_weight=real_rows(row_weight))
         return {"loss": self.trackers["loss"].result(), "accuracy": self.accuracy_metric.result()}
 
 

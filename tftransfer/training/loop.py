@@ -60,17 +60,46 @@ def distribute(strategy: tf.distribute.Strategy, dataset: tf.data.Dataset) -> An
     return strategy.experimental_distribute_dataset(dataset.with_options(options))
 
 
-def full_batches(dataset: tf.data.Dataset, global_batch: int) -> tf.data.Dataset:
-    """Only the batches of `global_batch` examples: an epoch's last, partial batch is dropped.
+def pad_partial_batches(dataset: tf.data.Dataset, global_batch: int) -> tf.data.Dataset:
+    """Every batch padded to `global_batch` rows, with a trailing per-row weight: no example is dropped.
 
-    Under several replicas a partial batch is split unevenly (the first replicas get full shares, the last ones
-    little or nothing), and a replica with no example computes a mean over nothing. The batches dropped differ
-    from epoch to epoch, as the pipeline reshuffles.
+    An element is a tuple of batched tensors ((x, y), (x, y, teacher logits), ...) or, for the adaptive trainer's
+    zipped stream, (source tuple, target batch): the source tuple is padded and gets the weights, the target is left
+    as it is. Padded rows are zeros with weight 0; the n real rows of a batch weigh global_batch / n, so a loss that
+    averages `weight * loss` over the padded batch (Keras' sum_over_batch_size, split evenly over the replicas,
+    each dividing by its share) is the mean over the real rows: the step of a single machine on the same batch.
+    Metrics ignore the padded rows: the trainers' own count each real row once (real_rows); Keras' compiled ones
+    take the loss weights, so within an epoch's metric a padded batch's real rows count global_batch / n times.
+    Why pad: a partial batch split over several replicas leaves the last ones little or nothing (a replica's mean
+    over nothing is NaN), and dropping it, as before, trained on different data than one machine.
     """
-    def is_full(*batch: Any) -> tf.Tensor:
-        return tf.equal(tf.shape(tf.nest.flatten(batch)[0])[0], global_batch)
+    def pad_rows(tensor: tf.Tensor, missing: tf.Tensor) -> tf.Tensor:
+        padded = tf.pad(tensor, [[0, missing]] + [[0, 0]] * (tensor.shape.rank - 1))
+        return tf.ensure_shape(padded, [global_batch, *tensor.shape[1:]])
 
-    return dataset.filter(is_full)
+    def pad_source(source: tuple) -> tuple:
+        rows = tf.shape(tf.nest.flatten(source)[0])[0]
+        missing = global_batch - rows
+        weight = tf.fill([rows], tf.cast(global_batch, tf.float32) / tf.cast(rows, tf.float32))
+        padded = tf.nest.map_structure(lambda t: pad_rows(t, missing), tuple(source))
+        return (*padded, pad_rows(weight, missing))
+
+    def pad(*batch: Any) -> tuple:
+        if isinstance(batch[0], tuple):  # (source, target) of the adaptive trainer
+            return (pad_source(batch[0]), *batch[1:])
+        return pad_source(batch)
+
+    return dataset.map(pad)
+
+
+def batch_weights(data: tuple, arity: int) -> tf.Tensor | None:
+    """The per-row weights pad_partial_batches appended to a batch of `arity` parts, or None when unpadded."""
+    return data[arity] if len(data) > arity else None
+
+
+def real_rows(weights: tf.Tensor | None) -> tf.Tensor | None:
+    """1 for the real rows of a padded batch and 0 for the padding: the sample weights of an unweighted metric."""
+    return None if weights is None else tf.cast(weights > 0, tf.float32)
 
 
 def share_from_chief(strategy: tf.distribute.Strategy, value: np.ndarray | None) -> np.ndarray:
@@ -107,7 +136,8 @@ def _sum_from_first(strategy: tf.distribute.Strategy, local: np.ndarray) -> np.n
 
 
 def with_class_weight(dataset: tf.data.Dataset, class_weight: dict[int, float] | None) -> tf.data.Dataset:
-    """(x, y) batches with per-example weights from `class_weight`, as Model.fit's class_weight does."""
+    """(x, y) batches with per-example weights from `class_weight`, as Model.fit's class_weight does; (x, y, w)
+    batches (padded ones) get their weights multiplied by them."""
     if not class_weight:
         return dataset
     table = np.ones(max(int(k) for k in class_weight) + 1, np.float32)
@@ -115,8 +145,9 @@ def with_class_weight(dataset: tf.data.Dataset, class_weight: dict[int, float] |
         table[int(index)] = value
     weights = tf.constant(table)
 
-    def add_weights(x: Any, y: Any) -> tuple[Any, Any, Any]:
-        return x, y, tf.gather(weights, tf.reshape(tf.cast(y, tf.int32), [-1]))
+    def add_weights(x: Any, y: Any, w: Any = None) -> tuple[Any, Any, Any]:
+        found = tf.gather(weights, tf.reshape(tf.cast(y, tf.int32), [-1]))
+        return x, y, found if w is None else found * w
 
     return dataset.map(add_weights)
 
@@ -212,13 +243,16 @@ def fit_loop(model: keras.Model, train: tf.data.Dataset, *, validation_data: tf.
              **unused: Any) -> keras.callbacks.History:
     """Model.fit's epochs and callbacks, driven by tftransfer under `strategy` (default: the current one).
 
-    With `global_batch` and several replicas, each epoch's last partial batch is dropped (see full_batches).
+    With `global_batch` and several replicas, every batch (training and validation) is padded to the global batch
+    with zero-weight rows (see pad_partial_batches), so no example is dropped and each step equals one machine's.
     Keyword arguments Model.fit takes that a tf.data pipeline makes moot (shuffle) are accepted and ignored.
     """
     strategy = strategy or tf.distribute.get_strategy()
-    train = with_class_weight(train, class_weight)
     if global_batch and strategy.num_replicas_in_sync > 1:
-        train = full_batches(train, global_batch)
+        train = pad_partial_batches(train, global_batch)
+        if validation_data is not None:
+            validation_data = pad_partial_batches(validation_data, global_batch)
+    train = with_class_weight(train, class_weight)
     _build(model, train, strategy)
     driver = _Driver(model, train, validation_data, strategy)
     callback_list = keras.callbacks.CallbackList(list(callbacks), add_history=True, add_progbar=verbose != 0,

@@ -39,6 +39,7 @@ from tftransfer.model.features import (
     read_cached_features,
 )
 from tftransfer.model.freezing import FreezeReport, freeze_backbone, unfreeze_top_blocks
+from tftransfer.model.precision import bf16_copy
 from tftransfer.runs.layout import RunDir
 from tftransfer.training.adaptation.methods import AdaptMethod, build_method
 from tftransfer.training.adaptation.target import (
@@ -131,6 +132,7 @@ class FeatureCacheSpec:
 
     key_parts: dict[str, Any]
     cache_dir: Path | None
+    bf16: bool = False  # extract with the model's bf16 copy (runtime.precision auto, where the probe said it pays)
 
 
 def _phase1_key_parts(cache: FeatureCacheSpec, views: int, augmenter: Any, seed: int) -> dict[str, Any]:
@@ -193,7 +195,8 @@ def head_on_features(model: keras.Model, head: HeadConfig, data: Datasets, cache
                       seed: int, target: TargetDomain | None = None,
                       data_cfg: DataConfig | None = None) -> PhaseInputs:
     """Phase 1 on cached pooled features: the frozen backbone runs once per image view, not once per epoch."""
-    extractor = build_inference_fn(build_feature_extractor(model))  # traced once for every view and split
+    # Traced once for every view and split; the bf16 copy's weights are the model's now (the frozen backbone's).
+    extractor = build_inference_fn(build_feature_extractor(bf16_copy(model) if cache.bf16 else model))
     views = head.feature_cache_views if data.augmenter is not None else 1
     if data.augmenter is not None and views == 1:
         logger.info("phase head trains on cached features of un-augmented images "

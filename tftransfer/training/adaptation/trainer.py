@@ -22,6 +22,7 @@ import tensorflow as tf
 from tftransfer.training.adaptation.losses import prediction_entropy
 from tftransfer.training.adaptation.methods import AdaptMethod
 from tftransfer.training.augment_step import augment_float32
+from tftransfer.training.loop import batch_weights, real_rows
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,10 @@ class L2SPSpec:
     alpha: float
     beta: float
     reference: dict[int, np.ndarray]
+
+
+def _weighted(losses: tf.Tensor, row_weight: tf.Tensor | None) -> tf.Tensor:
+    return losses if row_weight is None else losses * row_weight
 
 
 def _replicas() -> int:
@@ -112,10 +117,12 @@ class AdaptiveTrainer(keras.Model):
         return tf.add_n(terms)
 
     def train_step(self, data):  # noqa: D102
+        # A padded batch (training.loop.pad_partial_batches, several replicas) carries per-row weights last.
         if self.method is not None:
-            (xs, ys), (xt, target_index) = data
+            source, (xt, target_index) = data
+            xs, ys, row_weight = source[0], source[1], batch_weights(source, 2)
         else:
-            xs, ys = data[0], data[1]
+            xs, ys, row_weight = data[0], data[1], batch_weights(data, 2)
         n_source = tf.shape(xs)[0]
         values: dict[str, tf.Tensor] = {}
         with tf.GradientTape() as tape:
@@ -135,7 +142,7 @@ class AdaptiveTrainer(keras.Model):
                     xs = augment_float32(self.augmenter, xs)
                 _, source_logits = self._forward(xs, training=True)
                 adapt_loss = tf.constant(0.0)
-            task = tf.reduce_mean(self._task_losses(ys, source_logits))
+            task = tf.reduce_mean(_weighted(self._task_losses(ys, source_logits), row_weight))
             loss = task + self.adapt_weight * adapt_loss
             if self.l2sp is not None:
                 values["l2_sp_loss"] = self._l2sp_penalty()
@@ -148,14 +155,14 @@ class AdaptiveTrainer(keras.Model):
         values.update(loss=loss, task_loss=task)
         for name, value in values.items():
             self.trackers[name].update_state(value)
-        self.accuracy_metric.update_state(ys, source_logits)
+        self.accuracy_metric.update_state(ys, source_logits, sample_weight=real_rows(row_weight))
         return {m.name: m.result() for m in self.metrics}
 
     def test_step(self, data):  # noqa: D102 - source validation: the task loss and accuracy only
-        x, y = data[0], data[1]
+        x, y, row_weight = data[0], data[1], batch_weights(data, 2)
         logits = self(x, training=False)
-        self.trackers["loss"].update_state(tf.reduce_mean(self._task_losses(y, logits)))
-        self.accuracy_metric.update_state(y, logits)
+        self.trackers["loss"].update_state(tf.reduce_mean(_weighted(self._task_losses(y, logits), row_weight)))
+        self.accuracy_metric.update_state(y, logits, sample_weight=real_rows(row_weight))
         return {"loss": self.trackers["loss"].result(), "accuracy": self.accuracy_metric.result()}
 
 
