@@ -31,16 +31,6 @@ def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def array_digest(arrays: Any) -> str:
-    """sha256 of a sequence of arrays' shapes, dtypes and bytes: the same numbers give the same digest."""
-    digest = hashlib.sha256()
-    for array in arrays:
-        array = np.ascontiguousarray(array)
-        digest.update(f"{array.shape}{array.dtype}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
 def cache_key(parts: dict[str, Any]) -> str:
     """A stable short key for a JSON-able description of everything the features depend on."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()

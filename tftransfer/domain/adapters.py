@@ -34,7 +34,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tftransfer.core.cache import array_digest
+from tftransfer.core.cache import arrays_digest
 from tftransfer.core.errors import ConfigError
 from tftransfer.core.memo import per_object
 from tftransfer.core.numerics import entropy, marginal_entropy, stable_softmax
@@ -195,7 +195,7 @@ def source_input_moments(model: keras.Model, images: np.ndarray, batch_size: int
 
     # A domain report aligns every corruption to the same source: measure it once per images and weights (the
     # weights' digest, so a model trained further is measured again).
-    key = ("source moments", array_digest([images]), array_digest(model.get_weights()), batch_size)
+    key = ("source moments", arrays_digest([images]), arrays_digest(model.get_weights()), batch_size)
     return dict(per_object(model, key, measure))
 
 
