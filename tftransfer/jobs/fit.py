@@ -92,7 +92,8 @@ def _phase_entry(phase: PhaseResult, val_metrics: dict | None) -> dict[str, Any]
             "non_trainable_params": phase.freeze.non_trainable_params,
             "unfrozen_blocks": phase.freeze.unfrozen_blocks, "learning_rate": phase.learning_rate,
             "seconds": phase.seconds, "train_images_per_second": phase.train_images_per_second,
-            "val": val_metrics, **({"pruning": phase.pruning} if phase.pruning else {})}
+            "val": val_metrics, **({"pruning": phase.pruning} if phase.pruning else {}),
+            **({"activation_cache": phase.activation_cache} if phase.activation_cache else {})}
 
 
 def feature_cache_spec(cfg: ExperimentConfig, spec: backbones.BackboneSpec, image_size: int) -> FeatureCacheSpec:
