@@ -417,7 +417,10 @@ def _build(cls: type, data: Mapping[str, Any] | None, prefix: str = "") -> Any:
                 raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} keys, got {sub!r}")
             kwargs[name] = _build(tp, _deep_merge(base, sub or {}), prefix=f"{key}.")
         elif name in data:
-            value = _coerce(data[name], tp, key)
+            value = data[name]
+            if isinstance(value, bool) and tp is str and {"on", "off"} <= set(f.metadata.get("choices") or ()):
+                value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
+            value = _coerce(value, tp, key)
             _check_range(value, f, key)
             kwargs[name] = value
     return cls(**kwargs)

@@ -95,13 +95,20 @@ class ActivationSet:
 def activation_key_parts(cut: ModelCut, data: Datasets, base_parts: dict[str, Any], views: int, clean_view: bool,
                          seed: int) -> dict[str, Any]:
     """Everything the cached activations depend on: images, trunk weights, cut, size, augmentation, seed, views."""
-    augment = f"{AUGMENT_VERSION} {data.augmenter.get_config()}" if data.augmenter is not None else None
+    augment = f"{AUGMENT_VERSION} {_unnamed(data.augmenter.get_config())}" if data.augmenter is not None else None
     return {**base_parts, "trunk": weights_digest(cut.trunk), "cut": cut.cut, "shape": list(cut.shape),
             "image_size": data.image_size, "augment": augment, "seed": seed, "views": views,
             "clean_view": clean_view, "store": np.dtype(STORE_DTYPE).name,
             "train": split_fingerprint(data.source.train),
             "val": split_fingerprint(data.source.val) if data.val is not None and data.source.val is not None else None,
             "tftransfer": tftransfer.__version__}
+
+
+def _unnamed(config: Any) -> Any:
+    """A layer config without its names: Keras numbers auto-named layers per process (random_geometry_1, ...)."""
+    if isinstance(config, dict):
+        return {key: _unnamed(value) for key, value in config.items() if key != "name"}
+    return [_unnamed(value) for value in config] if isinstance(config, (list, tuple)) else config
 
 
 def activation_cache_path(cache_dir: Path | None, parts: dict[str, Any]) -> Path | None:
@@ -153,7 +160,9 @@ def cached_activations(cut: ModelCut, data: Datasets, views: int, clean_view: bo
     started = time.perf_counter()
     trunk = build_inference_fn(cut.trunk)  # traced once for every view and split
     augmented = views - 1 if clean_view else views
-    passes = [data.ordered_train(augment=False)] * (views - augmented) + [data.ordered_train(augment=True)] * augmented
+    # One dataset for all augmented passes: the first decodes into its memory cache, the others read it.
+    passes = ([data.ordered_train(augment=False)] * (views - augmented)
+              + [data.ordered_train(augment=True, cache="memory")] * augmented)
     n = len(data.source.train)
     chunks = [extract_features(trunk, ds, n, f"activations train view {v + 1}/{views}") for v, ds in enumerate(passes)]
     labels = chunks[0][1]
