@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import keras
@@ -20,8 +21,10 @@ from tftransfer.model import backbones
 from tftransfer.model.activations import find_cut_tensor, split_at_trainable
 from tftransfer.model.classifier import build_model, get_backbone
 from tftransfer.model.freezing import top_blocks, unfreeze_top_blocks
+from tftransfer.runs.layout import create_run_dir
 from tftransfer.training import activation_cache
 from tftransfer.training.activation_cache import ActivationSet, activation_datasets
+from tftransfer.training.checkpoint import read_checkpoint
 from tftransfer.training.phases import FeatureCacheSpec, fit_phases
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
@@ -205,3 +208,34 @@ def test_fit_end_to_end_with_and_without_the_cache(tmp_path):
     assert abs(accuracy_on - accuracy_off) < 0.15
     summary = (tmp_path / "runs" / "on" / "summary.md").read_text()
     assert "trained on cached activations" in summary
+
+
+def test_resume_inside_phase_two_on_the_cache_continues_its_optimizer(tmp_path, monkeypatch):
+    """A run stopped after epoch 1 of phase 2 on cached activations resumes with its optimizer state, reading the
+    activations it cached instead of recomputing them."""
+    cfg = _cfg("phases.head.epochs=0", "phases.finetune.epochs=2", "phases.finetune.restore_best=false")
+    keras.utils.set_random_seed(0)
+    data = make_datasets(cfg.data, _source(), image_size=32, seed=0)
+    cache = FeatureCacheSpec({"test": 1}, tmp_path / "cache")
+    run = create_run_dir(tmp_path / "runs", "r")
+    model, blocks = _tiny_model()
+    fitted: list[keras.Model] = []
+    real_fit = keras.Model.fit
+
+    def spy_fit(self, *args, **kwargs):
+        fitted.append(self)
+        if len(fitted) == 1:  # the first run is "killed" after its first epoch
+            kwargs["epochs"] = 1
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", spy_fit)
+    fit_phases(model, cfg, data, blocks, run=run, feature_cache=cache)
+    saved = read_checkpoint(run.checkpoints / "epoch-0001")
+    assert saved.state.phase == "finetune" and not saved.state.phase_done
+    resumed, blocks = _tiny_model()
+    saved.restore_model(resumed)
+    result = fit_phases(resumed, cfg, data, blocks, resume=saved, feature_cache=cache)
+    top = fitted[1]
+    assert top.name == "top" and result.phases[-1].activation_cache["from_cache"] is True
+    assert int(top.optimizer.iterations.numpy()) == 2 * math.ceil(data.train_examples / 16)  # continued
+    assert [row["epoch"] for row in result.history] == [1, 2]

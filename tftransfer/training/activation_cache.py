@@ -204,6 +204,7 @@ def activation_datasets(found: ActivationSet, cut: ModelCut, batch_size: int, sh
     view = tf.Variable(0, dtype=tf.int64, trainable=False, name="activation_view")
     dtype = tf.as_dtype(cut.dtype)
 
+    @tf.autograph.experimental.do_not_convert  # plain tensor ops; AutoGraph only warns that it cannot convert it
     def gather(rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return tf.cast(tf.gather(store, view.read_value() * n + rows), dtype), tf.gather(labels, rows)
 
