@@ -239,3 +239,12 @@ def test_resume_inside_phase_two_on_the_cache_continues_its_optimizer(tmp_path, 
     assert top.name == "top" and result.phases[-1].activation_cache["from_cache"] is True
     assert int(top.optimizer.iterations.numpy()) == 2 * math.ceil(data.train_examples / 16)  # continued
     assert [row["epoch"] for row in result.history] == [1, 2]
+
+
+def test_on_with_pruning_fails_before_anything_trains(tmp_path):
+    args = ["fit", "--config", SMOKE, "--set", f"runs_dir={tmp_path / 'runs'}", "--set", "prune.target_sparsity=0.5",
+            "--set", "phases.finetune.activation_cache=on", "--set", "phases.finetune.unfreeze_blocks=2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0
+    assert "phases.finetune.activation_cache=on cannot apply: prune.target_sparsity" in result.output
+    assert not (tmp_path / "runs").exists()  # refused before the run directory was made

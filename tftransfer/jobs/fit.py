@@ -41,6 +41,7 @@ from tftransfer.runtime import RuntimeInfo, configure_runtime
 from tftransfer.serving.gate import ExportGateError
 from tftransfer.serving.parity import ParityError
 from tftransfer.serving.publish import publish_model
+from tftransfer.training.activation_cache import check_config as check_activation_cache
 from tftransfer.training.adaptation.target import TargetDomain, load_target
 from tftransfer.training.augment_step import augment_float32, step_augmenter
 from tftransfer.training.callbacks import tensorboard_hparams
@@ -248,6 +249,7 @@ def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int 
     if resume is not None:
         cfg, checkpoint = _resume_point(Path(resume))
     assert cfg is not None
+    check_activation_cache(cfg)  # an impossible activation_cache=on fails before the data is even listed
     exp = prepare_experiment(cfg)
     if exp.info.chief:
         return _fit_job(exp, _open_run(exp, Path(resume) if resume is not None else None, overwrite), checkpoint,

@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 import tftransfer
-from tftransfer.config.experiment import FinetuneConfig
+from tftransfer.config.experiment import ExperimentConfig, FinetuneConfig
 from tftransfer.core.cache import cache_key
 from tftransfer.core.errors import ConfigError
 from tftransfer.data.augment import AUGMENT_VERSION
@@ -63,6 +63,22 @@ _BLOCKERS: tuple[tuple[Callable[[CacheConditions], bool], str], ...] = (
 def blocked_by(conditions: CacheConditions) -> str | None:
     """Why the activation cache cannot apply under `conditions`, or None."""
     return next((why for blocks, why in _BLOCKERS if blocks(conditions)), None)
+
+
+def config_conditions(cfg: ExperimentConfig, multiworker: bool = False) -> CacheConditions:
+    """The conditions a config alone decides (the model's cut and the cache's size are known only at phase 2)."""
+    finetune = cfg.phases.finetune
+    return CacheConditions(pruning=cfg.prune.target_sparsity > 0, distill=bool(cfg.distill.teacher),
+                           adaptive=bool(cfg.adapt.target) or finetune.l2_sp_alpha > 0 or finetune.l2_sp_beta > 0,
+                           multiworker=multiworker)
+
+
+def check_config(cfg: ExperimentConfig) -> None:
+    """activation_cache=on in a config where it can never apply is a ConfigError before anything trains."""
+    finetune = cfg.phases.finetune
+    why = blocked_by(config_conditions(cfg))
+    if why is not None and finetune.epochs > 0 and finetune.unfreeze_blocks > 0:
+        refuse_or_skip(finetune, why)
 
 
 def estimated_mb(cut: ModelCut, train_examples: int, val_examples: int, views: int) -> float:

@@ -42,11 +42,11 @@ from tftransfer.model.features import (
 from tftransfer.model.freezing import FreezeReport, freeze_backbone, top_blocks, unfreeze_top_blocks
 from tftransfer.runs.layout import RunDir
 from tftransfer.training.activation_cache import (
-    CacheConditions,
     activation_datasets,
     activation_key_parts,
     blocked_by,
     cached_activations,
+    config_conditions,
     estimated_mb,
     refuse_or_skip,
 )
@@ -406,10 +406,9 @@ def _phase_inputs(state: _FitState, name: str, phase: PhaseConfig, feature_cache
 def _activation_cut_or_reason(state: _FitState, phase: FinetuneConfig, views: int) -> tuple[Any, str]:
     """The model's cut below its unfrozen blocks when phase 2 can train on cached activations, else why not."""
     cfg, data, model = state.cfg, state.data, state.model
-    why = blocked_by(CacheConditions(
-        pruning=cfg.prune.target_sparsity > 0, distill=state.distill is not None,
-        adaptive=state.target is not None or phase.l2_sp_alpha > 0 or phase.l2_sp_beta > 0,
-        multiworker=is_multiworker(tf.distribute.get_strategy())))
+    conditions = config_conditions(cfg, multiworker=is_multiworker(tf.distribute.get_strategy()))
+    why = blocked_by(replace(conditions, distill=state.distill is not None,
+                             adaptive=conditions.adaptive or state.target is not None))
     if why is not None:
         return None, why
     names = [layer for block in top_blocks(state.blocks, phase.unfreeze_blocks) for layer in block.layer_names]
