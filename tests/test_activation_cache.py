@@ -132,6 +132,7 @@ def test_second_run_reads_the_cache_and_never_runs_the_trunk(tmp_path, monkeypat
     (("prune.target_sparsity=0.5",), "prune.target_sparsity"),
     (("phases.finetune.activation_cache_max_mb=0.001",), "activation_cache_max_mb"),
     (("phases.finetune.unfreeze_blocks=1000",), "nothing frozen"),
+    (("data.balanced_sampling=true",), "data.balanced_sampling"),
 ])
 def test_auto_falls_back_to_images_with_the_reason_logged(caplog, overrides, reason):
     with caplog.at_level(logging.INFO, logger="tftransfer"):

@@ -49,6 +49,8 @@ class CacheConditions:
     distill: bool = False
     adaptive: bool = False  # a target domain or L2-SP: the AdaptiveTrainer
     multiworker: bool = False
+    replicas: int = 1  # the strategy's replicas in sync
+    balanced: bool = False  # data.balanced_sampling
 
 
 # Each condition that rules the cache out, with why; checked in order (a registry, not a chain of ifs).
@@ -57,6 +59,9 @@ _BLOCKERS: tuple[tuple[Callable[[CacheConditions], bool], str], ...] = (
     (lambda c: c.distill, "distillation trains on its own fixed views and teacher logits"),
     (lambda c: c.adaptive, "the adaptive trainer (a target domain or L2-SP) trains the full encoder"),
     (lambda c: c.multiworker, "multiworker training shards the images over workers"),
+    # Its datasets are not distributed over replicas yet (the per-epoch view is a variable read by tf.data).
+    (lambda c: c.replicas > 1, "it runs on one replica, and the strategy has several"),
+    (lambda c: c.balanced, "data.balanced_sampling draws class-balanced batches from the images"),
 )
 
 
@@ -65,12 +70,12 @@ def blocked_by(conditions: CacheConditions) -> str | None:
     return next((why for blocks, why in _BLOCKERS if blocks(conditions)), None)
 
 
-def config_conditions(cfg: ExperimentConfig, multiworker: bool = False) -> CacheConditions:
+def config_conditions(cfg: ExperimentConfig, multiworker: bool = False, replicas: int = 1) -> CacheConditions:
     """The conditions a config alone decides (the model's cut and the cache's size are known only at phase 2)."""
     finetune = cfg.phases.finetune
     return CacheConditions(pruning=cfg.prune.target_sparsity > 0, distill=bool(cfg.distill.teacher),
                            adaptive=bool(cfg.adapt.target) or finetune.l2_sp_alpha > 0 or finetune.l2_sp_beta > 0,
-                           multiworker=multiworker)
+                           multiworker=multiworker, replicas=replicas, balanced=cfg.data.balanced_sampling)
 
 
 def check_config(cfg: ExperimentConfig) -> None:

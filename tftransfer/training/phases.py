@@ -27,7 +27,7 @@ from tftransfer.data.balance import class_weight_for
 from tftransfer.data.pipeline import Datasets
 from tftransfer.data.sources import DataSource
 from tftransfer.model import backbones
-from tftransfer.model.activations import split_at_trainable
+from tftransfer.model.activations import ModelCut, split_at_trainable
 from tftransfer.model.classifier import BOTTLENECK_LAYER, HEAD_LAYER, POOL_LAYER, alignment_layer, build_inference_fn
 from tftransfer.model.features import (
     FeatureSet,
@@ -403,10 +403,11 @@ def _phase_inputs(state: _FitState, name: str, phase: PhaseConfig, feature_cache
     return _augmenting_inputs(inputs, state.augmenter, name)
 
 
-def _activation_cut_or_reason(state: _FitState, phase: FinetuneConfig, views: int) -> tuple[Any, str]:
+def _activation_cut_or_reason(state: _FitState, phase: FinetuneConfig, views: int) -> tuple[ModelCut | None, str]:
     """The model's cut below its unfrozen blocks when phase 2 can train on cached activations, else why not."""
     cfg, data, model = state.cfg, state.data, state.model
-    conditions = config_conditions(cfg, multiworker=is_multiworker(tf.distribute.get_strategy()))
+    strategy = tf.distribute.get_strategy()
+    conditions = config_conditions(cfg, multiworker=is_multiworker(strategy), replicas=strategy.num_replicas_in_sync)
     why = blocked_by(replace(conditions, distill=state.distill is not None,
                              adaptive=conditions.adaptive or state.target is not None))
     if why is not None:
