@@ -120,8 +120,23 @@ def machine_info() -> dict[str, Any]:
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "tftransfer": tftransfer.__version__,
+        "commit": _git_commit(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit (with "+dirty" for uncommitted changes), so a figure names the code it measured."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return f"{commit}+dirty" if dirty else commit
 
 
 def load_average() -> list[float] | None:
