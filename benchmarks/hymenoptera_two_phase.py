@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -127,8 +128,6 @@ def machine_info() -> dict[str, Any]:
 
 def _git_commit() -> str | None:
     """The checkout's commit (with "+dirty" for uncommitted changes), so a figure names the code it measured."""
-    import subprocess
-
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                 check=True).stdout.strip()
