@@ -10,6 +10,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from click.testing import CliRunner
 
 from tftransfer.cli import main
@@ -18,7 +19,7 @@ from tftransfer.core.errors import ConfigError
 from tftransfer.data.pipeline import make_datasets
 from tftransfer.data.sources import load_arrays
 from tftransfer.model import backbones
-from tftransfer.model.activations import find_cut_tensor, split_at_trainable
+from tftransfer.model.activations import ModelCut, find_cut_tensor, split_at_trainable
 from tftransfer.model.classifier import build_model, get_backbone
 from tftransfer.model.freezing import top_blocks, unfreeze_top_blocks
 from tftransfer.runs.layout import create_run_dir
@@ -173,19 +174,31 @@ def test_validation_on_cached_activations_equals_the_full_model():
     assert on_images["loss"] == pytest.approx(on_cache["loss"], abs=1e-5)
 
 
-def test_each_epoch_reads_its_view():
-    model, blocks = _tiny_model()
-    unfreeze_top_blocks(model, blocks, 2)
-    cut = split_at_trainable(model, _unfrozen(blocks, 2)).cut
-    n, views = 5, 3
-    train = np.stack([np.full((n, *cut.shape), v, np.float16) for v in range(views)]).reshape(-1, *cut.shape)
-    found = ActivationSet(train, np.arange(n), None, None, views, False, None)
-    ds, val, steps, schedule = activation_datasets(found, cut, 2, 8, 0, first_epoch=10)
+class _Recording(keras.Model):
+    """Remembers the mean input of its last training batch."""
+
+    seen = None
+
+    def train_step(self, data):
+        self.seen.assign(tf.reduce_mean(tf.cast(data[0], tf.float32)))
+        return super().train_step(data)
+
+
+def test_each_epoch_of_fit_trains_on_its_view():
+    n, views = 20, 3
+    inputs = keras.Input((4,))
+    net = _Recording(inputs, keras.layers.Dense(2)(inputs), name="recording")
+    net.seen = tf.Variable(-1.0)
+    net.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    train = np.concatenate([np.full((n, 4), v, np.float16) for v in range(views)])  # view v is all v
+    found = ActivationSet(train, np.arange(n) % 2, None, None, views, False, None)
+    ds, val, steps, schedule = activation_datasets(found, ModelCut(net, net, "x", (4,), "float32"), 8, 64, 0,
+                                                   first_epoch=2)
     assert val is None and steps == 3
-    for epoch in (10, 11, 12, 13):
-        schedule.on_epoch_begin(epoch)
-        seen = {float(v) for x, _ in ds for v in np.unique(x.numpy())}
-        assert seen == {float((epoch - 10) % views)}
+    seen = []
+    record = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(float(net.seen.numpy())))
+    net.fit(ds, epochs=9, initial_epoch=2, callbacks=[schedule, record], verbose=0)
+    assert seen == [0.0, 1.0, 2.0, 0.0, 1.0, 2.0, 0.0]  # epoch e (from the phase's first) on view e % 3
 
 
 def _cli_fit(tmp_path: Path, name: str, cache: str) -> dict:
