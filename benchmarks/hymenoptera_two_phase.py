@@ -37,6 +37,9 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "keras": ("keras", ()),
     "tftransfer-cache-off": ("tftransfer", ("phases.finetune.activation_cache=off",)),
     "tftransfer-cache-on": ("tftransfer", ("phases.finetune.activation_cache=on",)),
+    # half the trunk passes (view compute is most of phase 2 on the cache); accuracy to be checked over seeds
+    "tftransfer-cache-on-2views": ("tftransfer", ("phases.finetune.activation_cache=on",
+                                                  "phases.finetune.activation_cache_views=2")),
     # the default (auto), as a user gets it
     "tftransfer": ("tftransfer", ()),
 }
