@@ -1,9 +1,12 @@
 """Two-phase fine-tuning of MobileNetV2 (alpha 0.5) on hymenoptera: the plain Keras guide recipe vs tftransfer.
 
-Runs both approaches in one process, one after the other (`--order`), and reports per-phase wall time, validation
-accuracy after each phase, total wall time and final validation accuracy, as a table and as JSON.
+Runs the variants in one process, one after the other (`--variants`, in that order), for each seed (`--seeds`),
+and reports per-phase wall time, validation accuracy after each phase, total wall time and final validation
+accuracy, as a table and as JSON. The variants: the Keras guide recipe, tftransfer with phase 2's activation cache
+off, and tftransfer with it on.
 
     python benchmarks/hymenoptera_two_phase.py            # full run: 10 + 10 epochs each (minutes of CPU)
+    python benchmarks/hymenoptera_two_phase.py --seeds 1,2,3 --out benchmarks/results/hymenoptera_two_phase_3seeds.json
     python benchmarks/hymenoptera_two_phase.py --quick    # smoke check: 1 + 1 epochs at 96 px
 """
 
@@ -15,6 +18,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +32,18 @@ DEFAULT_DATA = SHARED / "datasets" / "hymenoptera"
 DEFAULT_WEIGHTS = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
 CONFIG = REPO / "configs" / "mobilenetv2_hymenoptera.yaml"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "hymenoptera_two_phase.json"
-APPROACHES = ("keras", "tftransfer")
+# Each variant: the approach that runs it, and (tftransfer) the config overrides that make it that variant.
+VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "keras": ("keras", ()),
+    "tftransfer-cache-off": ("tftransfer", ("phases.finetune.activation_cache=off",)),
+    "tftransfer-cache-on": ("tftransfer", ("phases.finetune.activation_cache=on",)),
+    # half the trunk passes (view compute is most of phase 2 on the cache); accuracy to be checked over seeds
+    "tftransfer-cache-on-2views": ("tftransfer", ("phases.finetune.activation_cache=on",
+                                                  "phases.finetune.activation_cache_views=2")),
+    # the default (auto), as a user gets it
+    "tftransfer": ("tftransfer", ()),
+}
+DEFAULT_VARIANTS = "keras,tftransfer-cache-off,tftransfer-cache-on"
 
 # The guide's recipe, fixed here rather than exposed: the baseline is only useful if it stays the guide's.
 GUIDE = {"image_size": 224, "batch_size": 32, "head_learning_rate": 1e-3, "finetune_learning_rate": 1e-5,
@@ -44,22 +59,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="hymenoptera folder with train/ and val/")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="MobileNetV2 alpha 0.5 no-top .h5 file")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the JSON results are written")
-    p.add_argument("--only", choices=("keras", "tftransfer", "both"), default="both", help="which approach(es)")
-    p.add_argument("--order", default="keras,tftransfer", help="comma-separated run order of the approaches")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS,
+                   help=f"comma-separated variants, in run order; of {', '.join(VARIANTS)}")
+    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra tftransfer config override for every tftransfer variant (repeatable)")
     p.add_argument("--head-epochs", type=int, default=None,
                    help="phase 1 epochs (keras default 10; tftransfer keeps its config's value unless given)")
     p.add_argument("--finetune-epochs", type=int, default=None,
                    help="phase 2 epochs (keras default 10; tftransfer keeps its config's value unless given)")
-    p.add_argument("--seed", type=int, default=42, help="keras.utils.set_random_seed before each approach")
+    p.add_argument("--seeds", default="42", help="comma-separated seeds; every variant runs once per seed "
+                                                 "(keras.utils.set_random_seed before each run)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke mode: 1 epoch per phase, {QUICK_IMAGE_SIZE} px images (not a benchmark)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="keep tftransfer's run and export folders here (default: a temporary folder, deleted)")
     args = p.parse_args(argv)
-    order = [name.strip() for name in args.order.split(",") if name.strip()]
-    if sorted(order) != sorted(APPROACHES):
-        p.error(f"--order must name each of {', '.join(APPROACHES)} once, e.g. 'tftransfer,keras'")
-    args.order = [name for name in order if args.only in ("both", name)]
+    args.variants = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = [name for name in args.variants if name not in VARIANTS]
+    if unknown or not args.variants or len(set(args.variants)) != len(args.variants):
+        p.error(f"--variants: each of {', '.join(VARIANTS)} at most once (got {', '.join(args.variants)})")
+    try:
+        args.seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+    except ValueError:
+        p.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
+    if not args.seeds:
+        p.error("--seeds: give at least one seed")
     for flag in ("head_epochs", "finetune_epochs"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -100,8 +124,21 @@ def machine_info() -> dict[str, Any]:
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "tftransfer": tftransfer.__version__,
+        "commit": _git_commit(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit (with "+dirty" for uncommitted changes), so a figure names the code it measured."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return f"{commit}+dirty" if dirty else commit
 
 
 def load_average() -> list[float] | None:
@@ -189,7 +226,7 @@ def run_keras_guide(data: Path, weights: Path, image_size: int, head_epochs: int
 
 
 def run_tftransfer(data: Path, weights: Path, workdir: Path, head_epochs: int | None, finetune_epochs: int | None,
-                   seed: int, quick: bool) -> dict[str, Any]:
+                   seed: int, quick: bool, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """tftransfer's `fit` job on configs/mobilenetv2_hymenoptera.yaml; the config's epochs unless overridden."""
     from tftransfer.config.experiment import config_to_dict, load_config
     from tftransfer.jobs.fit import run_fit
@@ -205,6 +242,7 @@ def run_tftransfer(data: Path, weights: Path, workdir: Path, head_epochs: int | 
         overrides.append(f"phases.finetune.epochs={finetune_epochs}")
     if quick:
         overrides.append(f"data.image_size={QUICK_IMAGE_SIZE}")
+    overrides += list(extra)
     cfg = load_config(CONFIG, overrides=overrides)
     print(f"[tftransfer] phases: head {cfg.phases.head.epochs} epochs, finetune {cfg.phases.finetune.epochs} "
           f"epochs (top {cfg.phases.finetune.unfreeze_blocks} blocks)", flush=True)
@@ -214,6 +252,7 @@ def run_tftransfer(data: Path, weights: Path, workdir: Path, head_epochs: int | 
     phases = [{"name": p["name"], "epochs_run": p["epochs_run"], "best_epoch": p["best_epoch"],
                "learning_rate": p["learning_rate"], "trainable_params": p["trainable_params"],
                "unfrozen_blocks": p["unfrozen_blocks"], "seconds": p["seconds"],
+               "activation_cache": p.get("activation_cache"),
                "eval_seconds": (p["val"] or {}).get("seconds"),
                "val_accuracy": (p["val"] or {}).get("accuracy"), "val_log_loss": (p["val"] or {}).get("log_loss")}
               for p in metrics["phases"]]
@@ -246,16 +285,17 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_table(results: dict[str, dict[str, Any]]) -> None:
-    """Side-by-side summary: seconds and val accuracy per phase, total seconds, final val accuracy."""
-    header = ["approach", "head s", "head acc", "finetune s", "finetune acc", "other s", "total s", "final acc"]
+def print_table(runs: list[dict[str, Any]]) -> None:
+    """One row per run: seconds and val accuracy per phase, other and total seconds, final val accuracy."""
+    header = ["variant", "seed", "head s", "head acc", "finetune s", "finetune acc", "other s", "total s",
+              "final acc"]
     rows = []
-    for name, res in results.items():
+    for res in runs:
         if "error" in res:
-            rows.append([name, "error: " + res["error"].splitlines()[-1]])
+            rows.append([res["variant"], str(res["seed"]), "error: " + res["error"].splitlines()[-1]])
             continue
         by_phase = {p["name"]: p for p in res["phases"]}
-        row = [name]
+        row = [res["variant"], str(res["seed"])]
         for phase in ("head", "finetune"):
             p = by_phase.get(phase, {})
             row += [_fmt(p.get("seconds"), ".1f"), _fmt(p.get("val_accuracy"), ".4f")]
@@ -265,6 +305,51 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
     widths = [max(len(str(r[i])) for r in [header] + rows if i < len(r)) for i in range(len(header))]
     for row in [header] + rows:
         print("  ".join(str(cell).ljust(widths[i]) if i < len(widths) else str(cell) for i, cell in enumerate(row)))
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per variant over its seeds: mean seconds (per phase and total), mean final accuracy, and the speed-ups
+    against the Keras guide and against tftransfer with the activation cache off, each over the same seeds."""
+    ok = [r for r in runs if "error" not in r]
+    summary: dict[str, Any] = {}
+    for variant in dict.fromkeys(r["variant"] for r in ok):
+        mine = [r for r in ok if r["variant"] == variant]
+        phase_seconds = {name: _mean([p["seconds"] for r in mine for p in r["phases"] if p["name"] == name])
+                         for name in ("head", "finetune")}
+        entry: dict[str, Any] = {
+            "seeds": [r["seed"] for r in mine], "total_seconds": _mean([r["total_seconds"] for r in mine]),
+            "phase_seconds": phase_seconds, "other_seconds": _mean([r["other_seconds"] for r in mine]),
+            "final_val_accuracy": _mean([r["final_val_accuracy"] for r in mine]),
+            "final_val_accuracy_min": min(r["final_val_accuracy"] for r in mine)}
+        for base in ("keras", "tftransfer-cache-off"):
+            pairs = [(b, r) for r in mine for b in ok if b["variant"] == base and b["seed"] == r["seed"]]
+            if base != variant and pairs:
+                entry[f"speedup_vs_{base}"] = _mean([b["total_seconds"] / r["total_seconds"] for b, r in pairs])
+                finetune = [(_phase(b, "finetune"), _phase(r, "finetune")) for b, r in pairs]
+                finetune = [(b, r) for b, r in finetune if b and r]
+                if finetune:
+                    entry[f"finetune_speedup_vs_{base}"] = _mean([b / r for b, r in finetune])
+        summary[variant] = entry
+    return summary
+
+
+def _phase(res: dict[str, Any], name: str) -> float | None:
+    return next((p["seconds"] for p in res["phases"] if p["name"] == name), None)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """The per-variant means and speed-ups."""
+    for variant, entry in summary.items():
+        ratios = ", ".join(f"{key.replace('_', ' ')} {value:.2f}x" for key, value in entry.items()
+                           if "speedup" in key)
+        print(f"{variant}: seeds {entry['seeds']}, total {_fmt(entry['total_seconds'], '.1f')} s, finetune "
+              f"{_fmt(entry['phase_seconds']['finetune'], '.1f')} s, final acc mean "
+              f"{_fmt(entry['final_val_accuracy'], '.4f')} (min {_fmt(entry['final_val_accuracy_min'], '.4f')})"
+              f"{'; ' + ratios if ratios else ''}")
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -292,8 +377,35 @@ def show_progress_logs() -> None:
     warnings.filterwarnings("ignore", message="`shuffle=True` was passed")
 
 
+def _run_one(variant: str, seed: int, args: argparse.Namespace, data: Path, weights: Path,
+             workdir: Path) -> dict[str, Any]:
+    """One variant at one seed, from a cleared Keras session, in its own folder (a cold feature cache)."""
+    import keras
+
+    approach, overrides = VARIANTS[variant]
+    quick_epochs = 1 if args.quick else None
+    keras.backend.clear_session()
+    # run_fit may set mixed_float16 on a GPU; the guide's baseline runs in the default float32.
+    keras.mixed_precision.set_global_policy("float32")
+    keras.utils.set_random_seed(seed)
+    load = load_average()
+    try:
+        if approach == "keras":
+            res = run_keras_guide(data, weights, QUICK_IMAGE_SIZE if args.quick else GUIDE["image_size"],
+                                  args.head_epochs or quick_epochs or GUIDE["default_epochs"],
+                                  args.finetune_epochs or quick_epochs or GUIDE["default_epochs"], seed)
+        else:
+            res = run_tftransfer(data, weights, workdir / f"{variant}-{seed}", args.head_epochs or quick_epochs,
+                                 args.finetune_epochs or quick_epochs, seed, args.quick,
+                                 (*overrides, *args.extra))
+    except Exception:  # noqa: BLE001 - keep the other variants' figures if one fails
+        res = {"error": traceback.format_exc()}
+        print(res["error"], file=sys.stderr)
+    return {"variant": variant, "seed": seed, **res, "load_average_before": load, "load_average_after": load_average()}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Runs the chosen approaches in order and writes the JSON; returns the exit status."""
+    """Runs the chosen variants for every seed and writes the JSON; returns the exit status."""
     args = parse_args(argv)
     data, weights = args.data.resolve(), args.weights.resolve()
     missing = missing_inputs(data, weights)
@@ -302,59 +414,37 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
-    import keras
-
     show_progress_logs()
-
-    quick_epochs = 1 if args.quick else None
-    keras_head = args.head_epochs or quick_epochs or GUIDE["default_epochs"]
-    keras_finetune = args.finetune_epochs or quick_epochs or GUIDE["default_epochs"]
     payload: dict[str, Any] = {
         "benchmark": "hymenoptera_two_phase",
         "machine": machine_info(),
-        "settings": {"data": str(data), "weights": str(weights), "order": args.order, "seed": args.seed,
+        "settings": {"data": str(data), "weights": str(weights), "variants": args.variants, "seeds": args.seeds,
                      "quick": args.quick, "head_epochs_flag": args.head_epochs,
-                     "finetune_epochs_flag": args.finetune_epochs},
-        "results": {},
+                     "finetune_epochs_flag": args.finetune_epochs, "extra_overrides": args.extra},
+        "runs": [],
     }
     workdir = args.workdir.resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="tftransfer-bench-"))
-    failed = False
     try:
-        for name in args.order:
-            print(f"\n=== {name} ===", flush=True)
-            keras.backend.clear_session()
-            # run_fit may set mixed_float16 on a GPU; the guide's baseline runs in the default float32.
-            keras.mixed_precision.set_global_policy("float32")
-            keras.utils.set_random_seed(args.seed)
-            load = load_average()
-            try:
-                if name == "keras":
-                    res = run_keras_guide(data, weights, QUICK_IMAGE_SIZE if args.quick else GUIDE["image_size"],
-                                          keras_head, keras_finetune, args.seed)
-                else:
-                    res = run_tftransfer(data, weights, workdir, args.head_epochs or quick_epochs,
-                                         args.finetune_epochs or quick_epochs, args.seed, args.quick)
-            except Exception:  # noqa: BLE001 - keep the other approach's figures if one fails
-                failed = True
-                res = {"error": traceback.format_exc()}
-                print(res["error"], file=sys.stderr)
-            res["load_average_before"] = load
-            payload["results"][name] = res
+        for seed in args.seeds:
+            for variant in args.variants:
+                print(f"\n=== {variant}, seed {seed} ===", flush=True)
+                payload["runs"].append(_run_one(variant, seed, args, data, weights, workdir))
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-            for res in payload["results"].values():
+            for res in payload["runs"]:
                 res.pop("run_dir", None)  # deleted with the temporary folder
                 if res.get("export"):
                     res["export"]["path"] = None
-
+    payload["summary"] = summarize(payload["runs"])
     write_json(args.out, payload)
     print()
     if args.quick:
         print("(quick mode: 1 epoch per phase at 96 px; a smoke check, not a benchmark)")
-    print_table(payload["results"])
+    print_table(payload["runs"])
+    print_summary(payload["summary"])
     print(f"\nresults written to {args.out}")
-    return 1 if failed else 0
+    return 1 if any("error" in res for res in payload["runs"]) else 0
 
 
 if __name__ == "__main__":

@@ -180,7 +180,8 @@ def test_fit_with_placement_model_trains_and_exports(tmp_path, fitted_models):
         "data.augment.placement=model", "data.augment.rotation=0.05", "phases.head.epochs=1",
         "phases.head.feature_cache_views=2", "phases.finetune.epochs=1", "phases.finetune.unfreeze_blocks=1",
         "phases.finetune.warmup_epochs=0", f"runs_dir={tmp_path / 'runs'}", f"export.dir={tmp_path / 'saved'}",
-        f"runtime.cache_dir={tmp_path / 'cache'}", "name=device"])
+        f"runtime.cache_dir={tmp_path / 'cache'}", "name=device",
+        "phases.finetune.activation_cache=off"])  # phase 2 on images: what this test checks
     from tftransfer.jobs.fit import run_fit
 
     result = run_fit(cfg)
@@ -201,7 +202,8 @@ def test_placement_model_compiles_with_xla(caplog, fitted_models, warp_calls):
     cfg = load_config(overrides=[
         "data.batch_size=16", "data.augment.preset=custom", "data.augment.flip=true", "data.augment.rotation=0.1",
         "data.augment.zoom=0.1", "data.augment.contrast=0.2", "data.augment.placement=model", "phases.head.epochs=1",
-        "phases.head.feature_cache=false", "phases.finetune.epochs=1", "phases.finetune.unfreeze_blocks=1"])
+        "phases.head.feature_cache=false", "phases.finetune.epochs=1", "phases.finetune.unfreeze_blocks=1",
+        "phases.finetune.activation_cache=off"])  # phase 2 on images: what this test checks
     data = make_datasets(cfg.data, _source(), 32, seed=0)
     model, blocks = _tiny_model()
     from tftransfer.training.phases import fit_phases
@@ -274,7 +276,8 @@ def test_resume_restores_the_optimizer_into_the_augmenting_model(tmp_path, monke
 
     cfg = load_config(overrides=["data.batch_size=16", "data.augment.placement=model", "data.augment.rotation=0.05",
                                  "phases.head.epochs=0", "phases.finetune.epochs=2",
-                                 "phases.finetune.unfreeze_blocks=1", "phases.finetune.restore_best=false"])
+                                 "phases.finetune.unfreeze_blocks=1", "phases.finetune.restore_best=false",
+                                 "phases.finetune.activation_cache=off"])  # the augmenting model on images
     data = make_datasets(cfg.data, _source(), 32, seed=0)
     run = create_run_dir(tmp_path / "runs", "r")
     model, blocks = _tiny_model()

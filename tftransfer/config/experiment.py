@@ -138,6 +138,16 @@ class FinetuneConfig(PhaseConfig):
     l2_sp_alpha: float = _opt(0.0, "L2-SP (Li et al. 2018): alpha/2 * squared distance of the unfrozen backbone "
                                    "weights to their pretrained values, added to the loss (0 = off)", min=0.0)
     l2_sp_beta: float = _opt(0.0, "L2-SP: beta/2 * squared norm of the new head's weights (0 = off)", min=0.0)
+    activation_cache: str = _opt("auto", "compute the frozen lower blocks' output (the input of the first unfrozen "
+                                         "block) once per image and view, and train the top blocks and head on "
+                                         "it; auto = on where it applies (no pruning, distillation, target or "
+                                         "L2-SP, not multiworker, a clean cut, within activation_cache_max_mb)",
+                                 choices=("auto", "on", "off"))
+    activation_cache_views: int = _opt(4, "augmented views per training image in the activation cache; epoch e "
+                                          "trains on view e % views", min=1)
+    activation_cache_clean_view: bool = _opt(False, "make the cache's first view the un-augmented image")
+    activation_cache_max_mb: float = _opt(1024.0, "largest activation cache (train views in float16 plus val in "
+                                                  "float32) kept in memory and on disk", min=0.0)
 
 
 @dataclass(frozen=True)
@@ -408,7 +418,10 @@ def _build(cls: type, data: Mapping[str, Any] | None, prefix: str = "") -> Any:
                 raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} keys, got {sub!r}")
             kwargs[name] = _build(tp, _deep_merge(base, sub or {}), prefix=f"{key}.")
         elif name in data:
-            value = _coerce(data[name], tp, key)
+            value = data[name]
+            if isinstance(value, bool) and tp is str and {"on", "off"} <= set(f.metadata.get("choices") or ()):
+                value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
+            value = _coerce(value, tp, key)
             _check_range(value, f, key)
             kwargs[name] = value
     return cls(**kwargs)

@@ -76,10 +76,14 @@ class Datasets:
         """`train` is un-augmented: the training step applies `augmenter` instead (tftransfer.training.augment_step)."""
         return self.augment_placement == "model"
 
-    def ordered_train(self, augment: bool = False) -> tf.data.Dataset:
-        """The training split in source order (not shuffled), augmented or not: for feature extraction."""
+    def ordered_train(self, augment: bool = False, cache: str = "none") -> tf.data.Dataset:
+        """The training split in source order (not shuffled), augmented or not: for feature extraction.
+
+        With cache="memory", passes after the first read the decoded images from memory (augmentation still
+        draws new random views every pass).
+        """
         return make_split_dataset(self.source.train, self.image_size, self.batch_size, shuffle=False,
-                                  cache="none", augmenter=self.augmenter if augment else None)
+                                  cache=cache, augmenter=self.augmenter if augment else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from tftransfer.runtime import Bf16Verdict, RuntimeInfo, bf16_verdict_path, conf
 from tftransfer.serving.gate import ExportGateError
 from tftransfer.serving.parity import ParityError
 from tftransfer.serving.publish import publish_model
+from tftransfer.training.activation_cache import check_config as check_activation_cache
 from tftransfer.training.adaptation.target import TargetDomain, load_target
 from tftransfer.training.augment_step import augment_float32, step_augmenter
 from tftransfer.training.callbacks import tensorboard_hparams
@@ -93,7 +94,8 @@ def _phase_entry(phase: PhaseResult, val_metrics: dict | None) -> dict[str, Any]
             "non_trainable_params": phase.freeze.non_trainable_params,
             "unfrozen_blocks": phase.freeze.unfrozen_blocks, "learning_rate": phase.learning_rate,
             "seconds": phase.seconds, "train_images_per_second": phase.train_images_per_second,
-            "val": val_metrics, **({"pruning": phase.pruning} if phase.pruning else {})}
+            "val": val_metrics, **({"pruning": phase.pruning} if phase.pruning else {}),
+            **({"activation_cache": phase.activation_cache} if phase.activation_cache else {})}
 
 
 def feature_cache_spec(cfg: ExperimentConfig, spec: backbones.BackboneSpec, image_size: int,
@@ -281,6 +283,7 @@ def run_fit(cfg: ExperimentConfig | None, overwrite: bool = False, verbose: int 
     if resume is not None:
         cfg, checkpoint = _resume_point(Path(resume))
     assert cfg is not None
+    check_activation_cache(cfg)  # an impossible activation_cache=on fails before the data is even listed
     exp = prepare_experiment(cfg)
     if exp.info.chief:
         return _fit_job(exp, _open_run(exp, Path(resume) if resume is not None else None, overwrite), checkpoint,

@@ -41,12 +41,17 @@ def _is_normalization(layer: keras.layers.Layer) -> bool:
     return isinstance(layer, keras.layers.BatchNormalization)
 
 
+def top_blocks(blocks: Sequence[Block], n: int) -> list[Block]:
+    """The top `n` blocks (all of them when n exceeds their count): what phase 2 unfreezes."""
+    return list(blocks)[-n:] if n > 0 else []
+
+
 def unfreeze_top_blocks(model: keras.Model, blocks: Sequence[Block], n: int) -> FreezeReport:
     """Phase 2: the top `n` whole blocks of the backbone train, except their BatchNorm layers; the rest stays frozen."""
     if n < 0:
         raise ValueError(f"cannot unfreeze {n} blocks")
     backbone = get_backbone(model)
-    chosen = list(blocks)[-n:] if n else []
+    chosen = top_blocks(blocks, n)
     if n > len(blocks):
         logger.info("unfreezing all %d blocks (asked for %d)", len(blocks), n)
     names = {name for block in chosen for name in block.layer_names}

@@ -188,7 +188,23 @@ def _phases_section(metrics: Mapping[str, Any]) -> list[str]:
             ]
         )
     align = ["---", "---:", "---:", "---:", "---", "---:", "---:", "---:", "---:", "---:"]
-    return [*lines, *_table(header, rows, align), ""]
+    return [*lines, *_table(header, rows, align), "", *_activation_cache_lines(phases)]
+
+
+def _activation_cache_lines(phases: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Whether phase 2 trained on cached trunk activations, and why (or why not)."""
+    lines = []
+    for phase in phases:
+        cache = phase.get("activation_cache")
+        if not isinstance(cache, Mapping):
+            continue
+        if cache.get("used"):
+            lines.append(f"Phase {_text(phase.get('name'))} trained on cached activations "
+                         f"({_int(cache.get('views'))} views, {_text(cache.get('reason'))}"
+                         f"{', read from the cache' if cache.get('from_cache') else ''}).")
+        else:
+            lines.append(f"Phase {_text(phase.get('name'))} trained on images: {_text(cache.get('reason'))}.")
+    return [*lines, ""] if lines else []
 
 
 def _confusion_lines(cm: Any, class_names: Sequence[str]) -> list[str]:

@@ -27,6 +27,7 @@ from tftransfer.data.balance import class_weight_for
 from tftransfer.data.pipeline import Datasets
 from tftransfer.data.sources import DataSource
 from tftransfer.model import backbones
+from tftransfer.model.activations import ModelCut, split_at_trainable
 from tftransfer.model.classifier import BOTTLENECK_LAYER, HEAD_LAYER, POOL_LAYER, alignment_layer, build_inference_fn
 from tftransfer.model.features import (
     FeatureSet,
@@ -38,9 +39,18 @@ from tftransfer.model.features import (
     features_dataset,
     read_cached_features,
 )
-from tftransfer.model.freezing import FreezeReport, freeze_backbone, unfreeze_top_blocks
+from tftransfer.model.freezing import FreezeReport, freeze_backbone, top_blocks, unfreeze_top_blocks
 from tftransfer.model.precision import bf16_copy
 from tftransfer.runs.layout import RunDir
+from tftransfer.training.activation_cache import (
+    activation_datasets,
+    activation_key_parts,
+    blocked_by,
+    cached_activations,
+    config_conditions,
+    estimated_mb,
+    refuse_or_skip,
+)
 from tftransfer.training.adaptation.methods import AdaptMethod, build_method
 from tftransfer.training.adaptation.target import (
     TargetDomain,
@@ -100,6 +110,7 @@ class PhaseResult:
     first_epoch: int
     val: dict[str, Any] | None = None
     pruning: dict[str, Any] | None = None  # the pruning schedule and measured per-layer sparsity, if it pruned
+    activation_cache: dict[str, Any] | None = None  # phase 2: whether it trained on cached activations, and why
 
 
 @dataclass
@@ -123,6 +134,8 @@ class PhaseInputs:
     target_features: np.ndarray | None = None  # cached target features (phase 1 with a target)
     target_index: np.ndarray | None = None  # the target example index of each cached vector
     on_features: bool = False  # trains on cached features: epochs take milliseconds, not worth a checkpoint each
+    on_activations: bool = False  # phase 2's top on cached trunk activations (augmented views are in the cache)
+    activation_cache: dict[str, Any] | None = None  # the activation cache decision, recorded in the phase result
     callbacks: list[keras.callbacks.Callback] = field(default_factory=list)  # run before all others
 
 
@@ -275,7 +288,7 @@ def _adaptive_inputs(name: str, phase: PhaseConfig, model: keras.Model, inputs: 
     if l2sp is not None:
         note += f"; L2-SP alpha {l2sp.alpha:g} beta {l2sp.beta:g}"
     return PhaseInputs(trainer, train, inputs.val, steps, note=note, callbacks=callbacks,
-                       on_features=inputs.on_features)
+                       on_features=inputs.on_features, activation_cache=inputs.activation_cache)
 
 
 def _own_loss(model: keras.Model) -> bool:
@@ -337,6 +350,7 @@ class _FitState:
     method_restored: bool = False
     distill: Distillation | None = None
     loop: str = "keras"  # the step driver: Model.fit, or tftransfer's own (training.loop)
+    blocks: list[backbones.Block] = field(default_factory=list)  # the backbone's blocks, bottom to top
 
 
 def _start_fit(model: keras.Model, cfg: ExperimentConfig, data: Datasets, run: RunDir | None, jit_compile: bool,
@@ -381,11 +395,65 @@ def _phase_inputs(state: _FitState, name: str, phase: PhaseConfig, feature_cache
         return _distill_inputs(state, state.distill, name == "head" and head.feature_cache, feature_cache)
     if name == "head" and head.feature_cache and feature_cache is not None:
         inputs = head_on_features(model, head, data, feature_cache, cfg.runtime.seed, state.target, cfg.data)
+    elif isinstance(phase, FinetuneConfig):
+        inputs = _activation_inputs(state, phase, feature_cache)
+        if inputs.on_activations:
+            return inputs
     else:
         inputs = PhaseInputs(model, data.train, data.val, data.steps_per_epoch)
     inputs = _adaptive_inputs(name, phase, model, inputs, cfg, data, state.target, l2sp_reference,
                               state.class_weight, state.epoch, state.total_epochs, state.method, state.augmenter)
     return _augmenting_inputs(inputs, state.augmenter, name)
+
+
+def _activation_cut_or_reason(state: _FitState, phase: FinetuneConfig, views: int) -> tuple[ModelCut | None, str]:
+    """The model's cut below its unfrozen blocks when phase 2 can train on cached activations, else why not."""
+    cfg, data, model = state.cfg, state.data, state.model
+    strategy = tf.distribute.get_strategy()
+    conditions = config_conditions(cfg, multiworker=is_multiworker(strategy), replicas=strategy.num_replicas_in_sync)
+    why = blocked_by(replace(conditions, distill=state.distill is not None,
+                             adaptive=conditions.adaptive or state.target is not None))
+    if why is not None:
+        return None, why
+    names = [layer for block in top_blocks(state.blocks, phase.unfreeze_blocks) for layer in block.layer_names]
+    result = split_at_trainable(model, names)
+    if result.cut is None:
+        return None, result.reason
+    if [id(v) for v in result.cut.top.trainable_variables] != [id(v) for v in model.trainable_variables]:
+        return None, "the model trains weights outside the unfrozen blocks and head"
+    size = estimated_mb(result.cut, len(data.source.train), data.val_examples if data.val is not None else 0, views)
+    if size > phase.activation_cache_max_mb:
+        return None, (f"it would take {size:.0f} MB, over phases.finetune.activation_cache_max_mb "
+                      f"{phase.activation_cache_max_mb:g}")
+    return result.cut, f"{result.reason}, {size:.1f} MB"
+
+
+def _activation_inputs(state: _FitState, phase: FinetuneConfig,
+                       feature_cache: FeatureCacheSpec | None) -> PhaseInputs:
+    """Phase 2's top blocks and head on cached trunk activations (tftransfer.training.activation_cache), or the
+    images' inputs to use instead with the reason; `on` where the cache cannot apply is a ConfigError."""
+    data, seed = state.data, state.cfg.runtime.seed
+    views = phase.activation_cache_views if data.augmenter is not None else 1
+    if phase.activation_cache == "off":
+        cut, why = None, "phases.finetune.activation_cache is off"
+    else:
+        cut, why = _activation_cut_or_reason(state, phase, views)
+    if cut is None:
+        logger.info("phase finetune trains on images, not cached activations: %s", refuse_or_skip(phase, why))
+        return PhaseInputs(state.model, data.train, data.val, data.steps_per_epoch,
+                           activation_cache={"used": False, "reason": why})
+    clean = phase.activation_cache_clean_view and views > 1
+    parts = activation_key_parts(cut, data, feature_cache.key_parts if feature_cache else {}, views, clean, seed)
+    found = cached_activations(cut, data, views, clean, parts, feature_cache.cache_dir if feature_cache else None)
+    train, val, steps, schedule = activation_datasets(found, cut, data.batch_size, data.shuffle_buffer, seed,
+                                                      state.epoch)
+    decision = {"used": True, "reason": why, "cut": cut.cut, "views": views, "clean_view": clean,
+                "from_cache": found.from_cache, "compute_seconds": round(found.seconds, 3),
+                "path": str(found.path) if found.path else None}
+    note = (f"cached activations at {cut.cut} ({views} view{'s' if views > 1 else ''} per image, epoch e on view "
+            f"e % {views}{', from cache' if found.from_cache else ''})")
+    return PhaseInputs(cut.top, train, val, steps, note=note, callbacks=[schedule], on_activations=True,
+                       activation_cache=decision)
 
 
 def _distill_inputs(state: _FitState, distill: Distillation, on_features: bool,
@@ -421,7 +489,7 @@ def _distill_inputs(state: _FitState, distill: Distillation, on_features: bool,
 def _augmenting_inputs(inputs: PhaseInputs, augmenter: keras.Layer | None, name: str) -> PhaseInputs:
     """A phase on images with a step augmenter: the model wrapped in an AugmentingModel (the trainer augments in
     its own train_step)."""
-    if augmenter is None or inputs.on_features:
+    if augmenter is None or inputs.on_features or inputs.on_activations:
         return inputs
     if not isinstance(inputs.model, AdaptiveTrainer):
         inputs = replace(inputs, model=AugmentingModel(inputs.model, augmenter, name=f"augmenting_{name}"))
@@ -526,7 +594,8 @@ def _end_phase(state: _FitState, name: str, phase: PhaseConfig, inputs: PhaseInp
         learning_rate=phase.learning_rate, seconds=seconds,
         train_images_per_second=epochs_run * state.data.train_examples / seconds if seconds > 0 else 0.0,
         first_epoch=state.epoch + 1, val=evaluate_phase(state.model) if evaluate_phase else None,
-        pruning=progress.pruning.report(state.model) if progress.pruning is not None else None)
+        pruning=progress.pruning.report(state.model) if progress.pruning is not None else None,
+        activation_cache=inputs.activation_cache)
     state.epoch += epochs_run
     progress.completed.append(asdict(done))
     if run is not None:  # the phase's final weights (best restored), so a resume starts the next phase
@@ -594,6 +663,7 @@ def fit_phases(model: keras.Model, cfg: ExperimentConfig, data: Datasets, blocks
     With `distill`, both phases train on its fixed views and teacher logits (tftransfer.training.distill).
     """
     state = _start_fit(model, cfg, data, run, jit_compile, resume, target, distill)
+    state.blocks = list(blocks)
     finished = {d["name"]: d for d in resume.state.completed} if resume is not None else {}
     plan = _phase_plan(model, cfg, blocks)
     state.total_epochs = sum(phase.epochs for _, phase, _ in plan)  # DANN's lambda ramps over the whole run
