@@ -9,7 +9,6 @@ i.e. one tensor carries everything the unfrozen layers read from the frozen ones
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -107,14 +106,3 @@ def split_at_trainable(model: keras.Model, unfrozen: Iterable[str]) -> CutResult
     name = _producer(tensor).name
     return CutResult(ModelCut(trunk, top, name, tuple(int(d) for d in tensor.shape[1:]), str(tensor.dtype)),
                      f"cut at {name} {tuple(tensor.shape[1:])}")
-
-
-def weights_digest(model: keras.Model) -> str:
-    """sha256 of a model's weights (in order: shapes, dtypes and bytes): what its outputs depend on besides the
-    input. Names are left out: Keras numbers auto-named layers per process."""
-    digest = hashlib.sha256()
-    for weight in model.weights:
-        value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
-        digest.update(f"{value.shape}:{value.dtype}".encode())
-        digest.update(value.tobytes())
-    return digest.hexdigest()[:24]

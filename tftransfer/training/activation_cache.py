@@ -26,12 +26,12 @@ import tensorflow as tf
 
 import tftransfer
 from tftransfer.config.experiment import ExperimentConfig, FinetuneConfig
-from tftransfer.core.cache import cache_key
+from tftransfer.core.cache import arrays_digest, cache_key
 from tftransfer.core.errors import ConfigError
 from tftransfer.data.augment import AUGMENT_VERSION
 from tftransfer.data.pipeline import Datasets
 from tftransfer.data.sources import split_fingerprint
-from tftransfer.model.activations import ModelCut, weights_digest
+from tftransfer.model.activations import ModelCut
 from tftransfer.model.classifier import build_inference_fn
 from tftransfer.model.features import extract_features
 
@@ -117,7 +117,7 @@ def activation_key_parts(cut: ModelCut, data: Datasets, base_parts: dict[str, An
                          seed: int) -> dict[str, Any]:
     """Everything the cached activations depend on: images, trunk weights, cut, size, augmentation, seed, views."""
     augment = f"{AUGMENT_VERSION} {_unnamed(data.augmenter.get_config())}" if data.augmenter is not None else None
-    return {**base_parts, "trunk": weights_digest(cut.trunk), "cut": cut.cut, "shape": list(cut.shape),
+    return {**base_parts, "trunk": arrays_digest(cut.trunk.get_weights()), "cut": cut.cut, "shape": list(cut.shape),
             "image_size": data.image_size, "augment": augment, "seed": seed, "views": views,
             "clean_view": clean_view, "store": np.dtype(STORE_DTYPE).name,
             "train": split_fingerprint(data.source.train),
