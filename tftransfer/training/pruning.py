@@ -164,7 +164,7 @@ def prunable_kernels(model: keras.Model, kinds: Sequence[str], trainable_only: b
         kind = layer_kind(layer)
         if kind is None or kind not in kinds or layer.name == HEAD_LAYER:
             continue
-        kernel = getattr(layer, "depthwise_kernel" if kind == "depthwise" else "kernel", None)
+        kernel = getattr(layer, "kernel", None)  # Keras 3's DepthwiseConv2D names its kernel `kernel` too
         if kernel is None or (trainable_only and not (layer.trainable and kernel.trainable)):
             continue
         if int(np.prod(kernel.shape)) < min_weights:
@@ -197,8 +197,7 @@ def following_batchnorms(model: keras.Model) -> dict[str, keras.layers.BatchNorm
             continue
         producer = producers.get(id(_single_tensor(bn, "input")))
         if producer is not None:
-            kernel = getattr(producer, "depthwise_kernel" if layer_kind(producer) == "depthwise" else "kernel")
-            found[kernel.path] = bn
+            found[producer.kernel.path] = bn
     return found
 
 
