@@ -75,7 +75,7 @@ def pruned_values(args: argparse.Namespace, teacher: Path, sparsity: float, name
 
 def pruned_name(args: argparse.Namespace, sparsity: float) -> str:
     """The run name of one pruned model (seed 0 keeps the plain name)."""
-    return f"pruned_{round(100 * sparsity)}" + (f"_seed{args.seed}" if args.seed else "")
+    return f"pruned_{round(100 * sparsity)}" + (f"_seed{args.seed}" if args.seed else "") + args.tag
 
 
 def train(args: argparse.Namespace) -> None:
@@ -165,6 +165,7 @@ def main() -> None:
     parser.add_argument("--allocation", default="uniform")
     parser.add_argument("--score", default="folded")
     parser.add_argument("--min-weights", type=int, default=4096)
+    parser.add_argument("--tag", default="", help="suffix of the pruned runs' names (an ablation beside them)")
     parser.add_argument("--seed", type=int, default=0, help="runtime.seed of the pruned runs")
     parser.add_argument("--latency-runs", type=int, default=30)
     parser.add_argument("--work", type=Path, default=Path("/tmp/tftransfer_compress_bench"))

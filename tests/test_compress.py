@@ -222,6 +222,9 @@ def test_masks_are_checkpointed_and_survive_the_resume(pruned):
     assert prune["pruned_kernels"] == 6  # the tiny backbone's convolutions, not the output layer
     assert all(row["sparsity"] == pytest.approx(TARGET, abs=0.02) for row in prune["layers"])
     assert "## Pruning (phase finetune)" in (pruned["run"] / "summary.md").read_text()
+    assert "(folded score, uniform allocation, kernels of at least 0 weights)" in (pruned["run"] / "summary.md"
+                                                                                    ).read_text()
+    assert prune["score"] == "folded" and prune["folded_kernels"] == 4  # the shortcuts have no BatchNorm after them
     # and the final weights are zero exactly where the interrupted run's masks said
     saved = read_checkpoint(pruned["killed"]).masks()
     model = keras.saving.load_model(pruned["run"] / "model.keras")
