@@ -179,7 +179,8 @@ def pruned(tmp_path_factory) -> dict[str, Path]:
             "--set", f"phases.finetune.epochs={FINETUNE}", "--set", "phases.finetune.unfreeze_blocks=4",
             "--set", "phases.finetune.learning_rate=0.01", "--set", "phases.finetune.warmup_epochs=0",
             "--set", f"prune.target_sparsity={TARGET}", "--set", "prune.end_fraction=0.2",
-            "--set", "prune.min_weights=0"]  # the tiny backbone's kernels are all small
+            "--set", "prune.min_weights=0",  # the tiny backbone's kernels are all small
+            "--set", "prune.allocation=uniform"]  # so that every kernel ends at the target
     real, calls = callbacks.EpochCheckpoint.on_epoch_end, []
 
     def interrupt_after_two(self, epoch, logs=None):

@@ -247,8 +247,9 @@ class PruneConfig:
     score: str = _opt("folded", "what ranks a weight: folded = |w * gamma / sqrt(var + eps)| of the BatchNorm "
                                 "right after its layer (what the frozen layer really multiplies by; |w| where no "
                                 "BatchNorm follows), magnitude = |w|", choices=PRUNE_SCORE_NAMES)
-    allocation: str = _opt("uniform", "how the target is spread: uniform = every pruned kernel at the target "
-                                      "sparsity; global = one score threshold over all pruned kernels together",
+    allocation: str = _opt("global", "how the target is spread: global = one score threshold over all pruned "
+                                     "kernels together (the big late 1x1 kernels lose most); uniform = every "
+                                     "pruned kernel at the target sparsity",
                            choices=PRUNE_ALLOCATION_NAMES)
 
     def __post_init__(self) -> None:
