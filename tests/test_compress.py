@@ -91,7 +91,8 @@ def test_min_weights_leaves_small_kernels_dense():
     big = [name for name, _, _ in prunable_kernels(model, ("conv",), trainable_only=False, min_weights=1000)]
     assert big == ["block2_conv", "block3_conv"]
     before = {w.path: keras.ops.convert_to_numpy(w).copy() for w in model.weights}
-    masks = prune_once(model, PruneConfig(target_sparsity=0.5, min_weights=1000, layers=("conv",)))
+    masks = prune_once(model, PruneConfig(target_sparsity=0.5, min_weights=1000, layers=("conv",),
+                                          allocation="uniform"))
     assert sorted(masks) == ["block2_conv/kernel", "block3_conv/kernel"]
     for weight in model.weights:
         values = keras.ops.convert_to_numpy(weight)
@@ -161,7 +162,8 @@ def test_global_allocation_ranks_all_kernels_together_and_depthwise_kernels_are_
                                           layers=("conv",), score="magnitude"))
     # 24 conv weights, 6 go: all 8 of `small` score lowest but only 6 are dropped, `big` keeps everything
     assert int((~masks["small/kernel"]).sum()) == 6 and masks["big/kernel"].all()
-    uniform = prune_once(model, PruneConfig(target_sparsity=0.25, min_weights=0, layers=("conv",)))
+    uniform = prune_once(model, PruneConfig(target_sparsity=0.25, min_weights=0, layers=("conv",),
+                                            allocation="uniform"))
     assert int((~uniform["small/kernel"]).sum()) == 2 and int((~uniform["big/kernel"]).sum()) == 4
 
 
