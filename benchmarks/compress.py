@@ -1,6 +1,7 @@
 """Compression on real data: a fine-tuned MobileNetV2-0.5 teacher against a distilled MobileNet-0.25 student in
-TFLite (float32 and full-integer int8 with uint8 I/O), and the teacher's recipe with magnitude pruning at 50, 75
-and 90% sparsity, all scored by `tftransfer compress-report` on the same validation split.
+TFLite (float32 and full-integer int8 with uint8 I/O), and the teacher pruned at 50, 75 and 90% sparsity (by
+default from its fine-tuned backbone, distilled from the unpruned teacher while phase 2 prunes the whole backbone),
+all scored by `tftransfer compress-report` on the same validation split.
 
     python benchmarks/compress.py train                                   # the runs (minutes; no timing)
     flock -x /tmp/tftransfer-cpu.lock python benchmarks/compress.py measure   # the report, CPU to itself
@@ -162,8 +163,8 @@ def main() -> None:
     parser.add_argument("--prune-lr", type=float, default=3e-4)
     parser.add_argument("--prune-end", type=float, default=0.6, help="prune.end_fraction")
     parser.add_argument("--prune-alpha", type=float, default=0.7, help="distill.alpha of the distill recipe")
-    parser.add_argument("--allocation", default="uniform")
-    parser.add_argument("--score", default="folded")
+    parser.add_argument("--allocation", default="global", help="prune.allocation (measured best: global)")
+    parser.add_argument("--score", default="magnitude", help="prune.score (measured best with global: magnitude)")
     parser.add_argument("--min-weights", type=int, default=4096)
     parser.add_argument("--tag", default="", help="suffix of the pruned runs' names (an ablation beside them)")
     parser.add_argument("--seed", type=int, default=0, help="runtime.seed of the pruned runs")
