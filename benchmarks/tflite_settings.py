@@ -1,6 +1,6 @@
 """Batch-1 latency of TFLite files under the interpreter settings that might legitimately speed int8 up: thread
-count, XNNPACK on/off (the builtin kernels instead), and XNNPACK's "latest features" flag (which turns on, e.g.,
-its sparse inference path for 1x1 convolutions with zeros). Same input, same files; only the runtime changes.
+count, XNNPACK on/off (the builtin kernels instead), and XNNPACK's "latest features" flag (its newer optional
+features). Same input, same files; only the runtime changes.
 
     flock -x /tmp/tftransfer-cpu.lock python benchmarks/tflite_settings.py a.tflite b.tflite ...
 
