@@ -134,9 +134,9 @@ def test_folded_score_weighs_each_channel_by_its_batchnorm_and_keeps_the_weights
     scale = gamma / np.sqrt(variance + 1e-3)
     np.testing.assert_allclose(folded["conv/kernel"], np.abs(weights * scale), rtol=1e-6)
     np.testing.assert_array_equal(folded["bare/kernel"], magnitude["bare/kernel"])  # no BatchNorm: |w|
-    cfg = PruneConfig(target_sparsity=0.5, min_weights=0)
+    cfg = PruneConfig(target_sparsity=0.5, min_weights=0, score="folded", allocation="uniform")
     kept = compute_masks(kernels, cfg, 0.5, batchnorms)["conv/kernel"].reshape(2, 4)
-    by_magnitude = compute_masks(kernels, PruneConfig(target_sparsity=0.5, min_weights=0, score="magnitude"), 0.5,
+    by_magnitude = compute_masks(kernels, dataclasses.replace(cfg, score="magnitude"), 0.5,
                                  batchnorms)["conv/kernel"].reshape(2, 4)
     assert by_magnitude.tolist() == [[False, False, True, True], [False, False, True, True]]
     # folded: channel 0 (x20) and 2 (x1, weights 3 and 3.5) stay; channel 3's 4 and 4.5 x 0.1 go
@@ -182,7 +182,8 @@ def pruned(tmp_path_factory) -> dict[str, Path]:
             "--set", "phases.finetune.learning_rate=0.01", "--set", "phases.finetune.warmup_epochs=0",
             "--set", f"prune.target_sparsity={TARGET}", "--set", "prune.end_fraction=0.2",
             "--set", "prune.min_weights=0",  # the tiny backbone's kernels are all small
-            "--set", "prune.allocation=uniform"]  # so that every kernel ends at the target
+            "--set", "prune.allocation=uniform",  # so that every kernel ends at the target
+            "--set", "prune.score=folded"]
     real, calls = callbacks.EpochCheckpoint.on_epoch_end, []
 
     def interrupt_after_two(self, epoch, logs=None):

@@ -244,9 +244,10 @@ class PruneConfig:
     min_weights: int = _opt(4096, "kernels with fewer weights stay dense (MobileNetV2's stem and small 1x1 "
                                   "projections collapse when pruned at the rate of the big kernels; 0 = prune all)",
                             min=0)
-    score: str = _opt("folded", "what ranks a weight: folded = |w * gamma / sqrt(var + eps)| of the BatchNorm "
-                                "right after its layer (what the frozen layer really multiplies by; |w| where no "
-                                "BatchNorm follows), magnitude = |w|", choices=PRUNE_SCORE_NAMES)
+    score: str = _opt("magnitude", "what ranks a weight: magnitude = |w|; folded = |w * gamma / sqrt(var + eps)| "
+                                   "of the BatchNorm right after its layer (what the frozen layer multiplies by; |w| "
+                                   "where none follows), better than magnitude with uniform allocation, much worse "
+                                   "with global (docs/benchmarks.md)", choices=PRUNE_SCORE_NAMES)
     allocation: str = _opt("global", "how the target is spread: global = one score threshold over all pruned "
                                      "kernels together (the big late 1x1 kernels lose most); uniform = every "
                                      "pruned kernel at the target sparsity",
