@@ -1,6 +1,7 @@
 """Compression on real data: a fine-tuned MobileNetV2-0.5 teacher against a distilled MobileNet-0.25 student in
-TFLite (float32 and full-integer int8 with uint8 I/O), and the teacher's recipe with magnitude pruning at 50, 75
-and 90% sparsity, all scored by `tftransfer compress-report` on the same validation split.
+TFLite (float32 and full-integer int8 with uint8 I/O), and the teacher pruned at 50, 75 and 90% sparsity (by
+default from its fine-tuned backbone, distilled from the unpruned teacher while phase 2 prunes the whole backbone),
+all scored by `tftransfer compress-report` on the same validation split.
 
     python benchmarks/compress.py train                                   # the runs (minutes; no timing)
     flock -x /tmp/tftransfer-cpu.lock python benchmarks/compress.py measure   # the report, CPU to itself
@@ -46,6 +47,38 @@ def _done(run: Path) -> bool:
     return (run / "metrics.json").is_file()
 
 
+def teacher_backbone_weights(teacher: Path) -> Path:
+    """The fine-tuned teacher's backbone weights as a .weights.h5 file (model.weights of the pruned runs, so they
+    start from the fine-tuned model, not from ImageNet)."""
+    from tftransfer.model.layers import InferenceBackbone
+    from tftransfer.runs.finished import load_run_model
+
+    out = teacher / "backbone.weights.h5"
+    if not out.is_file():
+        wrapped = [layer for layer in load_run_model(teacher).layers if isinstance(layer, InferenceBackbone)]
+        wrapped[0].backbone.save_weights(str(out))
+    return out
+
+
+def pruned_values(args: argparse.Namespace, teacher: Path, sparsity: float, name: str) -> dict[str, Any]:
+    """The pruning recipe: `short` prunes the teacher's recipe from ImageNet weights; `distill` starts from the
+    fine-tuned teacher's backbone, prunes the whole backbone during phase 2 with the unpruned teacher's soft targets,
+    for --prune-epochs at --prune-lr."""
+    values = {**recipe(args, TEACHER), "name": name, "runtime.seed": args.seed, "prune.target_sparsity": sparsity,
+              "prune.end_fraction": args.prune_end, "prune.allocation": args.allocation, "prune.score": args.score,
+              "prune.min_weights": args.min_weights}
+    if args.prune_recipe == "distill":
+        values.update({"model.weights": str(teacher_backbone_weights(teacher)), "distill.alpha": args.prune_alpha,
+                       "distill.temperature": 4.0, "phases.finetune.epochs": args.prune_epochs,
+                       "phases.finetune.learning_rate": args.prune_lr})
+    return values
+
+
+def pruned_name(args: argparse.Namespace, sparsity: float) -> str:
+    """The run name of one pruned model (seed 0 keeps the plain name)."""
+    return f"pruned_{round(100 * sparsity)}" + (f"_seed{args.seed}" if args.seed else "") + args.tag
+
+
 def train(args: argparse.Namespace) -> None:
     """The teacher, the distilled student and the pruned teachers (each skipped when already finished)."""
     import tftransfer
@@ -58,10 +91,14 @@ def train(args: argparse.Namespace) -> None:
         values = {**recipe(args, STUDENT), "name": "student", "distill.alpha": 0.7, "distill.temperature": 4.0}
         tftransfer.distill(teacher, STUDENT[0], values=values, overwrite=True)
     for sparsity in args.sparsities:
-        name = f"pruned_{round(100 * sparsity)}"
-        if not _done(runs / name):
-            tftransfer.fit(values={**recipe(args, TEACHER), "name": name, "prune.target_sparsity": sparsity,
-                                   "prune.end_fraction": 0.6}, overwrite=True)
+        name = pruned_name(args, sparsity)
+        if _done(runs / name):
+            continue
+        values = pruned_values(args, teacher, sparsity, name)
+        if args.prune_recipe == "distill":
+            tftransfer.distill(teacher, TEACHER[0], values=values, overwrite=True)
+        else:
+            tftransfer.fit(values=values, overwrite=True)
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -69,19 +106,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import tftransfer
 
     runs = args.work / "runs"
-    names = ["teacher", *(["student"] if args.student else []), *(f"pruned_{round(100 * s)}" for s in args.sparsities)]
+    names = ["teacher", *(["student"] if args.student else []), *(pruned_name(args, s) for s in args.sparsities)]
     load_before = os.getloadavg()
     started = time.perf_counter()
     report = tftransfer.compress_report([runs / n for n in names], tflite=("float32", "int8-uint8"),
                                         output=args.work / "report", latency_runs=args.latency_runs).report
     rows = {row["name"]: row for row in report["models"]}
     teacher_f32 = rows["teacher tflite float32"]
-    pruning = [{"sparsity_target": s, "accuracy": rows[f"pruned_{round(100 * s)} tflite float32"]["accuracy"],
-                "nonzero_fraction": rows[f"pruned_{round(100 * s)} tflite float32"]["nonzero_parameters"]
-                / rows[f"pruned_{round(100 * s)} tflite float32"]["parameters"],
-                "gzip_bytes": rows[f"pruned_{round(100 * s)} tflite float32"]["gzip_bytes"],
-                "latency_batch1_ms": rows[f"pruned_{round(100 * s)} tflite float32"]["latency_batch1_ms"],
-                "int8_accuracy": rows[f"pruned_{round(100 * s)} tflite int8-uint8"]["accuracy"]}
+    pruning = [{"sparsity_target": s, "accuracy": rows[f"{pruned_name(args, s)} tflite float32"]["accuracy"],
+                "keras_accuracy": rows[pruned_name(args, s)]["accuracy"],
+                "nonzero_fraction": rows[f"{pruned_name(args, s)} tflite float32"]["nonzero_parameters"]
+                / rows[f"{pruned_name(args, s)} tflite float32"]["parameters"],
+                "gzip_bytes": rows[f"{pruned_name(args, s)} tflite float32"]["gzip_bytes"],
+                "latency_batch1_ms": rows[f"{pruned_name(args, s)} tflite float32"]["latency_batch1_ms"],
+                "int8_accuracy": rows[f"{pruned_name(args, s)} tflite int8-uint8"]["accuracy"]}
                for s in args.sparsities]
     pruning.insert(0, {"sparsity_target": 0.0, "accuracy": teacher_f32["accuracy"],
                        "nonzero_fraction": teacher_f32["nonzero_parameters"] / teacher_f32["parameters"],
@@ -118,6 +156,18 @@ def main() -> None:
                         default=(0.5, 0.75, 0.9))
     parser.add_argument("--student", action=argparse.BooleanOptionalAction, default=True,
                         help="Train and measure the distilled MobileNet-0.25 student.")
+    parser.add_argument("--prune-recipe", choices=("distill", "short"), default="distill",
+                        help="distill: from the fine-tuned teacher's backbone with its soft targets; short: the "
+                             "teacher's recipe from ImageNet weights")
+    parser.add_argument("--prune-epochs", type=int, default=12)
+    parser.add_argument("--prune-lr", type=float, default=3e-4)
+    parser.add_argument("--prune-end", type=float, default=0.6, help="prune.end_fraction")
+    parser.add_argument("--prune-alpha", type=float, default=0.7, help="distill.alpha of the distill recipe")
+    parser.add_argument("--allocation", default="global", help="prune.allocation (measured best: global)")
+    parser.add_argument("--score", default="magnitude", help="prune.score (measured best with global: magnitude)")
+    parser.add_argument("--min-weights", type=int, default=4096)
+    parser.add_argument("--tag", default="", help="suffix of the pruned runs' names (an ablation beside them)")
+    parser.add_argument("--seed", type=int, default=0, help="runtime.seed of the pruned runs")
     parser.add_argument("--latency-runs", type=int, default=30)
     parser.add_argument("--work", type=Path, default=Path("/tmp/tftransfer_compress_bench"))
     parser.add_argument("--out", type=Path)

@@ -3,6 +3,7 @@ with zeros) and the compress-report command on the pruned run."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -16,12 +17,31 @@ from conftest import make_colour_folder
 
 import tftransfer
 from tftransfer.cli import main
-from tftransfer.config.experiment import PRUNABLE_LAYER_KINDS, PruneConfig, load_config
+from tftransfer.config.experiment import (
+    PRUNABLE_LAYER_KINDS,
+    PRUNE_ALLOCATION_NAMES,
+    PRUNE_SCORE_NAMES,
+    PruneConfig,
+    load_config,
+)
 from tftransfer.core.errors import ConfigError
+from tftransfer.model.backbones import build_tiny_backbone
 from tftransfer.serving.tflite import load_interpreter, read_labels
 from tftransfer.training import callbacks
 from tftransfer.training.checkpoint import MASKS_FILE, list_checkpoints, read_checkpoint
-from tftransfer.training.pruning import PRUNABLE_LAYERS, magnitude_mask, polynomial_sparsity, prunable_kernels
+from tftransfer.training.pruning import (
+    PRUNABLE_LAYERS,
+    PRUNE_ALLOCATIONS,
+    PRUNE_SCORES,
+    build_pruning,
+    compute_masks,
+    following_batchnorms,
+    kernel_scores,
+    magnitude_mask,
+    polynomial_sparsity,
+    prunable_kernels,
+    prune_once,
+)
 
 TARGET = 0.75
 FINETUNE = 4
@@ -51,6 +71,100 @@ def test_config_kinds_match_the_registry_and_bad_schedules_name_the_keys():
     with pytest.raises(ConfigError, match="prune.layers"):
         load_config(None, ["prune.layers=[conv, batchnorm]"])
     assert PruneConfig().target_sparsity == 0.0  # off unless asked for
+    assert set(PRUNE_SCORE_NAMES) == set(PRUNE_SCORES) and set(PRUNE_ALLOCATION_NAMES) == set(PRUNE_ALLOCATIONS)
+
+
+def test_a_bad_score_or_allocation_is_a_one_line_error_naming_the_key():
+    for key in ("score", "allocation"):
+        with pytest.raises(ConfigError, match=f"prune.{key}") as caught:
+            load_config(None, [f"prune.{key}=biggest"])
+        assert "\n" not in str(caught.value)
+    # a config built in Python, past load_config's checks, fails the same way at the registry
+    kernels = prunable_kernels(build_tiny_backbone(), ("conv",), trainable_only=False)
+    with pytest.raises(ConfigError, match="prune.score: unknown value 'biggest'; choose one of folded, magnitude"):
+        compute_masks(kernels, PruneConfig(target_sparsity=0.5, score="biggest"), 0.5, {})
+
+
+def test_min_weights_leaves_small_kernels_dense():
+    model = build_tiny_backbone()  # kernels of 216 (stem), 576, 128, 1152, 512 and 4608 (block3_conv) weights
+    assert len(prunable_kernels(model, ("conv",), trainable_only=False)) == 6
+    big = [name for name, _, _ in prunable_kernels(model, ("conv",), trainable_only=False, min_weights=1000)]
+    assert big == ["block2_conv", "block3_conv"]
+    before = {w.path: keras.ops.convert_to_numpy(w).copy() for w in model.weights}
+    masks = prune_once(model, PruneConfig(target_sparsity=0.5, min_weights=1000, layers=("conv",),
+                                          allocation="uniform"))
+    assert sorted(masks) == ["block2_conv/kernel", "block3_conv/kernel"]
+    for weight in model.weights:
+        values = keras.ops.convert_to_numpy(weight)
+        if weight.path in masks:
+            assert np.count_nonzero(values == 0) == values.size // 2, weight.path
+        else:  # the small kernels (and every other weight) are untouched
+            assert np.array_equal(values, before[weight.path]), weight.path
+    callback = build_pruning(PruneConfig(target_sparsity=0.5), model, total_steps=10)  # the default 4096
+    assert [name for name, _, _ in callback.kernels] == ["block3_conv"]
+
+
+def _conv_bn(gamma: np.ndarray, variance: np.ndarray) -> keras.Model:
+    """A 1x1 conv of 4 output channels into a BatchNorm, and a second conv with no BatchNorm after it."""
+    inputs = keras.Input((4, 4, 2))
+    x = keras.layers.Conv2D(4, 1, use_bias=False, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn", epsilon=1e-3)(x)
+    x = keras.layers.Conv2D(4, 1, use_bias=False, name="bare")(x)
+    model = keras.Model(inputs, x)
+    kernel = np.array([[1.0, 2.0, 3.0, 4.0], [1.5, 2.5, 3.5, 4.5]], np.float32).reshape(1, 1, 2, 4)
+    model.get_layer("conv").kernel.assign(kernel)
+    model.get_layer("bare").kernel.assign(np.tile(kernel, (1, 1, 2, 1)))
+    model.get_layer("bn").gamma.assign(gamma)
+    model.get_layer("bn").moving_variance.assign(variance)
+    return model
+
+
+def test_folded_score_weighs_each_channel_by_its_batchnorm_and_keeps_the_weights_it_amplifies():
+    # channel 0 has the smallest weights but BatchNorm multiplies it by 10 / sqrt(0.25 + eps) ~ 20;
+    # channel 3 has the largest weights but a variance of 99.999 -> x 0.1
+    gamma = np.array([10.0, 1.0, 1.0, 1.0], np.float32)
+    variance = np.array([0.25, 1.0, 1.0, 99.999], np.float32)
+    model = _conv_bn(gamma, variance)
+    batchnorms = following_batchnorms(model)
+    assert {path: bn.name for path, bn in batchnorms.items()} == {"conv/kernel": "bn"}  # not the bare conv
+    kernels = prunable_kernels(model, ("conv",), trainable_only=False)
+    folded = kernel_scores(kernels, "folded", batchnorms)
+    magnitude = kernel_scores(kernels, "magnitude", batchnorms)
+    weights = keras.ops.convert_to_numpy(model.get_layer("conv").kernel)
+    scale = gamma / np.sqrt(variance + 1e-3)
+    np.testing.assert_allclose(folded["conv/kernel"], np.abs(weights * scale), rtol=1e-6)
+    np.testing.assert_array_equal(folded["bare/kernel"], magnitude["bare/kernel"])  # no BatchNorm: |w|
+    cfg = PruneConfig(target_sparsity=0.5, min_weights=0, score="folded", allocation="uniform")
+    kept = compute_masks(kernels, cfg, 0.5, batchnorms)["conv/kernel"].reshape(2, 4)
+    by_magnitude = compute_masks(kernels, dataclasses.replace(cfg, score="magnitude"), 0.5,
+                                 batchnorms)["conv/kernel"].reshape(2, 4)
+    assert by_magnitude.tolist() == [[False, False, True, True], [False, False, True, True]]
+    # folded: channel 0 (x20) and 2 (x1, weights 3 and 3.5) stay; channel 3's 4 and 4.5 x 0.1 go
+    assert kept.tolist() == [[True, False, True, False], [True, False, True, False]]
+    # equal statistics in every channel: the folded ranking is the magnitude ranking
+    same = _conv_bn(np.full(4, 2.0, np.float32), np.full(4, 3.0, np.float32))
+    kernels = prunable_kernels(same, ("conv",), trainable_only=False)
+    assert np.array_equal(compute_masks(kernels, cfg, 0.5, following_batchnorms(same))["conv/kernel"],
+                          compute_masks(kernels, dataclasses.replace(cfg, score="magnitude"), 0.5, {})["conv/kernel"])
+
+
+def test_global_allocation_ranks_all_kernels_together_and_depthwise_kernels_are_found():
+    inputs = keras.Input((4, 4, 2))
+    x = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(inputs)
+    x = keras.layers.Conv2D(4, 1, name="small")(x)
+    x = keras.layers.Conv2D(4, 1, name="big")(x)
+    model = keras.Model(inputs, x)
+    model.get_layer("small").kernel.assign(np.full((1, 1, 2, 4), 0.01, np.float32))
+    model.get_layer("big").kernel.assign(np.arange(1, 17, dtype=np.float32).reshape(1, 1, 4, 4))
+    kinds = ("conv", "depthwise")
+    assert [name for name, _, _ in prunable_kernels(model, kinds, trainable_only=False)] == ["dw", "small", "big"]
+    masks = prune_once(model, PruneConfig(target_sparsity=0.25, min_weights=0, allocation="global",
+                                          layers=("conv",), score="magnitude"))
+    # 24 conv weights, 6 go: all 8 of `small` score lowest but only 6 are dropped, `big` keeps everything
+    assert int((~masks["small/kernel"]).sum()) == 6 and masks["big/kernel"].all()
+    uniform = prune_once(model, PruneConfig(target_sparsity=0.25, min_weights=0, layers=("conv",),
+                                            allocation="uniform"))
+    assert int((~uniform["small/kernel"]).sum()) == 2 and int((~uniform["big/kernel"]).sum()) == 4
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +180,10 @@ def pruned(tmp_path_factory) -> dict[str, Path]:
             "--set", "phases.head.epochs=8", "--set", "phases.head.learning_rate=0.05",
             "--set", f"phases.finetune.epochs={FINETUNE}", "--set", "phases.finetune.unfreeze_blocks=4",
             "--set", "phases.finetune.learning_rate=0.01", "--set", "phases.finetune.warmup_epochs=0",
-            "--set", f"prune.target_sparsity={TARGET}", "--set", "prune.end_fraction=0.2"]
+            "--set", f"prune.target_sparsity={TARGET}", "--set", "prune.end_fraction=0.2",
+            "--set", "prune.min_weights=0",  # the tiny backbone's kernels are all small
+            "--set", "prune.allocation=uniform",  # so that every kernel ends at the target
+            "--set", "prune.score=folded"]
     real, calls = callbacks.EpochCheckpoint.on_epoch_end, []
 
     def interrupt_after_two(self, epoch, logs=None):
@@ -109,6 +226,9 @@ def test_masks_are_checkpointed_and_survive_the_resume(pruned):
     assert prune["pruned_kernels"] == 6  # the tiny backbone's convolutions, not the output layer
     assert all(row["sparsity"] == pytest.approx(TARGET, abs=0.02) for row in prune["layers"])
     assert "## Pruning (phase finetune)" in (pruned["run"] / "summary.md").read_text()
+    assert "(folded score, uniform allocation, kernels of at least 0 weights)" in (pruned["run"] / "summary.md"
+                                                                                    ).read_text()
+    assert prune["score"] == "folded" and prune["folded_kernels"] == 4  # the shortcuts have no BatchNorm after them
     # and the final weights are zero exactly where the interrupted run's masks said
     saved = read_checkpoint(pruned["killed"]).masks()
     model = keras.saving.load_model(pruned["run"] / "model.keras")

@@ -228,6 +228,9 @@ class AdaptConfig:
 
 # Mirrors tftransfer.training.pruning.PRUNABLE_LAYERS (config must not import Keras; a test ties them).
 PRUNABLE_LAYER_KINDS = ("conv", "dense", "depthwise")
+# Mirror tftransfer.training.pruning.PRUNE_SCORES and PRUNE_ALLOCATIONS (a test ties them).
+PRUNE_SCORE_NAMES = ("folded", "magnitude")
+PRUNE_ALLOCATION_NAMES = ("uniform", "global")
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,17 @@ class PruneConfig:
     layers: tuple[str, ...] = _opt(("conv", "dense"), "kinds of layer whose kernels are pruned: conv (incl. 1x1), "
                                                       "dense, depthwise (the output layer never is; biases and "
                                                       "BatchNorm never are)", choices=PRUNABLE_LAYER_KINDS)
+    min_weights: int = _opt(4096, "kernels with fewer weights stay dense (MobileNetV2's stem and small 1x1 "
+                                  "projections collapse when pruned at the rate of the big kernels; 0 = prune all)",
+                            min=0)
+    score: str = _opt("magnitude", "what ranks a weight: magnitude = |w|; folded = |w * gamma / sqrt(var + eps)| "
+                                   "of the BatchNorm right after its layer (what the frozen layer multiplies by; |w| "
+                                   "where none follows), better than magnitude with uniform allocation, much worse "
+                                   "with global (docs/benchmarks.md)", choices=PRUNE_SCORE_NAMES)
+    allocation: str = _opt("global", "how the target is spread: global = one score threshold over all pruned "
+                                     "kernels together (the big late 1x1 kernels lose most); uniform = every "
+                                     "pruned kernel at the target sparsity",
+                           choices=PRUNE_ALLOCATION_NAMES)
 
     def __post_init__(self) -> None:
         if self.end_fraction < self.begin_fraction:

@@ -382,8 +382,11 @@ def _pruning_section(metrics: Mapping[str, Any]) -> list[str]:
         prune = phase.get("pruning")
         if not isinstance(prune, Mapping):
             continue
+        # score/allocation/min_weights: absent in metrics written before they existed
+        how = (f" ({_text(prune.get('score'))} score, {_text(prune.get('allocation'))} allocation, kernels of at "
+               f"least {_int(prune.get('min_weights'))} weights)") if "score" in prune else ""
         lines += [f"## Pruning (phase {_text(phase.get('name'))})", "",
-                  f"Magnitude pruning, polynomial schedule (power {_num(prune.get('power'))}) from step "
+                  f"Magnitude pruning{how}, polynomial schedule (power {_num(prune.get('power'))}) from step "
                   f"{_int(prune.get('begin_step'))} to {_int(prune.get('end_step'))}, masks updated every "
                   f"{_int(prune.get('frequency'))} steps, target {_pct(prune.get('target_sparsity'))}: "
                   f"{_int(prune.get('zeros'))} of {_int(prune.get('pruned_weights'))} weights of "
