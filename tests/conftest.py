@@ -7,6 +7,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -14,6 +15,22 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # Solid colours far apart in RGB (the TF Hub make_image_classifier test idea): any working pipeline separates them.
 COLOURS = {"cyan": (0, 255, 255), "magenta": (255, 0, 255), "yellow": (255, 255, 0)}
+
+
+def stop_first_fit_after_one_epoch(monkeypatch: pytest.MonkeyPatch) -> list[keras.Model]:
+    """Spies on keras.Model.fit: the models fitted, in order; the first fit stops after one epoch, as a process
+    killed there would (its per-epoch checkpoint is written, the phase is not done)."""
+    fitted: list[keras.Model] = []
+    real_fit = keras.Model.fit
+
+    def spy_fit(self, *args, **kwargs):
+        fitted.append(self)
+        if len(fitted) == 1:
+            kwargs["epochs"] = 1
+        return real_fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", spy_fit)
+    return fitted
 
 
 def write_solid_images(folder: Path, colour: tuple[int, int, int], count: int, size: int = 32, seed: int = 0,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
+from conftest import stop_first_fit_after_one_epoch
 
 from tftransfer.cli import main
 from tftransfer.config.experiment import ModelConfig, load_config
@@ -233,16 +234,7 @@ def test_resume_inside_phase_two_on_the_cache_continues_its_optimizer(tmp_path, 
     cache = FeatureCacheSpec({"test": 1}, tmp_path / "cache")
     run = create_run_dir(tmp_path / "runs", "r")
     model, blocks = _tiny_model()
-    fitted: list[keras.Model] = []
-    real_fit = keras.Model.fit
-
-    def spy_fit(self, *args, **kwargs):
-        fitted.append(self)
-        if len(fitted) == 1:  # the first run is "killed" after its first epoch
-            kwargs["epochs"] = 1
-        return real_fit(self, *args, **kwargs)
-
-    monkeypatch.setattr(keras.Model, "fit", spy_fit)
+    fitted = stop_first_fit_after_one_epoch(monkeypatch)
     fit_phases(model, cfg, data, blocks, run=run, feature_cache=cache)
     saved = read_checkpoint(run.checkpoints / "epoch-0001")
     assert saved.state.phase == "finetune" and not saved.state.phase_done

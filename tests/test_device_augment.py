@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import COLOURS, make_colour_folder, write_solid_images
+from conftest import COLOURS, make_colour_folder, stop_first_fit_after_one_epoch, write_solid_images
 
 from tftransfer.config.experiment import AugmentConfig, ModelConfig, load_config
 from tftransfer.core.errors import ConfigError
@@ -22,6 +22,7 @@ from tftransfer.model.classifier import build_model, get_backbone
 from tftransfer.model.freezing import freeze_backbone, unfreeze_top_blocks
 from tftransfer.runtime import resolve_augment_placement
 from tftransfer.training.augment_step import AugmentingModel, device_augmenter
+from tftransfer.training.phases import fit_phases
 
 
 def _tiny_model(num_classes: int = 3) -> tuple[keras.Model, list[backbones.Block]]:
@@ -206,8 +207,6 @@ def test_placement_model_compiles_with_xla(caplog, fitted_models, warp_calls):
         "phases.finetune.activation_cache=off"])  # phase 2 on images: what this test checks
     data = make_datasets(cfg.data, _source(), 32, seed=0)
     model, blocks = _tiny_model()
-    from tftransfer.training.phases import fit_phases
-
     with caplog.at_level(logging.WARNING):
         result = fit_phases(model, cfg, data, blocks, jit_compile=True)
     assert result.jit_compile is True and len(result.history) == 2
@@ -224,8 +223,6 @@ def test_keras_refusing_xla_is_logged_not_hidden(caplog, fitted_models):
                                  "phases.head.feature_cache=false", "phases.finetune.epochs=0"])
     data = make_datasets(cfg.data, _source(), 32, seed=0)
     model, blocks = _tiny_model()
-    from tftransfer.training.phases import fit_phases
-
     with caplog.at_level(logging.WARNING):
         result = fit_phases(model, cfg, data, blocks, jit_compile=True)
     assert result.jit_compile is False and len(result.history) == 1
@@ -272,8 +269,6 @@ def test_resume_restores_the_optimizer_into_the_augmenting_model(tmp_path, monke
     """A run stopped after epoch 1 of phase 2 resumes with the optimizer state it saved, in the same order."""
     from tftransfer.runs.layout import create_run_dir
     from tftransfer.training import checkpoint as ckpt
-    from tftransfer.training.phases import fit_phases
-
     cfg = load_config(overrides=["data.batch_size=16", "data.augment.placement=model", "data.augment.rotation=0.05",
                                  "phases.head.epochs=0", "phases.finetune.epochs=2",
                                  "phases.finetune.unfreeze_blocks=1", "phases.finetune.restore_best=false",
@@ -281,16 +276,7 @@ def test_resume_restores_the_optimizer_into_the_augmenting_model(tmp_path, monke
     data = make_datasets(cfg.data, _source(), 32, seed=0)
     run = create_run_dir(tmp_path / "runs", "r")
     model, blocks = _tiny_model()
-    fitted: list[keras.Model] = []
-    real_fit = keras.Model.fit
-
-    def spy_fit(self, *args, **kwargs):
-        fitted.append(self)
-        if len(fitted) == 1:  # the first run is "killed" after its first epoch
-            kwargs["epochs"] = 1
-        return real_fit(self, *args, **kwargs)
-
-    monkeypatch.setattr(keras.Model, "fit", spy_fit)
+    fitted = stop_first_fit_after_one_epoch(monkeypatch)
     fit_phases(model, cfg, data, blocks, run=run)
     stopped = run.checkpoints / "epoch-0001"  # the per-epoch checkpoint, before the phase's end
     saved = ckpt.read_checkpoint(stopped)
