@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tftransfer.core.errors import RunDirError, StorageError
 
 logger = logging.getLogger(__name__)
@@ -186,3 +188,24 @@ def gzip_size(paths: Path | list[Path]) -> int:
     download (a pruned model's weights compress, an unpruned one's hardly)."""
     files = paths if isinstance(paths, list) else [paths]
     return int(sum(len(gzip.compress(Path(f).read_bytes(), compresslevel=9, mtime=0)) for f in files))
+
+
+def write_npz(path: Path, **arrays: Any) -> Path:
+    """Writes arrays to an .npz atomically (temp file + rename): a reader never sees half a cache file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def read_npz(path: Path | None, what: str) -> dict[str, np.ndarray] | None:
+    """All arrays of a cache .npz, or None when it is absent or damaged (logged: a cache is recomputed, not fatal)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        with np.load(path) as saved:
+            return {key: saved[key] for key in saved.files}
+    except (OSError, ValueError, KeyError) as exc:
+        logger.warning("ignoring unreadable %s cache %s: %s", what, path, exc)
+        return None

@@ -8,7 +8,6 @@ shared with the full model, so training them here trains the real model's head.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import tensorflow as tf
 
 import tftransfer
 from tftransfer.core.cache import cache_key
+from tftransfer.core.io import read_npz, write_npz
 from tftransfer.core.progress import track
 from tftransfer.data.sources import Split, split_fingerprint
 from tftransfer.model.classifier import POOL_LAYER, build_inference_fn
@@ -97,15 +97,11 @@ def feature_cache_path(split: Split, key_parts: dict[str, Any], views: int, cach
 
 def read_cached_features(path: Path | None, views: int) -> FeatureSet | None:
     """The features cached at `path`, or None when there are none (a damaged file is logged and ignored)."""
-    if path is None or not path.is_file():
+    saved = read_npz(path, "feature")
+    if saved is None or "features" not in saved or "labels" not in saved:
         return None
-    try:
-        with np.load(path) as data:
-            logger.info("feature cache hit: %s (%d vectors)", path, len(data["labels"]))
-            return FeatureSet(data["features"], data["labels"], views, True, path)
-    except (OSError, ValueError, KeyError) as exc:  # a damaged cache file is recomputed, not fatal
-        logger.warning("ignoring unreadable feature cache %s: %s", path, exc)
-        return None
+    logger.info("feature cache hit: %s (%d vectors)", path, len(saved["labels"]))
+    return FeatureSet(saved["features"], saved["labels"], views, True, path)
 
 
 def cached_features(extractor: keras.Model | Callable[[Any], np.ndarray], views: Sequence[Iterable], split: Split,
@@ -122,10 +118,7 @@ def cached_features(extractor: keras.Model | Callable[[Any], np.ndarray], views:
     labels = np.concatenate([c[1] for c in chunks])
     logger.info("computed %d %s feature vectors in %.1f s", len(labels), what, time.perf_counter() - started)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, features=features, labels=labels)
-        os.replace(tmp, path)
+        write_npz(path, features=features, labels=labels)
     return FeatureSet(features, labels, len(views), False, path)
 
 

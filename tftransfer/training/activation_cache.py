@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import tftransfer
 from tftransfer.config.experiment import ExperimentConfig, FinetuneConfig
 from tftransfer.core.cache import arrays_digest, cache_key
 from tftransfer.core.errors import ConfigError
+from tftransfer.core.io import read_npz, write_npz
 from tftransfer.data.augment import AUGMENT_VERSION
 from tftransfer.data.pipeline import Datasets
 from tftransfer.data.sources import split_fingerprint
@@ -138,28 +138,21 @@ def activation_cache_path(cache_dir: Path | None, parts: dict[str, Any]) -> Path
 
 
 def _read(path: Path | None, views: int) -> ActivationSet | None:
-    if path is None or not path.is_file():
+    saved = read_npz(path, "activation")
+    if saved is None or not {"train", "labels", "has_val", "val", "val_labels"} <= saved.keys():
         return None
-    try:
-        with np.load(path) as saved:
-            has_val = bool(saved["has_val"])
-            found = ActivationSet(saved["train"], saved["labels"], saved["val"] if has_val else None,
-                                  saved["val_labels"] if has_val else None, views, True, path)
-    except (OSError, ValueError, KeyError) as exc:  # a damaged file is recomputed, not fatal
-        logger.warning("ignoring unreadable activation cache %s: %s", path, exc)
-        return None
+    has_val = bool(saved["has_val"])
+    found = ActivationSet(saved["train"], saved["labels"], saved["val"] if has_val else None,
+                          saved["val_labels"] if has_val else None, views, True, path)
     logger.info("activation cache hit: %s (%d train activations, %d views)", path, len(found.train), views)
     return found
 
 
 def _write(path: Path, found: ActivationSet) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
     has_val = found.val is not None
-    np.savez(tmp, train=found.train, labels=found.labels, has_val=np.asarray(has_val),
-             val=found.val if has_val else np.zeros(0, np.float32),
-             val_labels=found.val_labels if has_val else np.zeros(0, np.int64))
-    os.replace(tmp, path)
+    write_npz(path, train=found.train, labels=found.labels, has_val=np.asarray(has_val),
+              val=found.val if has_val else np.zeros(0, np.float32),
+              val_labels=found.val_labels if has_val else np.zeros(0, np.int64))
 
 
 def _stored(values: np.ndarray) -> np.ndarray:
