@@ -10,11 +10,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import make_colour_folder
 from sklearn.metrics import balanced_accuracy_score
 
 from tftransfer.core.errors import DataError
 from tftransfer.core.numerics import stable_softmax
 from tftransfer.data.selection import align_classes, select_split
+from tftransfer.data.specs import load_source
 from tftransfer.evaluation.inference import predict_dataset
 from tftransfer.evaluation.metrics import (
     apply_temperature,
@@ -317,10 +319,6 @@ def test_align_classes_maps_by_name_and_lists_both_sets_on_mismatch():
 
 
 def test_select_split_choices(tmp_path):
-    from conftest import make_colour_folder
-
-    from tftransfer.data.specs import load_source
-
     folders = load_source(str(make_colour_folder(tmp_path / "split", per_class=6, splits=True)), 0.0)
     examples, name = select_split(folders, "auto")
     assert name == "val" and len(examples) == 3 * 2

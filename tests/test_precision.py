@@ -6,8 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import make_colour_folder
 
+import tftransfer
 from tftransfer import runtime
+from tftransfer.core.io import write_json
 from tftransfer.runtime import (
     BF16_MAX_PROB_DIFF,
     BF16_MIN_SPEEDUP,
@@ -116,9 +119,6 @@ def test_forced_amx_runs_the_probe_on_the_model_and_records_a_verdict(tmp_path, 
 
 
 def test_fit_extracts_and_evaluates_with_the_bf16_copy_when_the_cached_verdict_says_so(tmp_path, monkeypatch):
-    import tftransfer
-    from tests.conftest import make_colour_folder
-    from tftransfer.core.io import write_json
 
     monkeypatch.setattr(runtime, "has_amx_bf16", lambda *a: True)
     cache = tmp_path / "cache"
