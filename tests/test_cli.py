@@ -88,7 +88,7 @@ def test_fit_whose_export_fails_its_check_publishes_no_version(tmp_path, monkeyp
     nothing, keeps the export aside, and fit exits non-zero after writing the run."""
     checked = []
 
-    def failing_check(model, version_dir, pixels, encoded=(), tolerance=1e-4):
+    def failing_check(model, version_dir, pixels, encoded=(), tolerance=1e-4, process=None):
         checked.append((Path(version_dir).name, sorted(p.name for p in Path(version_dir).parent.iterdir())))
         return {"max_abs_diff": 1.0, "tolerance": tolerance, "ok": False}
 

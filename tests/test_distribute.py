@@ -38,6 +38,9 @@ def test_resolve_strategy(monkeypatch):
     assert resolve_strategy("auto", gpus=0) == "multiworker"
 
 
+# A fit process over 2 logical CPUs, about 2 minutes under load: the slow suite
+# (test_two_replicas_on_padded_batches_step_like_one is the fast check).
+@pytest.mark.slow
 def test_mirrored_over_two_logical_cpus(tmp_path):
     runs = tmp_path / "runs"
     proc = subprocess.run(_fit_command(runs, "mirrored", "--set", "runtime.strategy=mirrored",
@@ -72,6 +75,9 @@ def test_bad_strategy_settings_are_config_errors(bad):
         load_config(overrides=[bad])
 
 
+# A fit process, over a minute: the slow suite
+# (test_placement_model_under_mirrored_with_an_adaptive_trainer is the fast check).
+@pytest.mark.slow
 def test_adaptive_training_under_mirrored(tmp_path):
     """The custom train_step (DANN, source + target batches) runs on 2 replicas with the losses added up right."""
     runs = tmp_path / "runs"

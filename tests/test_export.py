@@ -16,6 +16,7 @@ import tempfile
 import textwrap
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import keras
 import numpy as np
@@ -23,12 +24,15 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from tftransfer.config.commands import ExportCommandConfig
+from tftransfer.config.experiment import ExportConfig
 from tftransfer.core.errors import RunDirError, StorageError
 from tftransfer.data.images import decode_and_resize
 from tftransfer.model.layers import Preprocess
 from tftransfer.serving import parity as parity_module
+from tftransfer.serving import publish
 from tftransfer.serving.contract import SIGNATURES
-from tftransfer.serving.parity import check_parity, check_parity_fresh_process
+from tftransfer.serving.parity import FreshProcess, check_parity, check_parity_fresh_process
 from tftransfer.serving.savedmodel import (
     export_saved_model,
     load_exported,
@@ -303,7 +307,7 @@ def test_parity_copies_are_removed_on_failure_and_stale_ones_at_the_next_check(
         def __init__(self, *args, **kwargs):
             pass
 
-        def communicate(self, timeout=None):
+        def communicate(self, input=None, timeout=None):
             return "", "the probe failed"
 
         def poll(self):
@@ -315,6 +319,48 @@ def test_parity_copies_are_removed_on_failure_and_stale_ones_at_the_next_check(
                                    [b"bytes"])
     # (TensorFlow's autograph may write its generated sources there too: only the check's own copies count)
     assert list(tmp_path.glob("tftransfer-parity-*")) == []
+
+
+def test_a_fresh_process_told_nothing_exits_quietly():
+    """The parent closes the pipe without a path when its export failed first, or when it was killed."""
+    proc = subprocess.run([sys.executable, "-m", "tftransfer.serving.probe", "--wait"], input="", text=True,
+                          capture_output=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_process_started_before_the_export_checks_it(model, version_dir):
+    """The publish path starts the process first, so TensorFlow's import overlaps the SavedModel's writing."""
+    fresh = FreshProcess()
+    pixels = np.random.default_rng(0).uniform(0, 255, (3, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+    parity = check_parity_fresh_process(model, version_dir, pixels, tolerance=1e-4, process=fresh)
+    assert parity["ok"] and parity["predict_pixels"]["images"] == 3 and not parity["tftransfer_layers_imported"]
+    fresh.close()  # closing a finished one is harmless
+
+
+def test_publish_starts_the_fresh_process_before_writing_the_savedmodel(tmp_path, monkeypatch):
+    events = []
+    real_init = FreshProcess.__init__
+
+    def init(self):
+        events.append("process")
+        real_init(self)
+
+    def stage(*args, **kwargs):
+        events.append("stage")
+        raise RunDirError("stop here")
+
+    monkeypatch.setattr(FreshProcess, "__init__", init)
+    monkeypatch.setattr(publish, "stage_export", stage)
+    monkeypatch.setattr(publish, "build_model_card", lambda *a, **k: {})
+    monkeypatch.setattr(publish, "gate_export", lambda *a, **k: {})
+    started = []
+    real_close = FreshProcess.close
+    monkeypatch.setattr(FreshProcess, "close", lambda self: started.append(self._proc.poll()) or real_close(self))
+    with pytest.raises(RunDirError, match="stop here"):
+        publish.publish_model(None, SimpleNamespace(path=tmp_path), tmp_path, ["a", "b"], IMAGE_SIZE, None,
+                              ExportCommandConfig(), ExportConfig(), None)
+    assert events == ["process", "stage"]
+    assert started == [None]  # still running (importing TensorFlow) when the export failed: then stopped
 
 
 # --- signatures -------------------------------------------------------------------------------------------

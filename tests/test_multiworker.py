@@ -178,6 +178,7 @@ def _start_workers(args: list[str], cluster: dict) -> list[subprocess.Popen]:
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
 
 
+@pytest.mark.slow  # four worker processes, about 2 minutes: the slow suite
 def test_a_killed_worker_then_both_restarted_resume_with_no_epoch_lost(tmp_path):
     import signal
     import time

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from conftest import make_colour_folder
 
@@ -34,6 +35,7 @@ def _finetune_epochs_done(checkpoints: Path) -> int:
     return state["epoch"] - HEAD if state["phase"] == "finetune" else 0
 
 
+@pytest.mark.slow  # two fit processes, about 2 minutes under load: the slow suite
 def test_sigkill_mid_phase_two_then_resume(tmp_path):
     runs = tmp_path / "runs"
     proc = subprocess.Popen([sys.executable, "-m", "tftransfer", *_fit_args(runs)], stdout=subprocess.DEVNULL,

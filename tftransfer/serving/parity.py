@@ -1,4 +1,4 @@
-"""parity: moved from tftransfer.serving.savedmodel."""
+"""Export parity: the SavedModel against the Keras model, in this process or in a fresh one with TensorFlow alone."""
 
 from __future__ import annotations
 
@@ -56,36 +56,85 @@ def check_parity(model: keras.Model, version_dir: str | Path, pixels: np.ndarray
     return diff
 
 
+class FreshProcess:
+    """The fresh Python process of the parity check, started before the export is written: it imports TensorFlow
+    while the SavedModel is traced and saved, then waits for the export's path. The check stays as strict (a new
+    process with TensorFlow alone); only TensorFlow's import no longer adds to the export's wall time."""
+
+    def __init__(self) -> None:
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        self._proc = subprocess.Popen([sys.executable, "-m", "tftransfer.serving.probe", "--wait"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True, env=env)
+
+    def probe(self, version_dir: str | Path, work: Path, timeout: float) -> None:
+        """Has the process check `version_dir` into `work`; RunDirError if it fails or runs past `timeout`."""
+        try:
+            _, stderr = self._proc.communicate(input=f"{version_dir}\n{work}\n", timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise RunDirError(f"checking the export {version_dir} in a fresh process took over {timeout:.0f} s"
+                              ) from exc
+        finally:
+            self.close()
+        if self._proc.returncode != 0:
+            tail = "\n".join(stderr.strip().splitlines()[-5:])
+            raise RunDirError(f"the export {version_dir} failed in a fresh process (exit {self._proc.returncode}):"
+                              f"\n{tail}")
+
+    def close(self) -> None:
+        """Stops the process if it still runs (an export that failed before its check)."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def __enter__(self) -> FreshProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def check_parity_fresh_process(model: keras.Model, version_dir: str | Path, pixels: np.ndarray,
                                encoded: Sequence[bytes] = (), tolerance: float = 1e-4,
-                               timeout: float = 600) -> dict[str, Any]:
+                               timeout: float = 600, process: FreshProcess | None = None) -> dict[str, Any]:
     """Loads the export in a new Python process and compares it with the in-memory Keras model.
 
     The new process gets `pixels` (through predict_pixels) and `encoded` image bytes (through serving_default);
     here the Keras model sees the same pixels, and the bytes decoded and resized by the training pipeline's
-    function. Returns the max abs probability differences, whether they are within `tolerance`, and the
-    signature listing (`signature_defs_text`) made in the new process. RunDirError if that process fails.
+    function. `process` is one started earlier (FreshProcess), else one starts now. Returns the max abs
+    probability differences, whether they are within `tolerance`, and the signature listing
+    (`signature_defs_text`) made in the new process. RunDirError if that process fails.
     """
     pixels = np.asarray(pixels, np.float32)
     encoded = list(encoded)
     image_size = int(pixels.shape[1]) if pixels.ndim == 4 and len(pixels) else None
     # The pid in the name lets the next check remove the copies of one that was killed (SIGKILL skips cleanup).
     remove_stale(Path(tempfile.gettempdir()), PARITY_TMP_NAME)
-    with tempfile.TemporaryDirectory(prefix=f"{PARITY_TMP_PREFIX}{os.getpid()}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{PARITY_TMP_PREFIX}{os.getpid()}-") as tmp, \
+            (process or FreshProcess()) as fresh:
         work = Path(tmp)
         with disk_errors(work):
             np.save(work / "pixels.npy", pixels)
             for i, data in enumerate(encoded):
                 (work / f"image_{i:06d}").write_bytes(data)
         started = time.perf_counter()
-        keras_pixels, keras_bytes = _probe_beside_keras(model, version_dir, work, pixels, encoded, image_size,
-                                                        timeout)
+        # The Keras side runs here while the process loads the export and calls it.
+        keras_pixels, keras_bytes = _keras_side(model, pixels, encoded, image_size)
+        fresh.probe(version_dir, work, timeout)
         probe = json.loads((work / "probe.json").read_text())
         pixel_probs = np.load(work / "pixels_probs.npy")
         bytes_probs = np.load(work / "bytes_probs.npy")
         bytes_valid = np.load(work / "bytes_valid.npy")
     seconds = time.perf_counter() - started
-    pixel_diff = float(np.max(np.abs(pixel_probs - keras_pixels))) if len(pixels) else 0.0
+    return _compare(probe, pixel_probs, bytes_probs, bytes_valid, keras_pixels, keras_bytes, len(encoded),
+                    tolerance, seconds, version_dir)
+
+
+def _compare(probe: dict[str, Any], pixel_probs: np.ndarray, bytes_probs: np.ndarray, bytes_valid: np.ndarray,
+             keras_pixels: np.ndarray, keras_bytes: np.ndarray | None, n_encoded: int, tolerance: float,
+             seconds: float, version_dir: str | Path) -> dict[str, Any]:
+    """The parity entry: both sides' max abs probability differences, and what the fresh process listed."""
+    pixel_diff = float(np.max(np.abs(pixel_probs - keras_pixels))) if len(keras_pixels) else 0.0
     # Compared where both sides read the image: serving_default refuses what is over export.max_pixels or broken
     compared = bytes_valid.astype(bool) if keras_bytes is not None else np.zeros((0,), bool)
     if keras_bytes is not None:
@@ -93,39 +142,16 @@ def check_parity_fresh_process(model: keras.Model, version_dir: str | Path, pixe
     refused = int(np.sum(~bytes_valid.astype(bool)))
     if refused:
         logger.warning("serving_default refused %d of the %d parity images (over export.max_pixels, or not "
-                       "decodable); they are left out of its comparison", refused, len(encoded))
+                       "decodable); they are left out of its comparison", refused, n_encoded)
     bytes_diff = float(np.max(np.abs(bytes_probs[compared] - keras_bytes[compared]))) if compared.any() else 0.0
     diff = max(pixel_diff, bytes_diff)
     logger.info("fresh-process parity for %s: max abs probability difference %.3g (%d pixel arrays, %d encoded "
-                "images, %.1f s)", version_dir, diff, len(pixels), len(encoded), seconds)
+                "images, %.1f s)", version_dir, diff, len(keras_pixels), n_encoded, seconds)
     return {"fresh_process": True, "max_abs_diff": diff, "tolerance": float(tolerance), "ok": bool(diff <= tolerance),
-            "predict_pixels": {"images": int(len(pixels)), "max_abs_diff": pixel_diff},
-            "serving_default": {"images": len(encoded), "refused": refused, "max_abs_diff": bytes_diff},
+            "predict_pixels": {"images": int(len(keras_pixels)), "max_abs_diff": pixel_diff},
+            "serving_default": {"images": n_encoded, "refused": refused, "max_abs_diff": bytes_diff},
             "tftransfer_layers_imported": probe["tftransfer_layers_imported"], "seconds": seconds,
             "signatures": probe["signatures"], "signatures_text": probe["signatures_text"]}
-
-
-def _probe_beside_keras(model: keras.Model, version_dir: str | Path, work: Path, pixels: np.ndarray,
-                        encoded: Sequence[bytes], image_size: int | None, timeout: float
-                        ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Runs the probe process on `work` and, while it imports TensorFlow and loads the export, the Keras side
-    here; returns the Keras side. RunDirError when the process fails or runs past `timeout`."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.Popen([sys.executable, "-m", "tftransfer.serving.probe", "--probe", str(version_dir), str(work)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        keras_side = _keras_side(model, pixels, encoded, image_size)
-        _, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        raise RunDirError(f"checking the export {version_dir} in a fresh process took over {timeout:.0f} s") from exc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    if proc.returncode != 0:
-        tail = "\n".join(stderr.strip().splitlines()[-5:])
-        raise RunDirError(f"the export {version_dir} failed in a fresh process (exit {proc.returncode}):\n{tail}")
-    return keras_side
 
 
 def _keras_side(model: keras.Model, pixels: np.ndarray, encoded: Sequence[bytes],

@@ -1,5 +1,6 @@
 """The child process of check_parity_fresh_process: loads an export with TensorFlow alone (as TF Serving does)
-and writes its outputs for the parent to compare. Run as `python -m tftransfer.serving.probe --probe DIR WORK`."""
+and writes its outputs for the parent to compare. Run as `python -m tftransfer.serving.probe --probe DIR WORK`, or
+with `--wait`: TensorFlow is imported first, then DIR and WORK are read from standard input (nothing there: exit)."""
 
 from __future__ import annotations
 
@@ -44,9 +45,21 @@ def probe_main(version_dir: str, work: str) -> None:
     }))
 
 
+def wait_main() -> int:
+    """Reads the export's folder and the work folder, a line each, from standard input, then probes them; a parent
+    that closes the pipe without them (its export failed first, or it was killed) ends this process quietly."""
+    lines = sys.stdin.read().splitlines()
+    if len(lines) < 2:
+        return 0
+    probe_main(lines[0], lines[1])
+    return 0
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--probe":
         probe_main(sys.argv[2], sys.argv[3])
+    elif sys.argv[1:] == ["--wait"]:
+        sys.exit(wait_main())
     else:
-        sys.exit("usage: python -m tftransfer.serving.probe --probe VERSION_DIR WORK_DIR "
+        sys.exit("usage: python -m tftransfer.serving.probe --probe VERSION_DIR WORK_DIR | --wait "
                  "(used by check_parity_fresh_process)")

@@ -17,7 +17,7 @@ from tftransfer.runs.layout import RunDir
 from tftransfer.serving.contract import MODEL_CARD_FILE
 from tftransfer.serving.gate import gate_export
 from tftransfer.serving.model_card import ModelCard, build_model_card
-from tftransfer.serving.parity import ParityError, check_parity_fresh_process, parity_inputs
+from tftransfer.serving.parity import FreshProcess, ParityError, check_parity_fresh_process, parity_inputs
 from tftransfer.serving.savedmodel import (
     StagedExport,
     discard_export,
@@ -56,13 +56,14 @@ def publish_model(model: Any, run: RunDir, target: Path, class_names: list[str],
     card["gate"] = gate_export(card, val_metrics, target, settings.min_gain_over_chance, settings.max_regression,
                                force=cfg.force)
     steps = 3 if cfg.tflite else 2
-    with track("export: SavedModel, parity check" + (", TFLite" if cfg.tflite else ""), steps, "steps") as progress:
+    with track("export: SavedModel, parity check" + (", TFLite" if cfg.tflite else ""), steps, "steps") as progress, \
+            FreshProcess() as fresh:  # started now: it imports TensorFlow while the SavedModel is written
         staged = stage_export(model, target, class_names, image_size, cfg.top_k or settings.top_k,
                               version=cfg.version, model_card=card, max_pixels=settings.max_pixels)
         progress.advance()
         try:
             return _check_and_publish(staged, model, run, source, cfg, image_size, settings.parity_tolerance,
-                                      progress)
+                                      progress, fresh)
         except BaseException:
             discard_export(staged)  # a rejected export was moved aside before: nothing left here to remove
             raise
@@ -70,11 +71,11 @@ def publish_model(model: Any, run: RunDir, target: Path, class_names: list[str],
 
 def _check_and_publish(staged: StagedExport, model: Any, run: RunDir, source: DataSource | None,
                        cfg: ExportCommandConfig, image_size: int, tolerance: float,
-                       progress: Tracker) -> ExportResult:
+                       progress: Tracker, fresh: FreshProcess) -> ExportResult:
     """The parity check (and TFLite) on the staged export, then the rename to its version; ParityError if it fails."""
     card = _staged_card(staged)
     pixels, encoded, described = parity_inputs(source, image_size, cfg.parity_images)
-    parity = check_parity_fresh_process(model, staged.path, pixels, encoded, tolerance=tolerance)
+    parity = check_parity_fresh_process(model, staged.path, pixels, encoded, tolerance=tolerance, process=fresh)
     parity["data"] = described
     progress.advance()
     if not parity["ok"]:
