@@ -83,6 +83,20 @@ def test_fit_end_to_end_reaches_gate_and_serves_jpeg_bytes(tmp_path):
     assert sum(served["p"]) == pytest.approx(1.0, abs=1e-5)
 
 
+class _NoFreshProcess:
+    """Stands in for the parity check's fresh process where the check itself is replaced: the real one would
+    import TensorFlow (about 10 s of CPU) only to be stopped unused."""
+
+    def __enter__(self) -> _NoFreshProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def test_fit_whose_export_fails_its_check_publishes_no_version(tmp_path, monkeypatch):
     """Issue 14, item 1: fit checks its export in a dot-named folder TF Serving ignores; a failed check publishes
     nothing, keeps the export aside, and fit exits non-zero after writing the run."""
@@ -93,6 +107,7 @@ def test_fit_whose_export_fails_its_check_publishes_no_version(tmp_path, monkeyp
         return {"max_abs_diff": 1.0, "tolerance": tolerance, "ok": False}
 
     monkeypatch.setattr(publish, "check_parity_fresh_process", failing_check)
+    monkeypatch.setattr(publish, "FreshProcess", _NoFreshProcess)
     data = make_colour_folder(tmp_path / "colours", per_class=6, splits=True)
     # the quality gate would refuse this chance-level model first: off here, so the parity check is what refuses
     result, metrics = _fit(tmp_path, data, "colours", "--set", "phases.head.epochs=1",

@@ -97,11 +97,13 @@ def test_two_runs_started_at_once_never_share_a_new_folder(tmp_path, monkeypatch
 
 def test_two_processes_racing_for_a_run_name_get_one_folder_each_or_an_error(tmp_path):
     code = ("import sys, time\nfrom tftransfer.runs.layout import create_run_dir\n"
-            "start = float(sys.argv[2])\nwhile time.time() < start: pass\n"
+            "start = float(sys.argv[2])\ntime.sleep(max(0.0, start - time.time() - 0.01))\n"
+            "while time.time() < start: pass\n"
             "won = 0\nfor i in range(30):\n"
             "    try:\n        create_run_dir(sys.argv[1], f'r{i}'); won += 1\n"
             "    except Exception as exc:\n        assert 'already exists' in str(exc), exc\n"
             "print(won)")
+    # both start at the same instant: each sleeps until 10 ms before it (3 s of spinning burned a core each)
     start = str(time.time() + 3)
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "runs"), start], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
