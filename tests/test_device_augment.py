@@ -304,6 +304,8 @@ def test_resume_restores_the_optimizer_into_the_augmenting_model(tmp_path, monke
     assert [row["epoch"] for row in result.history] == [1, 2]
 
 
+# A fit process over 2 logical CPUs, over a minute under load: the slow suite.
+@pytest.mark.slow
 def test_placement_model_under_mirrored_with_an_adaptive_trainer(tmp_path):
     """2 logical CPU replicas (set before TensorFlow starts: a new process), DANN, augmentation in the step."""
     import os

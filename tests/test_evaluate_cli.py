@@ -256,6 +256,9 @@ def test_an_export_that_fails_its_check_is_never_live(fitted, tmp_path):
     assert card["export"]["published"] is False and card["export"]["parity"]["ok"] is False
 
 
+# A process SIGKILLed mid-export, about a minute under load: the slow suite
+# (test_an_export_that_fails_its_check_is_never_live is the fast check of the staging).
+@pytest.mark.slow
 def test_an_export_killed_during_its_check_leaves_nothing_live(fitted, tmp_path):
     """Issue 14, item 1: SIGKILL while the check runs leaves no version; the next export removes the dead
     process's temporary folder and publishes version 1."""

@@ -112,6 +112,9 @@ def _env(tf_config: dict | None = None) -> dict[str, str]:
     return env
 
 
+# Two worker processes, over a minute under load: the slow suite, beside the 2-workers-against-1 test
+# (test_two_replicas_on_padded_batches_step_like_one is the fast check of the replicated step).
+@pytest.mark.slow
 def test_two_workers_on_loopback_train_in_lockstep(tmp_path):
     runs = tmp_path / "runs"
     cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
