@@ -1,6 +1,6 @@
 """The child process of check_parity_fresh_process: loads an export with TensorFlow alone (as TF Serving does)
-and writes its outputs for the parent to compare. Run as `python -m tftransfer.serving.probe --probe DIR WORK`, or
-with `--wait`: TensorFlow is imported first, then DIR and WORK are read from standard input (nothing there: exit)."""
+and writes its outputs for the parent to compare. Run as `python -m tftransfer.serving.probe --wait` (by
+FreshProcess): TensorFlow is imported first, then DIR and WORK are read from standard input (nothing there: exit)."""
 
 from __future__ import annotations
 
@@ -56,10 +56,7 @@ def wait_main() -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--probe":
-        probe_main(sys.argv[2], sys.argv[3])
-    elif sys.argv[1:] == ["--wait"]:
+    if sys.argv[1:] == ["--wait"]:
         sys.exit(wait_main())
-    else:
-        sys.exit("usage: python -m tftransfer.serving.probe --probe VERSION_DIR WORK_DIR | --wait "
-                 "(used by check_parity_fresh_process)")
+    sys.exit("usage: python -m tftransfer.serving.probe --wait (then VERSION_DIR and WORK_DIR on standard input; "
+             "used by check_parity_fresh_process)")
